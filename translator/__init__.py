@@ -1,0 +1,1 @@
+"""coap-ws-gateway: a CoAP-to-WebSocket protocol translator."""
