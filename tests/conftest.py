@@ -1,0 +1,163 @@
+"""Shared fixtures: real simulated sensors, a real gateway and real WebSocket clients.
+
+Everything binds port 0 on loopback and reads the real port back. Waiting is always on an
+event or a frame, bounded by generous timeouts, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from websockets.asyncio.client import ClientConnection, connect
+
+from translator.config import config_from_mapping
+from translator.gateway import Gateway
+from translator.sim import SimulatedSensors
+
+WAIT = 10.0
+"""Seconds any single wait in a test may take before it fails."""
+
+
+class Client:
+    """A test WebSocket client that reads JSON frames and waits for matching ones."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self._next_id = 0
+        self.seen: list[dict[str, Any]] = []
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        await self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def recv(self, timeout: float = WAIT) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            frame: dict[str, Any] = json.loads(await self.ws.recv())
+        self.seen.append(frame)
+        return frame
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = WAIT
+    ) -> dict[str, Any]:
+        """The next frame that matches; frames before it are kept in `seen`."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.recv(timeout=timeout)
+                if predicate(frame):
+                    return frame
+
+    async def call(self, frame: dict[str, Any], timeout: float = WAIT) -> dict[str, Any]:
+        """Send a frame with a fresh id and return the reply carrying that id."""
+        self._next_id += 1
+        frame_id = f"t{self._next_id}"
+        await self.send({**frame, "id": frame_id})
+        return await self.wait_for(lambda f: f.get("id") == frame_id, timeout)
+
+    async def subscribe(self, **target: str) -> dict[str, Any]:
+        reply = await self.call({"type": "subscribe", **target})
+        assert reply["type"] == "subscribed", reply
+        return reply
+
+    async def next_notify(self, sub: str | None = None, timeout: float = WAIT) -> dict[str, Any]:
+        return await self.wait_for(
+            lambda f: f["type"] == "notify" and (sub is None or f["sub"] == sub), timeout
+        )
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+@pytest_asyncio.fixture
+async def sensors() -> AsyncIterator[SimulatedSensors]:
+    sim = SimulatedSensors("127.0.0.1", 0, interval=0.05, seed=1)
+    await sim.start()
+    try:
+        yield sim
+    finally:
+        await sim.stop()
+
+
+def gateway_config(sensors: SimulatedSensors, **server: Any) -> dict[str, Any]:
+    base = sensors.base_uri
+    return {
+        "server": {"host": "127.0.0.1", "port": 0, "linger": 0, **server},
+        "sensors": [
+            {"name": "temperature", "uri": f"{base}/temperature"},
+            {"name": "humidity", "uri": f"{base}/humidity"},
+            {"name": "status", "uri": f"{base}/status"},
+            {"name": "led", "uri": f"{base}/led"},
+        ],
+        "policy": {"allow": [f"{base}/*"]},
+    }
+
+
+@pytest_asyncio.fixture
+async def make_gateway() -> AsyncIterator[Callable[[dict[str, Any]], Any]]:
+    started: list[Gateway] = []
+
+    async def make(mapping: dict[str, Any]) -> Gateway:
+        gateway = Gateway(config_from_mapping(mapping))
+        await gateway.start()
+        started.append(gateway)
+        return gateway
+
+    try:
+        yield make
+    finally:
+        for gateway in started:
+            await gateway.stop()
+
+
+@pytest_asyncio.fixture
+async def gateway(sensors: SimulatedSensors, make_gateway: Any) -> Gateway:
+    gw: Gateway = await make_gateway(gateway_config(sensors))
+    return gw
+
+
+@pytest_asyncio.fixture
+async def make_client() -> AsyncIterator[Callable[[str], Any]]:
+    clients: list[Client] = []
+
+    async def make(url: str) -> Client:
+        ws = await connect(url, compression=None, open_timeout=WAIT)
+        client = Client(ws)
+        clients.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@pytest_asyncio.fixture
+async def client(gateway: Gateway, make_client: Any) -> Client:
+    c: Client = await make_client(gateway.url)
+    return c
+
+
+@pytest.fixture
+def silent_udp_port() -> Iterator[int]:
+    """A bound UDP port that never answers (a sensor that is up but mute)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def closed_udp_port() -> int:
+    """A UDP port with nothing bound to it (ICMP port unreachable on loopback)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port

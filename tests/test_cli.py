@@ -1,0 +1,240 @@
+"""The command line as a user runs it: real processes, real sensors, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from translator.cli import build_parser, main
+from translator.sim import SimulatedSensors
+
+from .conftest import WAIT
+
+CLI = [sys.executable, "-m", "translator"]
+
+
+async def run_cli(*args: str, timeout: float = 30) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+class Served:
+    """A `coap-ws-gateway serve` (or `demo`) process and its announced URL."""
+
+    def __init__(self, process: asyncio.subprocess.Process, url: str, lines: list[str]) -> None:
+        self.process = process
+        self.url = url
+        self.lines = lines
+
+    async def terminate(self) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(5):
+            return await self.process.wait()
+
+
+async def start_process(*args: str) -> Served:
+    process = await asyncio.create_subprocess_exec(
+        *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(WAIT * 2):
+            while True:
+                raw = await process.stdout.readline()
+                if not raw:
+                    assert process.stderr is not None
+                    err = await process.stderr.read()
+                    raise AssertionError(f"process ended early: {err.decode()}")
+                line = raw.decode().strip()
+                lines.append(line)
+                if line.startswith("listening on "):
+                    return Served(process, line.removeprefix("listening on "), lines)
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+
+
+@pytest_asyncio.fixture
+async def served(sensors: SimulatedSensors, tmp_path: Path) -> AsyncIterator[Served]:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"""
+[server]
+host = "127.0.0.1"
+port = 0
+linger = 0
+
+[[sensors]]
+name = "kitchen/temperature"
+uri = "{sensors.base_uri}/temperature"
+observe = true
+
+[[sensors]]
+name = "led"
+uri = "{sensors.base_uri}/led"
+
+[policy]
+allow = ["{sensors.base_uri}/*"]
+"""
+    )
+    process = await start_process("serve", "--config", str(config), "--log-level", "warning")
+    try:
+        yield process
+    finally:
+        if process.process.returncode is None:
+            process.process.kill()
+            await process.process.wait()
+
+
+async def test_serve_from_config_prints_one_ready_line(served: Served) -> None:
+    assert served.lines == [f"listening on {served.url}"]
+    assert served.url.startswith("ws://127.0.0.1:") and served.url.endswith("/ws")
+    assert not served.url.endswith(":0/ws")
+
+
+async def test_subscribe_subcommand_prints_notify_lines(
+    sensors: SimulatedSensors, served: Served
+) -> None:
+    code, out, _ = await run_cli("subscribe", served.url, "kitchen/temperature", "--count", "3")
+    frames = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(frames) == 3
+    assert all(f["type"] == "notify" and f["cf"] == 60 for f in frames)
+    assert [f["seq"] for f in frames] == sorted(f["seq"] for f in frames)
+
+    uri = f"{sensors.base_uri}/led"
+    code, out, _ = await run_cli("subscribe", served.url, uri, "--count", "1")
+    assert code == 0 and json.loads(out)["uri"] == uri
+
+
+async def test_request_subcommand_exit_codes(sensors: SimulatedSensors, served: Served) -> None:
+    code, out, _ = await run_cli("request", served.url, "PUT", "led", "--value", '{"on": true}')
+    assert code == 0 and json.loads(out)["code"] == "2.04"
+    assert sensors.led_on is True
+
+    code, out, _ = await run_cli("request", served.url, "GET", f"{sensors.base_uri}/missing")
+    assert code == 1 and json.loads(out)["code"] == "4.04"
+
+    code, out, _ = await run_cli("request", served.url, "GET", "no-such-name")
+    assert code == 1 and json.loads(out)["error"] == "not_found"
+
+    code, _, err = await run_cli("request", served.url, "GET", "led", "--value", "{nope")
+    assert code == 2 and "--value" in err
+
+
+async def test_sigterm_cancels_observations_and_exits_0(
+    sensors: SimulatedSensors, served: Served
+) -> None:
+    await sensors.wait_observers("/temperature", 1)  # observe = true: watched from startup
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await served.terminate() == 0
+    assert loop.time() - started < 5
+    await sensors.wait_observers("/temperature", 0)
+
+
+async def test_unreachable_gateway_is_exit_2(closed_tcp_port: int) -> None:
+    code, _, err = await run_cli("request", f"ws://127.0.0.1:{closed_tcp_port}/ws", "GET", "x")
+    assert code == 2 and "cannot reach" in err
+
+
+@pytest.fixture
+def closed_tcp_port() -> int:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[server]\nport = 70000\n", "server.port"),
+        ("[server]\nprot = 1\n", "server.prot"),
+        ('[[sensors]]\nname = "a"\nuri = "http://x/y"\n', "sensors[0].uri"),
+        ("[server\n", "TOML"),
+    ],
+)
+def test_invalid_config_is_exit_2_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, key: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert key.lower() in err.lower() and "Traceback" not in err
+
+
+def test_invalid_flags_are_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--sensor", "nameless"]) == 2
+    assert "--sensor" in capsys.readouterr().err
+    assert main(["serve", "--allow", ""]) == 2
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "eighty"])
+    assert exited.value.code == 2
+    with pytest.raises(SystemExit) as exited:
+        main(["frobnicate"])
+    assert exited.value.code == 2
+
+
+def test_parser_knows_every_subcommand() -> None:
+    parser = build_parser()
+    for argv in (
+        ["serve"], ["demo"], ["sensors"], ["subscribe", "ws://h/ws", "a", "b", "--count", "2"],
+        ["request", "ws://h/ws", "PUT", "led", "--value", "1", "--cf", "50"],
+    ):
+        assert parser.parse_args(argv).command == argv[0]
+
+
+async def test_demo_runs_sensors_and_gateway(make_client: Any) -> None:
+    demo = await start_process("demo", "--port", "0")
+    try:
+        assert any(line.startswith("simulated sensors on coap://") for line in demo.lines)
+        client = await make_client(demo.url)
+        sub = (await client.subscribe(name="demo/temperature"))["sub"]
+        frame = await client.next_notify(sub)
+        assert isinstance(frame["value"], float)
+        reply = await client.call(
+            {"type": "request", "method": "PUT", "name": "demo/led", "value": {"on": True}}
+        )
+        assert reply["code"] == "2.04"
+        await client.close()
+    finally:
+        assert await demo.terminate() == 0
+    assert demo.process.stdout is not None
+    rest = (await demo.process.stdout.read()).decode()
+    assert "Traceback" not in rest
+
+
+async def test_sensors_subcommand(make_client: Any) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "sensors", "--port", "0", stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(WAIT):
+            line = (await process.stdout.readline()).decode()
+        assert line.startswith("simulated sensors on coap://127.0.0.1:")
+        assert not line.strip().endswith(":0")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(5):
+            assert await process.wait() == 0

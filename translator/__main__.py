@@ -1,0 +1,7 @@
+"""`python -m translator` runs the `coap-ws-gateway` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

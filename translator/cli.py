@@ -1,0 +1,350 @@
+"""The `coap-ws-gateway` command line: serve, demo, sensors, subscribe, request.
+
+`main(argv)` returns the process exit code: 0 on success, 1 when a `request` got a non-2.xx
+answer or an error frame, 2 for a usage or configuration error or an unreachable gateway.
+Long-running subcommands stop cleanly on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+from .config import ConfigError, GatewayConfig, apply_overrides, config_from_mapping, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+STOP_BUDGET = 5.0
+"""Seconds a shutdown may take after SIGINT/SIGTERM."""
+
+
+class UsageError(Exception):
+    """Bad arguments found after parsing (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coap-ws-gateway",
+        description="CoAP-to-WebSocket gateway: observe CoAP sensors, serve their values "
+        "as JSON over WebSocket, and forward commands as CoAP requests.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="WebSocket port (default 8765; 0 = any free)")
+    serve.add_argument("--sensor", action="append", default=[], metavar="NAME=URI",
+                       help="a named sensor (repeatable)")
+    serve.add_argument("--allow", action="append", default=[], metavar="PATTERN",
+                       help="allow CoAP URIs matching PATTERN, with * and ? (repeatable)")
+    serve.add_argument("--linger", type=float, metavar="SECONDS",
+                       help="keep an unwatched observation this long (default 5)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    demo = commands.add_parser("demo", help="run simulated sensors and a gateway for them")
+    demo.add_argument("--host", default="127.0.0.1", help="address for both (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8765, help="WebSocket port (default 8765)")
+    demo.add_argument("--coap-port", type=int, default=0,
+                      help="UDP port of the simulated sensors (default: any free port)")
+    demo.add_argument("--log-level", default="warning",
+                      choices=["debug", "info", "warning", "error"])
+
+    sensors = commands.add_parser("sensors", help="run the simulated sensors alone")
+    sensors.add_argument("--host", default="127.0.0.1")
+    sensors.add_argument("--port", type=int, default=5683)
+    sensors.add_argument("--interval", type=float, default=1.0,
+                         help="seconds between value changes (default 1)")
+    sensors.add_argument("--log-level", default="warning",
+                         choices=["debug", "info", "warning", "error"])
+
+    subscribe = commands.add_parser("subscribe", help="print a resource's updates as JSON lines")
+    subscribe.add_argument("url", metavar="WS_URL")
+    subscribe.add_argument("targets", nargs="+", metavar="URI_OR_NAME")
+    subscribe.add_argument("--count", type=int, metavar="N",
+                           help="stop after N notify frames in total")
+
+    request = commands.add_parser("request", help="send one CoAP request through the gateway")
+    request.add_argument("url", metavar="WS_URL")
+    request.add_argument("method", metavar="METHOD")
+    request.add_argument("target", metavar="URI_OR_NAME")
+    body = request.add_mutually_exclusive_group()
+    body.add_argument("--value", metavar="JSON", help="payload as a JSON value")
+    body.add_argument("--payload-file", metavar="FILE", help="raw payload bytes from a file")
+    request.add_argument("--cf", type=int, help="content-format of the payload")
+    request.add_argument("--accept", type=int, help="Accept option")
+    request.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    request.add_argument("--non", action="store_true", help="send as non-confirmable")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, UsageError) as exc:
+        print(f"coap-ws-gateway: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_until_signal(start: Callable[[], Awaitable[Callable[[], Awaitable[None]]]]) -> int:
+    """Run `start()` (which returns the matching stop coroutine function) until a signal."""
+
+    async def runner() -> int:
+        stop_event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop_event.set)
+        stop = await start()
+        await stop_event.wait()
+        try:
+            async with asyncio.timeout(STOP_BUDGET):
+                await stop()
+        except TimeoutError:
+            logging.getLogger(__name__).warning("shutdown took longer than %g s", STOP_BUDGET)
+        return EXIT_OK
+
+    return asyncio.run(runner())
+
+
+def _ready(line: str) -> None:
+    print(line, flush=True)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config else config_from_mapping({})
+    config = apply_overrides(
+        config,
+        host=args.host,
+        port=args.port,
+        sensors=args.sensor,
+        allow=args.allow,
+        linger=args.linger,
+        log_level=args.log_level,
+    )
+    _setup_logging(config.log_level)
+    return _serve(config, announce=lambda url: _ready(f"listening on {url}"))
+
+
+def _serve(config: GatewayConfig, announce: Callable[[str], None]) -> int:
+    from .gateway import Gateway
+
+    async def start() -> Callable[[], Awaitable[None]]:
+        gateway = Gateway(config)
+        try:
+            await gateway.start()
+        except OSError as exc:
+            await gateway.stop()
+            raise UsageError(
+                f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}"
+            ) from None
+        announce(gateway.url)
+        return gateway.stop
+
+    return _run_until_signal(start)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .gateway import Gateway
+    from .sim import SimulatedSensors
+
+    _setup_logging(args.log_level)
+
+    async def start() -> Callable[[], Awaitable[None]]:
+        sensors = SimulatedSensors(args.host, args.coap_port)
+        try:
+            await sensors.start()
+        except OSError as exc:
+            raise UsageError(f"cannot bind the simulated sensors: {exc.strerror}") from None
+        base = sensors.base_uri
+        names = {
+            "demo/temperature": f"{base}/temperature",
+            "demo/humidity": f"{base}/humidity",
+            "demo/status": f"{base}/status",
+            "demo/led": f"{base}/led",
+        }
+        config = config_from_mapping({
+            "server": {"host": args.host, "port": args.port},
+            "sensors": [
+                {"name": name, "uri": uri, "observe": name != "demo/status"}
+                for name, uri in names.items()
+            ],
+            "policy": {"allow": [f"{base}/*"]},
+        })
+        gateway = Gateway(config)
+        try:
+            await gateway.start()
+        except OSError as exc:
+            await sensors.stop()
+            raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+        url = gateway.url
+        page = url.removesuffix("/ws").replace("ws", "http", 1) + "/"
+        print(f"simulated sensors on {base}", flush=True)
+        print(f"listening on {url}", flush=True)
+        print(f"open {page} in a browser for a live view", flush=True)
+        print("sensors: " + ", ".join(names), flush=True)
+        print("try:", flush=True)
+        print(f"  coap-ws-gateway subscribe {url} demo/temperature --count 5", flush=True)
+        print(f"  coap-ws-gateway request {url} PUT demo/led --value '{{\"on\": true}}'",
+              flush=True)
+        print(f'  or send {{"type":"subscribe","id":1,"name":"demo/temperature"}} to {url}',
+              flush=True)
+
+        async def stop() -> None:
+            await gateway.stop()
+            await sensors.stop()
+
+        return stop
+
+    return _run_until_signal(start)
+
+
+def _cmd_sensors(args: argparse.Namespace) -> int:
+    from .sim import SimulatedSensors
+
+    _setup_logging(args.log_level)
+
+    async def start() -> Callable[[], Awaitable[None]]:
+        sensors = SimulatedSensors(args.host, args.port, interval=args.interval)
+        try:
+            await sensors.start()
+        except OSError as exc:
+            raise UsageError(f"cannot bind {args.host}:{args.port}: {exc.strerror}") from None
+        _ready(f"simulated sensors on {sensors.base_uri}")
+        return sensors.stop
+
+    return _run_until_signal(start)
+
+
+# -- client subcommands ---------------------------------------------------------------------
+
+
+def _target_fields(target: str) -> dict[str, str]:
+    return {"uri": target} if "://" in target else {"name": target}
+
+
+async def _connect(url: str) -> Any:
+    from websockets.asyncio.client import connect
+
+    try:
+        return await connect(url, compression=None, open_timeout=10)
+    except (OSError, TimeoutError) as exc:
+        raise UsageError(f"cannot reach the gateway at {url}: {exc}") from None
+    except Exception as exc:  # InvalidURI, InvalidHandshake, InvalidStatus...
+        raise UsageError(f"cannot connect to {url}: {exc}") from None
+
+
+def _cmd_subscribe(args: argparse.Namespace) -> int:
+    if args.count is not None and args.count < 1:
+        raise UsageError("--count must be at least 1")
+
+    async def run() -> int:
+        from websockets.exceptions import ConnectionClosed
+
+        ws = await _connect(args.url)
+        notified = 0
+        failed = 0
+        try:
+            for number, target in enumerate(args.targets, 1):
+                await ws.send(json.dumps({"type": "subscribe", "id": number,
+                                          **_target_fields(target)}))
+            async for message in ws:
+                frame = json.loads(message)
+                kind = frame.get("type")
+                if kind == "notify":
+                    print(json.dumps(frame), flush=True)
+                    notified += 1
+                    if args.count is not None and notified >= args.count:
+                        return EXIT_OK
+                elif kind == "error":
+                    print(json.dumps(frame), file=sys.stderr, flush=True)
+                    failed += 1
+                    if failed == len(args.targets):
+                        return EXIT_FAILED
+                elif kind == "status":
+                    print(json.dumps(frame), file=sys.stderr, flush=True)
+        except ConnectionClosed:
+            pass
+        finally:
+            await ws.close()
+        print("coap-ws-gateway: the gateway closed the connection", file=sys.stderr)
+        return EXIT_FAILED
+
+    return _run_client(run)
+
+
+def _cmd_request(args: argparse.Namespace) -> int:
+    frame: dict[str, Any] = {"type": "request", "id": 1, "method": args.method,
+                             **_target_fields(args.target), "timeout": args.timeout}
+    if args.value is not None:
+        try:
+            frame["value"] = json.loads(args.value)
+        except ValueError as exc:
+            raise UsageError(f"--value is not valid JSON: {exc}") from None
+    if args.payload_file is not None:
+        try:
+            with open(args.payload_file, "rb") as f:
+                frame["payload_b64"] = base64.b64encode(f.read()).decode()
+        except OSError as exc:
+            raise UsageError(f"--payload-file: {exc}") from None
+    for key in ("cf", "accept"):
+        if getattr(args, key) is not None:
+            frame[key] = getattr(args, key)
+    if args.non:
+        frame["confirmable"] = False
+
+    async def run() -> int:
+        ws = await _connect(args.url)
+        try:
+            await ws.send(json.dumps(frame))
+            async for message in ws:
+                reply = json.loads(message)
+                if reply.get("id") == 1 and reply.get("type") in ("response", "error"):
+                    print(json.dumps(reply), flush=True)
+                    ok = reply["type"] == "response" and str(reply.get("code")).startswith("2.")
+                    return EXIT_OK if ok else EXIT_FAILED
+        finally:
+            await ws.close()
+        raise UsageError("the gateway closed the connection before answering")
+
+    return _run_client(run)
+
+
+def _run_client(run: Callable[[], Awaitable[int]]) -> int:
+    async def guarded() -> int:
+        return await run()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(guarded())
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": _cmd_serve,
+    "demo": _cmd_demo,
+    "sensors": _cmd_sensors,
+    "subscribe": _cmd_subscribe,
+    "request": _cmd_request,
+}
+
+
+def _fail(message: str) -> NoReturn:
+    raise UsageError(message)

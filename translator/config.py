@@ -1,0 +1,460 @@
+"""Gateway configuration: the section dataclasses, TOML loading and command-line overrides.
+
+This module owns what a valid configuration is. Each TOML section is a frozen dataclass whose
+fields carry their type, default and constraints; one generic, table-driven loader walks those
+fields, so a new section (say ``[supervision]``) is a new dataclass and a new field on
+:class:`GatewayConfig`, with no parsing code of its own.
+
+Validation lives in the dataclasses themselves (``__post_init__``), not in the loader, so a
+configuration built in code, loaded from a file or changed by a flag obeys the same rules.
+Every error is a :class:`ConfigError` naming the offending key, e.g.
+``config key 'server.port': must be an integer in 0..65535, got 70000``.
+"""
+
+import dataclasses
+import difflib
+import functools
+import math
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from translator.policy import PatternError, Policy, compile_pattern
+from translator.uris import UriError, parse_coap_uri
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = [
+    "ConfigError",
+    "GatewayConfig",
+    "LimitsConfig",
+    "PolicyConfig",
+    "SensorConfig",
+    "ServerConfig",
+    "apply_overrides",
+    "config_from_mapping",
+    "load_config",
+    "policy_for",
+]
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration value (from a file, a mapping or a flag) that cannot be used."""
+
+    key: str
+    """Where the problem is: a dotted path like ``sensors[2].uri``, a flag like ``--sensor``,
+    or ``<file>`` when the file itself could not be read or parsed."""
+    message: str
+    """What is wrong with it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(key, message)
+        self.key = key
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"config key '{self.key}': {self.message}"
+
+
+# --- field constraints -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """Constraints on one field beyond its type, read by the generic checker."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    nonempty: bool = False
+
+
+_NO_RULE: Final = _Rule()
+_T = TypeVar("_T")
+
+
+def _setting(
+    default: _T,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] = (),
+    nonempty: bool = False,
+) -> _T:
+    """A field with a default and constraints (kept in the field's metadata)."""
+    rule = _Rule(minimum=minimum, maximum=maximum, choices=choices, nonempty=nonempty)
+    return field(default=default, metadata={"rule": rule})
+
+
+def _required(*, nonempty: bool = False) -> Any:
+    """A field without a default: the key must be present."""
+    return field(metadata={"rule": _Rule(nonempty=nonempty)})
+
+
+# --- the sections --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``[server]``: where the WebSocket side listens and how long observations outlive use."""
+
+    host: str = _setting("127.0.0.1", nonempty=True)
+    """Address to listen on. Loopback by default: exposing the gateway is a deliberate act."""
+    port: int = _setting(8765, minimum=0, maximum=65535)
+    """TCP port to listen on; 0 lets the OS pick one (useful in tests)."""
+    linger: float = _setting(5.0, minimum=0)
+    """Seconds an unwatched observation lingers before it is cancelled, so a client that
+    reconnects quickly does not cost a new CoAP observe; 0 cancels at once."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class SensorConfig:
+    """One ``[[sensors]]`` entry: a named CoAP resource the gateway serves."""
+
+    name: str = _required(nonempty=True)
+    """The name clients use; unique; must not contain ``://`` so it cannot be taken for a URI."""
+    uri: str = _required()
+    """The resource's CoAP URI, stored normalized (see :mod:`translator.uris`)."""
+    observe: bool = _setting(False)
+    """Whether to keep a CoAP observation on the resource rather than fetch it on demand."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if "://" in self.name:
+            raise ConfigError("name", f"must not contain '://', got {self.name!r}")
+        try:
+            normalized = str(parse_coap_uri(self.uri))
+        except UriError as error:
+            raise ConfigError("uri", str(error)) from None
+        object.__setattr__(self, "uri", normalized)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """``[policy]``: which CoAP destinations clients may reach besides the sensors."""
+
+    allow: tuple[str, ...] = _setting(())
+    """Allow patterns (``*`` and ``?`` wildcards; see :mod:`translator.policy`). Empty means
+    deny everything but the configured sensors; ``["*"]`` is development mode."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        for index, pattern in enumerate(self.allow):
+            try:
+                compile_pattern(pattern)
+            except PatternError as error:
+                raise ConfigError(f"allow[{index}]", str(error)) from None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """``[limits]``: per-connection resource bounds, so one client cannot exhaust the gateway."""
+
+    max_frame_bytes: int = _setting(65536, minimum=1)
+    """Largest WebSocket frame accepted from a client."""
+    max_subscriptions: int = _setting(256, minimum=1)
+    """Most subscriptions one connection may hold at once."""
+    max_inflight: int = _setting(32, minimum=1)
+    """Most CoAP requests one connection may have outstanding at once."""
+    max_queue: int = _setting(1024, minimum=1)
+    """Frames queued for a connection before it is closed as a slow consumer."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The whole configuration: one field per top-level TOML key."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """``[server]``."""
+    sensors: tuple[SensorConfig, ...] = _setting(())
+    """``[[sensors]]``, in file order."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """``[policy]``."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """``[limits]``."""
+    log_level: str = _setting("info", choices=LOG_LEVELS)
+    """Logging threshold."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        first_index: dict[str, int] = {}
+        for index, sensor in enumerate(self.sensors):
+            if sensor.name in first_index:
+                raise ConfigError(
+                    f"sensors[{index}].name",
+                    f"duplicate sensor name {sensor.name!r} "
+                    f"(already used by sensors[{first_index[sensor.name]}])",
+                )
+            first_index[sensor.name] = index
+
+
+# --- public entry points -----------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a TOML configuration file."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError("<file>", f"cannot read {str(path)!r}: {reason}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError("<file>", f"{str(path)!r} is not UTF-8: {error.reason}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("<file>", f"{str(path)!r} is not valid TOML: {error}") from None
+    return config_from_mapping(data)
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
+    """Validate an already-parsed configuration (e.g. the result of ``tomllib.load``)."""
+    return _build(GatewayConfig, data, "")
+
+
+def apply_overrides(
+    config: GatewayConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    sensors: Sequence[str] = (),
+    allow: Sequence[str] = (),
+    linger: float | None = None,
+    log_level: str | None = None,
+) -> GatewayConfig:
+    """Apply command-line flags on top of a configuration.
+
+    ``sensors`` are ``NAME=URI`` strings, appended; one whose name is already configured
+    replaces that sensor in place. ``allow`` patterns are appended. Errors name the flag.
+    """
+    if isinstance(sensors, str) or isinstance(allow, str):
+        # A bare string would be iterated character by character.
+        raise TypeError("sensors and allow must be sequences of strings, not a string")
+
+    server = config.server
+    if host is not None:
+        server = _replace(server, "--host", host=host)
+    if port is not None:
+        server = _replace(server, "--port", port=port)
+    if linger is not None:
+        server = _replace(server, "--linger", linger=linger)
+
+    sensor_list = list(config.sensors)
+    for spec in sensors:
+        sensor = _parse_sensor_flag(spec)
+        names = [existing.name for existing in sensor_list]
+        if sensor.name in names:
+            sensor_list[names.index(sensor.name)] = sensor
+        else:
+            sensor_list.append(sensor)
+
+    policy = config.policy
+    if allow:
+        policy = _replace(policy, "--allow", allow=policy.allow + tuple(allow))
+
+    config = dataclasses.replace(config, server=server, sensors=tuple(sensor_list), policy=policy)
+    if log_level is not None:
+        config = _replace(config, "--log-level", log_level=log_level)
+    return config
+
+
+def policy_for(config: GatewayConfig) -> Policy:
+    """The destination policy a configuration describes: its patterns plus its sensors."""
+    return Policy(
+        allow=config.policy.allow,
+        sensor_uris=frozenset(sensor.uri for sensor in config.sensors),
+    )
+
+
+# --- the generic machinery -----------------------------------------------------------------
+
+_D = TypeVar("_D", bound="DataclassInstance")
+
+
+def _parse_sensor_flag(spec: str) -> SensorConfig:
+    if not isinstance(spec, str) or "=" not in spec:
+        raise ConfigError("--sensor", f"expected NAME=URI, got {spec!r}")
+    name, _, uri = spec.partition("=")
+    try:
+        return SensorConfig(name=name, uri=uri)
+    except ConfigError as error:
+        raise ConfigError("--sensor", f"{error.key} in {spec!r}: {error.message}") from None
+
+
+def _replace(obj: _D, flag: str, **changes: Any) -> _D:
+    """``dataclasses.replace`` with validation errors reported against a flag."""
+    try:
+        return dataclasses.replace(obj, **changes)
+    except ConfigError as error:
+        raise ConfigError(flag, error.message) from None
+
+
+def _build(cls: type[_D], data: object, key: str) -> _D:
+    """Construct section ``cls`` from a TOML table found at ``key``."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(key or "<root>", f"must be a table, got {_show(data)}")
+    hints = _type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        sub_key = _join(key, str(name))
+        if name not in known:
+            raise ConfigError(sub_key, _unknown(str(name), value, known))
+        kwargs[name] = _load_value(value, hints[name], sub_key)
+    for name, spec in known.items():
+        if name not in kwargs and spec.default is MISSING and spec.default_factory is MISSING:
+            raise ConfigError(_join(key, name), "required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        # Section validators name keys relative to themselves; make them absolute.
+        raise ConfigError(_join(key, error.key), error.message) from None
+
+
+def _load_value(value: object, annotation: Any, key: str) -> object:
+    """Turn TOML structure into dataclass structure; types are checked by the dataclass."""
+    if dataclasses.is_dataclass(annotation) and isinstance(value, Mapping):
+        return _build(typing.cast("type[DataclassInstance]", annotation), value, key)
+    if typing.get_origin(annotation) is tuple and isinstance(value, (list, tuple)):
+        item_type = typing.get_args(annotation)[0]
+        return tuple(
+            _load_value(item, item_type, f"{key}[{index}]") for index, item in enumerate(value)
+        )
+    return value
+
+
+def _check_fields(obj: "DataclassInstance") -> None:
+    """Type-check and constraint-check every field of a section, normalizing in place."""
+    hints = _type_hints(type(obj))
+    for spec in dataclasses.fields(obj):
+        rule = spec.metadata.get("rule", _NO_RULE)
+        value = getattr(obj, spec.name)
+        checked = _check_value(value, hints[spec.name], rule, spec.name)
+        if checked is not value:
+            object.__setattr__(obj, spec.name, checked)
+
+
+def _check_value(value: object, annotation: Any, rule: _Rule, key: str) -> object:
+    def fail() -> ConfigError:
+        return ConfigError(key, f"must be {_describe(annotation, rule)}, got {_show(value)}")
+
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if annotation is int or annotation is float:
+        # bool is a subclass of int, but `port = true` is a mistake, not the port 1.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        if annotation is int and not isinstance(value, int):
+            raise fail()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise fail()
+        if rule.minimum is not None and value < rule.minimum:
+            raise fail()
+        if rule.maximum is not None and value > rule.maximum:
+            raise fail()
+        # TOML writes `linger = 5` as an int; float fields store floats.
+        return float(value) if annotation is float and not isinstance(value, float) else value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise fail()
+        if (rule.nonempty and not value) or (rule.choices and value not in rule.choices):
+            raise fail()
+        return value
+    if typing.get_origin(annotation) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        item_type = typing.get_args(annotation)[0]
+        return tuple(
+            _check_value(item, item_type, _NO_RULE, f"{key}[{index}]")
+            for index, item in enumerate(value)
+        )
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        if not isinstance(value, annotation):
+            raise fail()
+        return value
+    # Reaching this means a section was given a field type the checker does not know yet:
+    # a programming error, to be fixed here rather than silently accepted.
+    raise TypeError(f"config field {key!r} has unsupported type {annotation!r}")
+
+
+def _describe(annotation: Any, rule: _Rule) -> str:
+    """What a valid value looks like, for error messages."""
+    if annotation is bool:
+        return "a boolean (true or false)"
+    if annotation is int or annotation is float:
+        noun = "an integer" if annotation is int else "a number"
+        low, high = rule.minimum, rule.maximum
+        if low is not None and high is not None:
+            return f"{noun} in {low}..{high}"
+        if low == 1 and annotation is int:
+            return "a positive integer"
+        if low is not None:
+            return f"{noun} >= {low}"
+        if high is not None:
+            return f"{noun} <= {high}"
+        return noun
+    if annotation is str:
+        if rule.choices:
+            return "one of " + ", ".join(repr(choice) for choice in rule.choices)
+        return "a non-empty string" if rule.nonempty else "a string"
+    if typing.get_origin(annotation) is tuple:
+        item_type = typing.get_args(annotation)[0]
+        if item_type is str:
+            return "an array of strings"
+        if dataclasses.is_dataclass(item_type):
+            return "an array of tables"
+        return "an array"
+    if dataclasses.is_dataclass(annotation):
+        return "a table"
+    return repr(annotation)
+
+
+def _show(value: object) -> str:
+    """A value as the TOML author wrote it, short enough for an error message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:60]) + "..."
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    return f"a {type(value).__name__}"
+
+
+def _unknown(name: str, value: object, known: Mapping[str, object]) -> str:
+    is_table = isinstance(value, Mapping) or (
+        isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
+    )
+    message = "unknown section" if is_table else "unknown key"
+    close = difflib.get_close_matches(name, list(known), n=1)
+    if close:
+        return f"{message} (did you mean '{close[0]}'?)"
+    return f"{message}; expected one of: {', '.join(known)}"
+
+
+def _join(prefix: str, key: str) -> str:
+    if not prefix:
+        return key
+    return f"{prefix}{key}" if key.startswith("[") else f"{prefix}.{key}"
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # Resolved once per class: get_type_hints is slow and the answer never changes.
+    return typing.get_type_hints(cls)

@@ -1,0 +1,401 @@
+"""The subscription hub: resources, their subscribers, latest values and upstream lifecycle.
+
+The hub is the gateway's decision core and does no I/O. It is fed events (a connection
+subscribes, unsubscribes or goes away; the sensor answered; an observation changed state; a
+linger timer fired) and returns *commands* for the I/O layers to carry out:
+
+    event in                           commands out
+    ---------------------------------  ----------------------------------------------------
+    subscribe (first subscriber)       Deliver(subscribed) [+ cached notify/status]
+                                       + StartObservation when not already observed
+    unsubscribe / disconnect (last)    StopObservation, or StartLinger when linger > 0
+    linger_expired (still unwatched)   StopObservation
+    upstream_response 2.xx             [Deliver(status online)] + Deliver(notify, everyone)
+    upstream_response 4.xx/5.xx        Deliver(status offline with code) when it changed
+    upstream_status                    Deliver(status) when it changed
+
+There is exactly one upstream observation per resource however many connections watch it.
+A notification is decoded once and serialized once; `Deliver.text` is the same `str` object
+for every subscriber. Connections are opaque hashable objects to the hub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from .codecs import decode_payload, parse_link_format
+from .frames import (
+    LIMIT,
+    NOT_FOUND,
+    FrameError,
+    FrameId,
+    JSONValue,
+    Notify,
+    State,
+    Status,
+    Subscribed,
+    Unsubscribed,
+)
+from .uris import UriError, parse_coap_uri
+
+C = TypeVar("C", bound=Hashable)
+
+DEFAULT_MAX_AGE = 60
+"""RFC 7252 §5.10.5: a response without Max-Age is fresh for 60 seconds."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver(Generic[C]):
+    """Queue `text` on each of these connections (the same string for all of them)."""
+
+    targets: tuple[C, ...]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartObservation:
+    uri: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopObservation:
+    uri: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartLinger:
+    """Call `Hub.linger_expired(uri, generation)` after `delay` seconds."""
+
+    uri: str
+    delay: float
+    generation: int
+
+
+Command = Deliver[C] | StartObservation | StopObservation | StartLinger
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LinkInfo:
+    """What a host's /.well-known/core says of one resource (RFC 6690 attributes)."""
+
+    cf: int | None = None
+    rt: str | None = None
+    interface: str | None = None
+    observable: bool | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Resource(Generic[C]):
+    """One upstream resource, shared by every connection that watches it."""
+
+    uri: str
+    sub: str
+    name: str | None = None
+    pinned: bool = False
+    """Configured `observe = true`: observed from startup, even with no subscriber."""
+    subscribers: dict[C, None] = field(default_factory=dict)
+    """Insertion-ordered set of the connections subscribed to this resource."""
+    observing: bool = False
+    """The hub has asked for an upstream observation and not yet asked to stop it."""
+    linger_generation: int = 0
+    seq: int = 0
+    last_notify: str | None = None
+    last_body: dict[str, JSONValue] | None = None
+    last_ts: float | None = None
+    state: State | None = None
+    state_reason: str | None = None
+    state_code: str | None = None
+    last_status: str | None = None
+    observable: bool | None = None
+    link: LinkInfo | None = None
+    notifications: int = 0
+
+
+def _first_int(text: str | None) -> int | None:
+    """The first content-format of a `ct` attribute such as "60" or "60 50"."""
+    if not text:
+        return None
+    first = str(text).split()[0] if str(text).split() else ""
+    return int(first) if first.isdigit() and int(first) <= 0xFFFF else None
+
+
+def _attr_str(value: JSONValue) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+class Hub(Generic[C]):
+    """Subscriptions and resources; see the module docstring for the event/command table."""
+
+    def __init__(
+        self,
+        *,
+        linger: float = 5.0,
+        max_subscriptions: int = 256,
+        sensors: Mapping[str, str] | None = None,
+        pinned: Iterable[str] = (),
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """`sensors` maps configured names to normalized URIs; `pinned` lists the URIs
+        configured with `observe = true`."""
+        import time
+
+        self.linger = linger
+        self.max_subscriptions = max_subscriptions
+        self.clock = clock or time.time
+        self.sensor_uris: dict[str, str] = dict(sensors or {})
+        self._resources: dict[str, Resource[C]] = {}
+        self._by_sub: dict[str, Resource[C]] = {}
+        self._connections: dict[C, dict[str, Resource[C]]] = {}
+        self._links: dict[str, LinkInfo] = {}
+        for name, uri in self.sensor_uris.items():
+            self._resource(uri).name = name
+        for uri in pinned:
+            self._resource(uri).pinned = True
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def _resource(self, uri: str) -> Resource[C]:
+        resource = self._resources.get(uri)
+        if resource is None:
+            resource = Resource(uri=uri, sub=f"s{len(self._resources) + 1}")
+            resource.link = self._links.get(uri)
+            self._resources[uri] = resource
+            self._by_sub[resource.sub] = resource
+        return resource
+
+    def resource(self, uri: str) -> Resource[C] | None:
+        return self._resources.get(uri)
+
+    def uri_for_name(self, name: str) -> str | None:
+        return self.sensor_uris.get(name)
+
+    def subscriptions_of(self, conn: C) -> tuple[str, ...]:
+        return tuple(self._connections.get(conn, {}))
+
+    def advertised_cf(self, uri: str) -> int | None:
+        link = self._links.get(uri)
+        return link.cf if link else None
+
+    @property
+    def observed_uris(self) -> tuple[str, ...]:
+        return tuple(uri for uri, r in self._resources.items() if r.observing)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def startup(self) -> list[Command[C]]:
+        """Observe the pinned resources from the start."""
+        commands: list[Command[C]] = []
+        for resource in self._resources.values():
+            if resource.pinned and not resource.observing:
+                resource.observing = True
+                commands.append(StartObservation(resource.uri))
+        return commands
+
+    def connect(self, conn: C) -> None:
+        self._connections.setdefault(conn, {})
+
+    def subscribe(self, conn: C, uri: str, frame_id: FrameId = None) -> list[Command[C]]:
+        """Subscribe `conn` to the (normalized, policy-checked) `uri`."""
+        subs = self._connections.setdefault(conn, {})
+        resource = self._resources.get(uri)
+        already = resource is not None and resource.sub in subs
+        if not already and len(subs) >= self.max_subscriptions:
+            raise FrameError(
+                LIMIT,
+                f"at most {self.max_subscriptions} subscriptions per connection",
+                frame_id,
+            )
+        resource = self._resource(uri)
+        commands: list[Command[C]] = []
+        subs[resource.sub] = resource
+        resource.subscribers[conn] = None
+        resource.linger_generation += 1  # a pending linger timer no longer applies
+        texts = [Subscribed(id=frame_id, sub=resource.sub, uri=uri).serialize()]
+        if resource.last_notify is not None:
+            texts.append(resource.last_notify)
+        if resource.last_status is not None and resource.state != "online":
+            texts.append(resource.last_status)
+        commands.extend(Deliver((conn,), text) for text in texts)
+        if not resource.observing:
+            resource.observing = True
+            commands.append(StartObservation(uri))
+        return commands
+
+    def unsubscribe(self, conn: C, sub: str, frame_id: FrameId = None) -> list[Command[C]]:
+        subs = self._connections.get(conn, {})
+        resource = subs.pop(sub, None)
+        if resource is None:
+            raise FrameError(NOT_FOUND, f"this connection holds no subscription {sub!r}", frame_id)
+        commands: list[Command[C]] = [
+            Deliver((conn,), Unsubscribed(id=frame_id, sub=sub).serialize())
+        ]
+        commands.extend(self._drop_subscriber(resource, conn))
+        return commands
+
+    def disconnect(self, conn: C) -> list[Command[C]]:
+        """Forget a connection and every subscription it held."""
+        commands: list[Command[C]] = []
+        for resource in self._connections.pop(conn, {}).values():
+            commands.extend(self._drop_subscriber(resource, conn))
+        return commands
+
+    def _drop_subscriber(self, resource: Resource[C], conn: C) -> list[Command[C]]:
+        resource.subscribers.pop(conn, None)
+        if resource.subscribers or resource.pinned or not resource.observing:
+            return []
+        if self.linger <= 0:
+            return self._stop(resource)
+        resource.linger_generation += 1
+        return [StartLinger(resource.uri, self.linger, resource.linger_generation)]
+
+    def linger_expired(self, uri: str, generation: int) -> list[Command[C]]:
+        resource = self._resources.get(uri)
+        if (
+            resource is None
+            or generation != resource.linger_generation
+            or resource.subscribers
+            or resource.pinned
+            or not resource.observing
+        ):
+            return []
+        return self._stop(resource)
+
+    def _stop(self, resource: Resource[C]) -> list[Command[C]]:
+        resource.observing = False
+        # Nobody watches the resource any more: what we knew of the upstream state is moot.
+        resource.state = resource.state_reason = resource.state_code = None
+        resource.last_status = None
+        return [StopObservation(resource.uri)]
+
+    # -- upstream events ---------------------------------------------------------------------
+
+    def upstream_response(
+        self,
+        uri: str,
+        *,
+        code: str,
+        cf: int | None,
+        payload: bytes,
+        max_age: int | None = None,
+        observe: bool | None = None,
+        now: float | None = None,
+    ) -> list[Command[C]]:
+        """The sensor answered (first response or notification) on an observation."""
+        resource = self._resources.get(uri)
+        if resource is None or not resource.observing:
+            return []  # a late answer after the observation was stopped
+        if observe is not None and resource.observable is None:
+            resource.observable = observe
+        if not code.startswith("2."):
+            return self._set_state(resource, "offline", f"the sensor answered {code}", code)
+        ts = self.clock() if now is None else now
+        resource.seq += 1
+        resource.notifications += 1
+        body = decode_payload(cf, payload, ts=ts, advertised_cf=self.advertised_cf(uri))
+        text = Notify(
+            sub=resource.sub,
+            uri=uri,
+            seq=resource.seq,
+            code=code,
+            cf=cf,
+            body=body,
+            ts=ts,
+            max_age=DEFAULT_MAX_AGE if max_age is None else max_age,
+        ).serialize()
+        resource.last_notify, resource.last_body, resource.last_ts = text, body, ts
+        commands = self._set_state(resource, "online", None, None)
+        if resource.subscribers:
+            commands.append(Deliver(tuple(resource.subscribers), text))
+        return commands
+
+    def upstream_status(
+        self, uri: str, state: State, reason: str | None, code: str | None = None
+    ) -> list[Command[C]]:
+        """The upstream observation changed state (no answer, reset, ended...)."""
+        resource = self._resources.get(uri)
+        if resource is None or not resource.observing:
+            return []
+        return self._set_state(resource, state, reason, code)
+
+    def _set_state(
+        self, resource: Resource[C], state: State, reason: str | None, code: str | None
+    ) -> list[Command[C]]:
+        if (resource.state, resource.state_reason, resource.state_code) == (state, reason, code):
+            return []
+        resource.state, resource.state_reason, resource.state_code = state, reason, code
+        text = Status(
+            sub=resource.sub, uri=resource.uri, state=state, reason=reason, code=code
+        ).serialize()
+        resource.last_status = text
+        if not resource.subscribers:
+            return []
+        return [Deliver(tuple(resource.subscribers), text)]
+
+    # -- discovery and listing ---------------------------------------------------------------
+
+    def set_links(self, origin: str, link_format: str) -> None:
+        """Record what `origin`'s /.well-known/core (link-format text) lists."""
+        for link in parse_link_format(link_format):
+            href = link.get("href")
+            if not isinstance(href, str):
+                continue
+            target = href if "://" in href else origin + (href if href.startswith("/") else "/" + href)
+            try:
+                uri = str(parse_coap_uri(target))
+            except UriError:
+                continue
+            info = LinkInfo(
+                cf=_first_int(_attr_str(link.get("ct"))),
+                rt=_attr_str(link.get("rt")),
+                interface=_attr_str(link.get("if")),
+                observable=True if "obs" in link else None,
+            )
+            self._links[uri] = info
+            if uri in self._resources:
+                self._resources[uri].link = info
+
+    def list_entries(self, allowed: Callable[[str], bool]) -> list[dict[str, JSONValue]]:
+        """One entry per known resource: configured, discovered, or subscribed to."""
+        uris = dict.fromkeys([*self.sensor_uris.values(), *self._links, *self._resources])
+        entries = []
+        for uri in uris:
+            if not allowed(uri):
+                continue
+            resource = self._resources.get(uri)
+            link = self._links.get(uri)
+            observable = resource.observable if resource and resource.observable is not None \
+                else (link.observable if link else None)
+            entry: dict[str, JSONValue] = {
+                "uri": uri,
+                "name": resource.name if resource else None,
+                "observable": observable,
+                "cf": link.cf if link else None,
+                "rt": link.rt if link else None,
+                "if": link.interface if link else None,
+            }
+            if resource is not None:
+                entry["sub"] = resource.sub
+                entry["state"] = resource.state
+                entry["subscribers"] = len(resource.subscribers)
+                entry["notifications"] = resource.notifications
+                if resource.last_body is not None:
+                    entry.update(resource.last_body)
+                    entry["ts"] = resource.last_ts
+            entries.append(entry)
+        return entries
