@@ -238,3 +238,12 @@ async def test_sensors_subcommand(make_client: Any) -> None:
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(5):
             assert await process.wait() == 0
+
+
+def test_example_config_loads() -> None:
+    from translator.config import load_config
+
+    config = load_config(Path(__file__).parent.parent / "examples" / "gateway.toml")
+    assert [s.name for s in config.sensors] == ["kitchen/temperature", "kitchen/humidity",
+                                                "hall/led"]
+    assert config.sensors[0].observe is True

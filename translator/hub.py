@@ -128,7 +128,11 @@ def _first_int(text: str | None) -> int | None:
     if not text:
         return None
     first = str(text).split()[0] if str(text).split() else ""
-    return int(first) if first.isdigit() and int(first) <= 0xFFFF else None
+    # ASCII digits only, and few of them: "²".isdigit() is true but int("²") raises, and so
+    # does int() of a digit string longer than Python's int-conversion limit.
+    if not (first.isascii() and first.isdigit()) or len(first) > 5:
+        return None
+    return int(first) if int(first) <= 0xFFFF else None
 
 
 def _attr_str(value: JSONValue) -> str | None:
