@@ -392,7 +392,8 @@ def test_subscribed_and_unsubscribed() -> None:
 def test_pong_and_resources() -> None:
     assert Pong(None).serialize() == '{"type":"pong","id":null}'
     text = Resources(3, ({"uri": URI, "name": "t"},)).serialize()
-    assert json.loads(text) == {"type": "resources", "id": 3, "resources": [{"uri": URI, "name": "t"}]}
+    assert json.loads(text) == {"type": "resources", "id": 3,
+                                "resources": [{"uri": URI, "name": "t"}]}
     assert_compact(text)
 
 

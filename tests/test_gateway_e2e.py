@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 from typing import Any
 
 import cbor2
 import pytest
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from translator.gateway import Gateway
@@ -330,3 +332,37 @@ async def test_http_paths(gateway: Gateway) -> None:
             line = await reader.readline()
         writer.close()
         assert status in line, line
+
+
+async def test_slow_consumer_is_closed_and_others_are_served(
+    sensors: SimulatedSensors, make_gateway: Any, make_client: Any
+) -> None:
+    config = gateway_config(sensors)
+    config["limits"] = {"max_queue": 8}
+    gateway = await make_gateway(config)
+    # A client that stops reading: a tiny receive buffer, and it never calls recv().
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(("127.0.0.1", gateway.ws.port))
+    stalled = await connect(gateway.url, sock=sock, compression=None, max_queue=1)
+    blob = f"{sensors.base_uri}/blob"
+    await stalled.send(json.dumps({"type": "subscribe", "id": 1, "uri": blob}))
+    normal = await make_client(gateway.url)
+    sub = (await normal.subscribe(uri=blob))["sub"]
+    await sensors.wait_observers("/blob", 1)
+
+    # Bounded load: at most 5 000 updates of 1 KB, until the stalled client has been dropped.
+    for value in range(5_000):
+        sensors.set_blob(value.to_bytes(4, "big") * 256)
+        await normal.next_notify(sub)  # the normal client keeps up meanwhile
+        if gateway.ws.slow_consumers_closed:
+            break
+    assert gateway.ws.slow_consumers_closed == 1
+    (dropped,) = [c for c in gateway.ws.connections if c.closing]
+    async with asyncio.timeout(WAIT):
+        await dropped.finished.wait()
+    sent = dropped.ws.protocol.close_sent  # the client never read it, so check what was sent
+    assert sent is not None and (sent.code, sent.reason) == (1008, "slow consumer")
+    assert gateway.hub.connection_count == 1 and len(gateway.ws.connections) == 1
+    assert (await normal.call({"type": "ping"}))["type"] == "pong"
+    stalled.transport.abort()

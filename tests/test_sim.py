@@ -158,7 +158,7 @@ async def test_requests_seen_counts_every_method(sensors: SimulatedSensors, clie
     assert sensors.requests_seen["/led"] == 0
 
 
-async def test_well_known_core_lists_the_four_resources(
+async def test_well_known_core_lists_the_resources(
     sensors: SimulatedSensors, client: Any
 ) -> None:
     response = await request(client, aiocoap.GET, sensors.base_uri + "/.well-known/core")
@@ -168,7 +168,8 @@ async def test_well_known_core_lists_the_four_resources(
         link.href: dict(link.attr_pairs)
         for link in parse_link_format(response.payload.decode("utf-8")).links
     }
-    assert set(links) == {"/temperature", "/humidity", "/status", "/led"}
+    assert set(links) == {"/temperature", "/humidity", "/status", "/led", "/blob"}
+    assert links["/blob"] == {"rt": "blob", "if": "sensor", "ct": "42", "obs": None}
     assert links["/temperature"] == {"rt": "temperature-c", "if": "sensor", "ct": "60", "obs": None}
     assert links["/humidity"] == {"rt": "humidity-rh", "if": "sensor", "ct": "110", "obs": None}
     assert links["/led"]["ct"] == "60"

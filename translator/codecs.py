@@ -24,7 +24,9 @@ Choices worth knowing about (they are visible to WebSocket clients):
   23 lowercase hex. A nested hint overrides an outer one.
 * Tag 0 becomes its date/time string, tag 1 its epoch number, tags 4/5 (decimal fraction,
   bigfloat) the nearest float. Every other tag becomes its content, except tags cbor2
-  decodes to Python objects (UUID, IP addresses, Fraction, ...) which become strings.
+  decodes to Python objects (UUID, IP addresses, Fraction, dates, ...) which become
+  strings (dates in ISO 8601); when cbor2 rejects such a tag's content (a UUID tag around
+  an integer) the whole payload is a decode error.
   Value-sharing (28/29) and string-reference (25/256) tags are *not* resolved: resolving
   them lets a few bytes expand into a huge (or cyclic) structure, so their content is
   emitted as-is per section 6.1.
@@ -36,16 +38,21 @@ Choices worth knowing about (they are visible to WebSocket clients):
   errors: the gateway never emits NaN or Infinity.
 * Link-format (RFC 6690): attribute names are lower-cased (RFC 8288: case-insensitive);
   an attribute without a value is ``true``; quoted values are unquoted; values stay
-  strings (``"ct": "60"``); when an attribute repeats, the *first* occurrence wins (RFC 6690
-  says repeated ``rt``/``if`` are allowed but gives no merge rule; "first wins" keeps the
-  output a flat string map). A ``href`` attribute never overrides the link target.
-* SenML (RFC 8428) is returned as resolved records, in input order (not re-sorted): the
-  name is bn + n, the unit u or else bu, the time bt + t made absolute -- a resolved time
-  below 2**28 is relative to "now" and "now" is the ``ts`` argument, so a record without
-  any time gets ``t = ts``. bv is added to v (a record with no value field at all gets
-  v = bv), bs to s (a record gets s whenever s or bs is present), bver is checked
-  (> 10 is refused) and dropped. Unknown labels are dropped, unknown labels ending in "_"
-  make the pack invalid (RFC 8428 section 4.4). Name characters are not policed. At most
+  strings (``"ct": "60"``, ``"rt": "a b"`` for several space-separated types). When an
+  attribute repeats in one link, the *first* occurrence wins: RFC 6690 attributes carry
+  several values space-separated in one attribute rather than by repetition, and keeping
+  one string per name keeps the output a flat map. A ``href`` attribute never overrides
+  the link target.
+* SenML (RFC 8428) is returned as resolved records (section 4.6), in input order (not
+  re-sorted by time). Name: bn + n, which must be non-empty (its characters are not
+  policed). Unit: u, else bu. Time: bt + t (a missing one counts as 0); a result below
+  2**28 is relative to "now", and "now" is the ``ts`` argument, so ``t = ts + bt + t`` and
+  a record without any time gets ``t = ts``. bv is added to v; a record with no value
+  field at all gets v = bv (a missing Value counts as zero); vs/vb/vd are never touched.
+  bs is added to s, and every record gets s once s or bs is present (a missing Sum counts
+  as zero). bver is checked (> 10 is refused) and dropped. At most one of v/vs/vb/vd per
+  record; a record with none (and no base value) is kept without one. Unknown labels are
+  dropped; unknown labels ending in "_" (must-understand) make the pack invalid. At most
   ``MAX_SENML_RECORDS`` records are accepted.
 """
 
@@ -77,10 +84,12 @@ MAX_SENML_RECORDS: Final = 100_000
 _MAX_SAFE_INT: Final = 2**53 - 1
 # Python refuses int->str beyond 4300 digits; 14_000 bits is about 4214 digits.
 _MAX_INT_BITS: Final = 14_000
-# SenML: resolved times below 2**28 are relative to "now" (RFC 8428 section 4.5.3).
+# SenML: resolved times below 2**28 are relative to "now" (RFC 8428).
 _SENML_RELATIVE_TIME_LIMIT: Final = 2**28
 _SENML_MAX_VERSION: Final = 10
 _ERROR_DETAIL_CHARS: Final = 160
+# Longest JSON text accepted for a non-string CBOR map key (see _cbor_key).
+_MAX_KEY_CHARS: Final = 8192
 
 
 class UnsupportedValue(ValueError):
@@ -400,7 +409,9 @@ def _python_object_to_json(item: object) -> JSONValue:
         number = float(item)
         return number if math.isfinite(number) else None
     if isinstance(item, re.Pattern):
-        return item.pattern
+        # Tag 35 around a byte string compiles to a bytes pattern, which JSON cannot hold.
+        pattern = item.pattern
+        return pattern if isinstance(pattern, str) else _b64url(pattern)
     return str(item)
 
 
@@ -408,7 +419,12 @@ def _cbor_key(key: Any, depth: int, hint: int | None) -> str:
     converted = _cbor_to_json(key, depth, hint)
     if isinstance(converted, str):
         return converted
-    return json.dumps(converted, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    text = json.dumps(converted, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    # Maps used as keys of maps used as keys ... re-escape their quotes at every level, so the
+    # key text doubles per level: 30 bytes of CBOR would otherwise exhaust memory.
+    if len(text) > _MAX_KEY_CHARS:
+        raise _DecodeError(f"invalid CBOR: a map key converts to more than {_MAX_KEY_CHARS} chars")
+    return text
 
 
 def _cbor_to_json(item: Any, depth: int = 0, hint: int | None = None) -> JSONValue:

@@ -16,6 +16,7 @@ import base64
 import binascii
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -157,12 +158,18 @@ def _read_id(obj: dict[str, JSONValue]) -> FrameId:
         raise FrameError(BAD_REQUEST, "'id' must be a string of at most 64 characters or an integer")
     if isinstance(frame_id, str) and len(frame_id) > MAX_ID_LENGTH:
         raise FrameError(BAD_REQUEST, "'id' must be a string of at most 64 characters or an integer")
-    if isinstance(frame_id, str) and not frame_id.isascii():
-        try:  # an escaped lone surrogate ("\ud800") cannot be echoed in a UTF-8 text frame
-            frame_id.encode("utf-8")
-        except UnicodeEncodeError:
-            raise FrameError(BAD_REQUEST, "'id' contains a lone surrogate") from None
+    # An escaped lone surrogate ("\ud800") cannot be echoed back in a UTF-8 text frame.
+    if isinstance(frame_id, str) and not frame_id.isascii() and not _is_utf8_text(frame_id):
+        raise FrameError(BAD_REQUEST, "'id' contains a lone surrogate")
     return frame_id
+
+
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Fields:
@@ -273,7 +280,7 @@ def _parse_ping(f: _Fields) -> Ping:
     return Ping(id=f.frame_id)
 
 
-_PARSERS: Final = {
+_PARSERS: Final[dict[str, Callable[[_Fields], ClientFrame]]] = {
     "subscribe": _parse_subscribe,
     "unsubscribe": _parse_unsubscribe,
     "request": _parse_request,

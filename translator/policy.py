@@ -64,19 +64,29 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
             f"pattern {pattern!r} has a bad percent-escape; write %25 for a literal '%'"
         )
 
-    parts: list[str] = []
-    for char in text:
-        if char == "*":
-            # Runs of "*" mean the same as one; collapsing them keeps the regex from
-            # backtracking over equivalent splits.
-            if parts and parts[-1] == ".*":
-                continue
-            parts.append(".*")
-        elif char == "?":
-            parts.append(".")
-        else:
-            parts.append(re.escape(char))
-    return re.compile("".join(parts), re.DOTALL)
+    return re.compile(_translate(text), re.DOTALL)
+
+
+def _translate(text: str) -> str:
+    """Translate a wildcard pattern into a regex that cannot backtrack catastrophically.
+
+    The URI being matched comes from a client, so a naive ``.*a.*a.*b`` would let one request
+    pin a CPU for minutes (ReDoS). Instead, as CPython's ``fnmatch`` does: the literal chunk
+    after each interior ``*`` is matched at its leftmost occurrence inside an atomic group
+    (leftmost is always a safe choice for wildcard matching, and atomicity forbids retrying
+    others), and only the last ``*`` may backtrack, over a single run.
+    """
+    chunks = [_translate_chunk(chunk) for chunk in text.split("*")]
+    if len(chunks) == 1:
+        return chunks[0]
+    first, *middle, last = chunks
+    # Runs of "*" leave empty middle chunks: they add nothing, so they are skipped.
+    interior = "".join(f"(?>.*?{chunk})" for chunk in middle if chunk)
+    return f"{first}{interior}.*{last}"
+
+
+def _translate_chunk(chunk: str) -> str:
+    return "".join("." if char == "?" else re.escape(char) for char in chunk)
 
 
 def _normalize_pattern(pattern: str) -> str:

@@ -52,6 +52,7 @@ __all__ = ["SimulatedSensors", "run_sensors"]
 log = logging.getLogger(__name__)
 
 CF_TEXT: Final = 0
+CF_OCTETS: Final = 42
 CF_JSON: Final = 50
 CF_CBOR: Final = 60
 CF_SENML_JSON: Final = 110
@@ -271,6 +272,30 @@ class _LedResource(_ObservedResource):
         return aiocoap.Message(code=aiocoap.CHANGED)
 
 
+class _BlobResource(_ObservedResource):
+    """Opaque bytes of a size the tests choose: load and slow-consumer tests use it to move
+    many bytes per notification."""
+
+    ct = str(CF_OCTETS)
+    rt = "blob"
+    if_ = "sensor"
+
+    def __init__(self, on_count_change: Callable[[], None], confirm_every: float | None) -> None:
+        super().__init__(on_count_change, confirm_every)
+        self.data = b"\x00" * 16
+
+    def set(self, data: bytes) -> None:
+        self.data = data
+        self.updated_state()
+
+    async def render_get(self, request: Message) -> Message:
+        return aiocoap.Message(
+            payload=self.data,
+            content_format=CF_OCTETS,
+            transport_tuning=self._transport_tuning(request),
+        )
+
+
 class SimulatedSensors:
     """A CoAP server with simulated temperature and humidity sensors, a status and an LED.
 
@@ -320,10 +345,12 @@ class SimulatedSensors:
             confirm_every,
         )
         self._led = _LedResource(self._observer_count_changed)
+        self._blob = _BlobResource(self._observer_count_changed, confirm_every)
         self._observable: dict[str, _ObservedResource] = {
             "/temperature": self._temperature,
             "/humidity": self._humidity,
             "/led": self._led,
+            "/blob": self._blob,
         }
 
         self._site = _CountingSite(self.requests_seen)
@@ -331,6 +358,7 @@ class SimulatedSensors:
         self._site.add_resource(["humidity"], self._humidity)
         self._site.add_resource(["status"], _StatusResource(self._uptime))
         self._site.add_resource(["led"], self._led)
+        self._site.add_resource(["blob"], self._blob)
         self._site.add_resource(
             [".well-known", "core"],
             _WellKnownCore(self._site.get_resources_as_linkheader, impl_info=None),
@@ -460,6 +488,12 @@ class SimulatedSensors:
     def set_humidity(self, value: float) -> None:
         """Set the relative humidity and notify its observers now."""
         self._humidity.set(float(value))
+
+    def set_blob(self, data: bytes) -> None:
+        """Set /blob's bytes (at most 1024, one CoAP block) and notify its observers now."""
+        if len(data) > 1024:
+            raise ValueError("a /blob value is at most 1024 bytes (one block)")
+        self._blob.set(data)
 
     def set_led(self, on: bool) -> None:
         """Switch the LED as a PUT would (observers are notified if the state changes)."""

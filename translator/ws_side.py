@@ -20,7 +20,7 @@ import http
 import itertools
 import logging
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Final, Protocol
 
@@ -50,14 +50,19 @@ class Connection:
 
     _ids = itertools.count(1)
 
-    def __init__(self, ws: ServerConnection, max_queue: int) -> None:
+    def __init__(
+        self, ws: ServerConnection, max_queue: int, on_overflow: Callable[[], None]
+    ) -> None:
         self.id = next(self._ids)
+        self._on_overflow = on_overflow
         self.ws = ws
         self.max_queue = max_queue
         self.closing = False
         self._queue: collections.deque[str] = collections.deque()
         self._wakeup = asyncio.Event()
         self._closer: asyncio.Task[None] | None = None
+        self.finished = asyncio.Event()
+        """Set once the connection is gone and the gateway has forgotten it."""
         self.writer = asyncio.create_task(self._write(), name=f"ws writer #{self.id}")
 
     def __repr__(self) -> str:
@@ -78,6 +83,7 @@ class Connection:
             return
         if len(self._queue) >= self.max_queue:
             log.warning("%r: outgoing queue full (%d frames), closing", self, self.max_queue)
+            self._on_overflow()
             self.close(*SLOW_CONSUMER)
             return
         self._queue.append(text)
@@ -90,9 +96,17 @@ class Connection:
         self.closing = True
         self._queue.clear()
         self.writer.cancel()
-        self._closer = asyncio.create_task(
-            self.ws.close(code, reason), name=f"ws close #{self.id}"
-        )
+        self._closer = asyncio.create_task(self._close(code, reason), name=f"ws close #{self.id}")
+
+    async def _close(self, code: int, reason: str) -> None:
+        # websockets' close() waits for its write buffer to drain without a deadline, and a
+        # client that stopped reading never drains it: bound the handshake, then drop TCP.
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            log.info("%r: no closing handshake within %g s, dropping TCP", self, CLOSE_TIMEOUT)
+            self.ws.transport.abort()
 
     async def _write(self) -> None:
         queue, wakeup, ws = self._queue, self._wakeup, self.ws
@@ -138,6 +152,8 @@ class WebSocketServer:
         self.ssl_context = ssl_context
         self._server: Server | None = None
         self.connections: set[Connection] = set()
+        self.slow_consumers_closed = 0
+        """Connections closed because their outgoing queue overflowed."""
 
     async def start(self) -> None:
         self._server = await serve(
@@ -181,8 +197,11 @@ class WebSocketServer:
             return _http_response(http.HTTPStatus.OK, _html_page(), "text/html; charset=utf-8")
         return ws.respond(http.HTTPStatus.NOT_FOUND, f"no such path; WebSocket is at {WS_PATH}\n")
 
+    def _count_slow_consumer(self) -> None:
+        self.slow_consumers_closed += 1
+
     async def _serve_connection(self, ws: ServerConnection) -> None:
-        conn = Connection(ws, self.max_queue)
+        conn = Connection(ws, self.max_queue, self._count_slow_consumer)
         self.connections.add(conn)
         log.info("%r connected", conn)
         try:
@@ -195,6 +214,7 @@ class WebSocketServer:
             self.connections.discard(conn)
             self.handler.disconnected(conn)
             await conn.finish()
+            conn.finished.set()
             log.info("%r disconnected (%s)", conn, ws.close_code)
 
 

@@ -1,0 +1,357 @@
+"""Tests for translator.policy: allow patterns and the destination allow decision."""
+
+import dataclasses
+import time
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from translator.policy import PatternError, Policy, compile_pattern
+from translator.uris import UriError, parse_coap_uri
+
+
+def matches(pattern: str, uri: str) -> bool:
+    return compile_pattern(pattern).fullmatch(str(parse_coap_uri(uri))) is not None
+
+
+# --- compile_pattern: wildcards --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "uri", "expected"),
+    [
+        ("coap://127.0.0.1:5683/*", "coap://127.0.0.1:5683/temperature", True),
+        ("coap://127.0.0.1:5683/*", "coap://127.0.0.1/a/b/c?x=1", True),
+        ("coap://127.0.0.1:5683/*", "coap://127.0.0.1:5683/", True),
+        ("coap://127.0.0.1:5683/*", "coap://127.0.0.1:5684/x", False),
+        ("coap://127.0.0.1:5683/*", "coaps://127.0.0.1:5683/x", False),
+        ("coap://127.0.0.1:5683/*", "coap://127.0.0.10:5683/x", False),
+        # "*" crosses "/" and "?": it is any run of characters.
+        ("coap://h:5683/a*", "coap://h/a/b/c", True),
+        ("coap://h:5683/a*", "coap://h/a?q=1", True),
+        ("coap://h:5683/a*", "coap://h/b", False),
+        ("coap://h:5683/*/temp", "coap://h/x/y/temp", True),
+        ("coap://h:5683/*/temp", "coap://h/x/temp/", False),
+        # Full match: no implicit prefix or suffix.
+        ("coap://h:5683/a", "coap://h/a", True),
+        ("coap://h:5683/a", "coap://h/ab", False),
+        ("coap://h:5683/a", "coap://h/a?x", False),
+        ("coap://h:5683/a", "coap://h/a/", False),
+    ],
+)
+def test_star(pattern: str, uri: str, expected: bool) -> None:
+    assert matches(pattern, uri) is expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "uri", "expected"),
+    [
+        ("coap://h:5683/s?", "coap://h/s1", True),
+        ("coap://h:5683/s?", "coap://h/s", False),
+        ("coap://h:5683/s?", "coap://h/s12", False),
+        ("coap://h:5683/s??", "coap://h/s12", True),
+        ("coap://h:5683/s?/v", "coap://h/s//v", True),
+        # "?" is a wildcard, so it also stands for the query delimiter.
+        ("coap://h:5683/x?a=1", "coap://h/x?a=1", True),
+        ("coap://h:5683/x?a=1", "coap://h/xya=1", True),
+        ("coap://10.0.0.?:5683/*", "coap://10.0.0.7/x", True),
+        ("coap://10.0.0.?:5683/*", "coap://10.0.0.70/x", False),
+    ],
+)
+def test_question_mark(pattern: str, uri: str, expected: bool) -> None:
+    assert matches(pattern, uri) is expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "uri"),
+    [
+        ("coap://h:5683/a.b", "coap://h/aXb"),
+        ("coap://h:5683/a+", "coap://h/aa"),
+        ("coap://h:5683/(a|b)", "coap://h/a"),
+        ("coap://h:5683/a$", "coap://h/a"),
+        ("coap://h:5683/^a", "coap://h/a"),
+    ],
+)
+def test_regex_metacharacters_are_literal(pattern: str, uri: str) -> None:
+    assert not matches(pattern, uri)
+
+
+def test_regex_metacharacters_match_themselves() -> None:
+    assert matches("coap://h:5683/a.b+(c)$", "coap://h/a.b+(c)$")
+
+
+def test_literal_brackets_for_ipv6_hosts() -> None:
+    assert matches("coap://[::1]:5683/*", "coap://[::1]/x")
+    assert matches("coap://[::1]/*", "coap://[::1]:5683/x")
+    assert not matches("coap://[::1]/*", "coap://[::2]/x")
+    # Brackets are not a character class: "[::1]" does not match the host "1".
+    assert compile_pattern("coap://[::1]/*").fullmatch("coap://1:5683/x") is None
+    assert compile_pattern("coap://[ab]*").fullmatch("coap://a:5683/x") is None
+    assert compile_pattern("coap://[ab]*").fullmatch("coap://[ab]:5683/x") is not None
+
+
+def test_ipv6_pattern_with_wildcard_host_keeps_brackets_literal() -> None:
+    assert matches("coap://[fe80::*]:5683/*", "coap://[fe80::1]/x")
+    assert not matches("coap://[fe80::*]:5683/*", "coap://fe80/x")
+
+
+def test_star_alone_matches_everything() -> None:
+    for uri in ["coap://h/", "coaps://[::1]:1/a?b", "coap://x.y/z/../w"]:
+        assert matches("*", uri)
+
+
+def test_runs_of_stars_are_one_star() -> None:
+    assert compile_pattern("coap://h/a***b").pattern == compile_pattern("coap://h/a*b").pattern
+    assert matches("coap://h:5683/a**", "coap://h/a/b")
+    assert matches("coap://h:5683/**a**", "coap://h/a")
+
+
+def test_many_stars_on_a_long_uri_do_not_backtrack_catastrophically() -> None:
+    # A naive ".*a.*a...b" translation takes effectively forever on this (ReDoS): the URI
+    # is client-controlled, so matching must stay polynomial of low degree.
+    pattern = compile_pattern("coap://h:5683/" + "*a" * 20 + "*b")
+    uri = "coap://h:5683/" + "a" * 2000
+    started = time.perf_counter()
+    assert pattern.fullmatch(uri) is None
+    assert pattern.fullmatch(uri + "b") is not None
+    assert time.perf_counter() - started < 1.0
+
+
+def _reference_match(pattern: str, text: str) -> bool:
+    """Textbook dynamic-programming wildcard match, to check the regex translation against."""
+    # reachable[j]: the pattern prefix consumed so far can match text[:j].
+    reachable = [True] + [False] * len(text)
+    for char in pattern:
+        if char == "*":
+            for j in range(1, len(text) + 1):
+                reachable[j] = reachable[j] or reachable[j - 1]
+        else:
+            reachable = [False] + [
+                reachable[j] and (char == "?" or char == text[j]) for j in range(len(text))
+            ]
+    return reachable[-1]
+
+
+@given(
+    st.text(alphabet="ab*?", max_size=12),
+    st.text(alphabet="ab", max_size=12),
+)
+@example("*a*b", "aab")
+@example("*a?*", "ab")
+@example("a*?*b", "ab")
+def test_wildcard_semantics_match_a_reference_matcher(glob: str, path: str) -> None:
+    pattern = compile_pattern("coap://h:5683/" + glob)
+    expected = _reference_match(glob, path)
+    assert (pattern.fullmatch("coap://h:5683/" + path) is not None) is expected
+
+
+# --- compile_pattern: normalization of the literal origin ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "uri"),
+    [
+        ("coap://LOCALHOST/x*", "coap://localhost:5683/x1"),
+        ("COAP://localhost/x*", "coap://localhost:5683/x1"),
+        ("coap://localhost:5683/x*", "coap://LOCALHOST/x1"),
+        ("coaps://h/*", "coaps://h:5684/x"),
+        ("coap://[0:0::1]/*", "coap://[::1]:5683/x"),
+        ("coap://[::1]:/*", "coap://[::1]:5683/x"),
+    ],
+)
+def test_literal_origin_is_normalized(pattern: str, uri: str) -> None:
+    assert matches(pattern, uri)
+
+
+def test_origin_only_pattern_means_the_root() -> None:
+    assert matches("coap://h", "coap://h/")
+    assert not matches("coap://h", "coap://h/x")
+
+
+def test_escapes_in_the_rest_are_normalized() -> None:
+    assert matches("coap://h/%7euser/*", "coap://h/~user/x")
+    assert matches("coap://h/a%2fb", "coap://h/a%2Fb")
+
+
+def test_escape_with_wildcard_digit_is_allowed() -> None:
+    assert matches("coap://h/%2?", "coap://h/%2F")
+
+
+def test_wildcard_origin_is_not_normalized() -> None:
+    # With a wildcard in the authority nothing after "://" is rewritten, so an upper-case
+    # host can never match, and a port must be written or covered by the wildcard.
+    assert not matches("coap://H*", "coap://h/x")
+    assert matches("coap://h*", "coap://h/x")
+    assert not matches("coap://*.lan/*", "coap://a.lan/x")
+    assert matches("coap://*.lan:5683/*", "coap://a.lan/x")
+
+
+def test_wildcard_origin_still_folds_the_scheme() -> None:
+    assert matches("COAP://*", "coap://h/x")
+
+
+def test_wildcard_in_scheme() -> None:
+    assert matches("coap*://h:*/*", "coaps://h/x")
+    assert matches("coap*://h:*/*", "coap://h/x")
+
+
+# --- compile_pattern: errors -----------------------------------------------------------------
+
+
+def test_pattern_error_is_a_value_error() -> None:
+    assert issubclass(PatternError, ValueError)
+
+
+def test_empty_pattern() -> None:
+    with pytest.raises(PatternError, match="empty pattern"):
+        compile_pattern("")
+
+
+def test_non_string_pattern() -> None:
+    with pytest.raises(PatternError, match="must be a string"):
+        compile_pattern(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("pattern", ["coap://h/a b", " *", "coap://h/\t", "coap://h/caf\u00e9"])
+def test_whitespace_control_and_non_ascii(pattern: str) -> None:
+    with pytest.raises(PatternError, match="whitespace"):
+        compile_pattern(pattern)
+
+
+def test_fragment() -> None:
+    with pytest.raises(PatternError, match="fragment"):
+        compile_pattern("coap://h/x#y")
+
+
+@pytest.mark.parametrize("pattern", ["localhost/*", "127.0.0.1:5683/*", "/x", "coap:/h/*"])
+def test_pattern_that_can_never_match(pattern: str) -> None:
+    with pytest.raises(PatternError, match="can never match"):
+        compile_pattern(pattern)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("http://h/*", "unsupported scheme 'http'"),
+        ("coap://h:0/*", "bad port"),
+        ("coap://h:99999/*", "bad port"),
+        ("coap://:5683/*", "no host"),
+        ("coap://[::g]/*", "invalid IPv6"),
+        ("coap://[fe80::1%25eth0]/*", "zone identifiers"),
+        ("coap://u@h/*", "userinfo"),
+    ],
+)
+def test_bad_literal_origin(pattern: str, message: str) -> None:
+    with pytest.raises(PatternError, match=message) as info:
+        compile_pattern(pattern)
+    assert repr(pattern) in str(info.value)
+
+
+@pytest.mark.parametrize("pattern", ["coap://h/100%", "coap://h/%zz", "coap://h/%4"])
+def test_bad_percent_escape(pattern: str) -> None:
+    with pytest.raises(PatternError, match="bad percent-escape"):
+        compile_pattern(pattern)
+
+
+# --- Policy ----------------------------------------------------------------------------------
+
+
+def test_deny_by_default() -> None:
+    policy = Policy()
+    assert not policy.allows("coap://127.0.0.1/x")
+    assert not policy.allows("coap://[::1]/")
+    assert not policy.allows_everything
+
+
+def test_allow_patterns() -> None:
+    policy = Policy(allow=("coap://127.0.0.1:5683/*", "coaps://[::1]/secure/*"))
+    assert policy.allows("coap://127.0.0.1/temperature")
+    assert policy.allows("coaps://[::1]:5684/secure/door")
+    assert not policy.allows("coap://127.0.0.2/temperature")
+    assert not policy.allows("coaps://[::1]/other")
+
+
+def test_allows_accepts_parsed_and_unparsed_uris() -> None:
+    policy = Policy(allow=("coap://h/x",))
+    assert policy.allows("coap://H:5683/x")
+    assert policy.allows(parse_coap_uri("coap://h/x"))
+
+
+def test_spelling_tricks_do_not_evade_or_defeat_rules() -> None:
+    policy = Policy(allow=("coap://h/public/*",))
+    assert policy.allows("coap://H:5683/public/%7Ex")
+    assert policy.allows("coap://h/%70ublic/x")  # %70 is "p"
+    assert not policy.allows("coap://h/public/../private/x")
+    assert not policy.allows("coap://h/public/%2E%2E/private/x")
+
+
+def test_unparsable_uri_propagates_uri_error() -> None:
+    policy = Policy(allow=("*",))
+    with pytest.raises(UriError):
+        policy.allows("http://h/x")
+    with pytest.raises(UriError):
+        policy.allows("coap://h/x#frag")
+
+
+def test_sensor_uris_are_always_allowed() -> None:
+    policy = Policy(sensor_uris=frozenset({"coap://127.0.0.1:5683/temperature"}))
+    assert policy.allows("coap://127.0.0.1/temperature")
+    assert not policy.allows("coap://127.0.0.1/temperature/")
+    assert not policy.allows("coap://127.0.0.1/temperature?x")
+    assert not policy.allows("coap://127.0.0.1/humidity")
+
+
+def test_sensor_uris_are_normalized_on_construction() -> None:
+    policy = Policy(sensor_uris=frozenset({"COAP://Sensor.LAN/t"}))
+    assert policy.sensor_uris == frozenset({"coap://sensor.lan:5683/t"})
+    assert policy.allows("coap://sensor.lan:5683/t")
+
+
+def test_bad_sensor_uri_raises_uri_error() -> None:
+    with pytest.raises(UriError):
+        Policy(sensor_uris=frozenset({"http://h/x"}))
+
+
+def test_sensor_uris_and_patterns_combine() -> None:
+    policy = Policy(allow=("coap://a/*",), sensor_uris=frozenset({"coap://b/t"}))
+    assert policy.allows("coap://a/anything")
+    assert policy.allows("coap://b/t")
+    assert not policy.allows("coap://b/other")
+
+
+def test_allows_everything() -> None:
+    assert Policy(allow=("*",)).allows_everything
+    assert Policy(allow=("coap://a/*", "*")).allows_everything
+    assert not Policy(allow=("coap://*",)).allows_everything
+    assert not Policy(allow=("**",)).allows_everything
+    everything = Policy(allow=("*",))
+    assert everything.allows("coaps://anything.example:1/x?y")
+
+
+def test_bad_pattern_raises_at_construction() -> None:
+    with pytest.raises(PatternError, match="empty pattern"):
+        Policy(allow=("coap://a/*", ""))
+    with pytest.raises(PatternError, match="unsupported scheme"):
+        Policy(allow=("http://a/*",))
+
+
+def test_bare_string_allow_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="not a string"):
+        Policy(allow="coap://a/*")  # type: ignore[arg-type]
+
+
+def test_list_allow_is_stored_as_a_tuple() -> None:
+    policy = Policy(allow=["coap://a/*"])  # type: ignore[arg-type]
+    assert policy.allow == ("coap://a/*",)
+    assert policy.allows("coap://a/x")
+
+
+def test_policy_is_a_frozen_hashable_value() -> None:
+    one = Policy(allow=("coap://a/*",), sensor_uris=frozenset({"coap://b/t"}))
+    two = Policy(allow=("coap://a/*",), sensor_uris=frozenset({"coap://B:5683/t"}))
+    assert one == two
+    assert hash(one) == hash(two)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        one.allow = ()  # type: ignore[misc]
+    assert "_patterns" not in repr(one)
