@@ -757,3 +757,16 @@ def test_fan_out_is_one_command_to_exactly_the_subscribers(
         assert isinstance(command, Deliver)
         assert sorted(command.targets) == sorted(conns)
         assert json.loads(command.text)["value"] == payload
+
+
+def test_rediscovery_replaces_links_and_resolves_network_path_references() -> None:
+    hub: Hub[str] = Hub(linger=0)
+    origin = "coap://127.0.0.1:5683"
+    hub.set_links(origin, '</a>;ct=60;obs,</b>;ct=0,<//10.0.0.9/c>;rt="x"')
+    uris = {e["uri"] for e in hub.list_entries(lambda uri: True)}
+    assert uris == {f"{origin}/a", f"{origin}/b", "coap://10.0.0.9:5683/c"}
+    assert hub.advertised_cf(f"{origin}/a") == 60
+    hub.set_links(origin, "</b>;ct=50")
+    assert {e["uri"] for e in hub.list_entries(lambda uri: True)} == {f"{origin}/b"}
+    assert hub.advertised_cf(f"{origin}/b") == 50
+    assert hub.advertised_cf(f"{origin}/a") is None

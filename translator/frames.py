@@ -154,10 +154,14 @@ def _read_id(obj: dict[str, JSONValue]) -> FrameId:
     if "id" not in obj:
         return None
     frame_id = obj["id"]
-    if isinstance(frame_id, bool) or not isinstance(frame_id, str | int):
-        raise FrameError(BAD_REQUEST, "'id' must be a string of at most 64 characters or an integer")
-    if isinstance(frame_id, str) and len(frame_id) > MAX_ID_LENGTH:
-        raise FrameError(BAD_REQUEST, "'id' must be a string of at most 64 characters or an integer")
+    if (
+        isinstance(frame_id, bool)
+        or not isinstance(frame_id, str | int)
+        or (isinstance(frame_id, str) and len(frame_id) > MAX_ID_LENGTH)
+    ):
+        raise FrameError(
+            BAD_REQUEST, "'id' must be a string of at most 64 characters or an integer"
+        )
     # An escaped lone surrogate ("\ud800") cannot be echoed back in a UTF-8 text frame.
     if isinstance(frame_id, str) and not frame_id.isascii() and not _is_utf8_text(frame_id):
         raise FrameError(BAD_REQUEST, "'id' contains a lone surrogate")
@@ -228,7 +232,7 @@ def _parse_request(f: _Fields) -> Request:
         raise f.fail(f"unknown method {method_text!r}; use one of {', '.join(METHODS.values())}")
     uri, name = f.target()
 
-    value: JSONValue = f.obj["value"] if "value" in f.obj else MISSING
+    value: JSONValue = f.obj.get("value", MISSING)
     payload: bytes | None = None
     if "payload_b64" in f.obj:
         if value is not MISSING:

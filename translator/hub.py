@@ -119,7 +119,6 @@ class Resource(Generic[C]):
     state_code: str | None = None
     last_status: str | None = None
     observable: bool | None = None
-    link: LinkInfo | None = None
     notifications: int = 0
 
 
@@ -133,6 +132,16 @@ def _first_int(text: str | None) -> int | None:
     if not (first.isascii() and first.isdigit()) or len(first) > 5:
         return None
     return int(first) if int(first) <= 0xFFFF else None
+
+
+def _resolve_href(origin: str, href: str) -> str:
+    """An RFC 6690 link target resolved against the host that listed it (RFC 3986 §5.2,
+    for the forms link-format uses: absolute, network-path and absolute-path references)."""
+    if "://" in href:
+        return href
+    if href.startswith("//"):
+        return origin.partition(":")[0] + ":" + href
+    return origin + (href if href.startswith("/") else "/" + href)
 
 
 def _attr_str(value: JSONValue) -> str | None:
@@ -163,6 +172,7 @@ class Hub(Generic[C]):
         self._by_sub: dict[str, Resource[C]] = {}
         self._connections: dict[C, dict[str, Resource[C]]] = {}
         self._links: dict[str, LinkInfo] = {}
+        self._links_by_origin: dict[str, tuple[str, ...]] = {}
         for name, uri in self.sensor_uris.items():
             self._resource(uri).name = name
         for uri in pinned:
@@ -174,7 +184,6 @@ class Hub(Generic[C]):
         resource = self._resources.get(uri)
         if resource is None:
             resource = Resource(uri=uri, sub=f"s{len(self._resources) + 1}")
-            resource.link = self._links.get(uri)
             self._resources[uri] = resource
             self._by_sub[resource.sub] = resource
         return resource
@@ -354,25 +363,28 @@ class Hub(Generic[C]):
     # -- discovery and listing ---------------------------------------------------------------
 
     def set_links(self, origin: str, link_format: str) -> None:
-        """Record what `origin`'s /.well-known/core (link-format text) lists."""
-        for link in parse_link_format(link_format):
+        """Record what `origin`'s /.well-known/core (link-format text) lists, replacing what
+        it listed before. Raises ValueError for malformed link-format."""
+        links = parse_link_format(link_format)
+        found: dict[str, LinkInfo] = {}
+        for link in links:
             href = link.get("href")
             if not isinstance(href, str):
                 continue
-            target = href if "://" in href else origin + (href if href.startswith("/") else "/" + href)
             try:
-                uri = str(parse_coap_uri(target))
+                uri = str(parse_coap_uri(_resolve_href(origin, href)))
             except UriError:
                 continue
-            info = LinkInfo(
+            found.setdefault(uri, LinkInfo(
                 cf=_first_int(_attr_str(link.get("ct"))),
                 rt=_attr_str(link.get("rt")),
                 interface=_attr_str(link.get("if")),
                 observable=True if "obs" in link else None,
-            )
-            self._links[uri] = info
-            if uri in self._resources:
-                self._resources[uri].link = info
+            ))
+        for uri in self._links_by_origin.get(origin, ()):
+            self._links.pop(uri, None)
+        self._links_by_origin[origin] = tuple(found)
+        self._links.update(found)
 
     def list_entries(self, allowed: Callable[[str], bool]) -> list[dict[str, JSONValue]]:
         """One entry per known resource: configured, discovered, or subscribed to."""

@@ -449,7 +449,7 @@ class SimulatedSensors:
         self,
         path: str,
         count: int,
-        timeout: float = 5.0,  # noqa: ASYNC109
+        timeout: float = 5.0,
     ) -> None:
         """Wait until `path` has exactly `count` observations; TimeoutError after `timeout`."""
         res = self._observed(path)
