@@ -360,8 +360,8 @@ def test_unknown_key_without_a_close_match_lists_the_known_ones() -> None:
 
 
 def test_unknown_section() -> None:
-    error = error_for({"supervision": {"restart": True}})
-    assert error.key == "supervision"
+    error = error_for({"watchdog": {"restart": True}})
+    assert error.key == "watchdog"
     assert error.message.startswith("unknown section")
 
 
@@ -496,3 +496,24 @@ def test_override_with_a_bare_string_is_a_type_error(example: GatewayConfig) -> 
         apply_overrides(example, allow="coap://h/*")
     with pytest.raises(TypeError):
         apply_overrides(example, sensors="t=coap://h/t")
+
+
+def test_new_sections_and_optional_fields() -> None:
+    config = config_from_mapping({
+        "supervision": {"grace": 2, "backoff_min": 0.5},
+        "auth": {"tokens": [{"token": "s3cret", "scopes": ["read", "write"]}]},
+        "server": {"tls_cert": "c.pem", "tls_key": "k.pem", "allowed_origins": ["http://a"]},
+    })
+    assert config.supervision.grace == 2.0 and config.supervision.backoff_max == 60.0
+    assert config.auth.tokens[0].scopes == ("read", "write")
+    assert "s3cret" not in repr(config)
+    assert config.server.allowed_origins == ("http://a",)
+    assert error_for({"auth": {"tokens": [{"token": "t", "scopes": ["admin"]}]}}).key == (
+        "auth.tokens[0].scopes[0]"
+    )
+    assert error_for({"server": {"tls_cert": "c.pem"}}).key == "server.tls_key"
+    assert error_for({"supervision": {"backoff_min": 5, "backoff_max": 1}}).key == (
+        "supervision.backoff_max"
+    )
+    assert error_for({"auth": {"mode": "maybe"}}).key == "auth.mode"
+    assert error_for({"limits": {"rate": -1}}).key == "limits.rate"

@@ -16,6 +16,7 @@ import difflib
 import functools
 import math
 import tomllib
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
@@ -30,12 +31,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOG_LEVELS",
+    "AuthConfig",
     "ConfigError",
     "GatewayConfig",
     "LimitsConfig",
     "PolicyConfig",
     "SensorConfig",
     "ServerConfig",
+    "SupervisionConfig",
+    "TokenConfig",
     "apply_overrides",
     "config_from_mapping",
     "load_config",
@@ -112,9 +116,20 @@ class ServerConfig:
     linger: float = _setting(5.0, minimum=0)
     """Seconds an unwatched observation lingers before it is cancelled, so a client that
     reconnects quickly does not cost a new CoAP observe; 0 cancels at once."""
+    allowed_origins: tuple[str, ...] | None = _setting(None)
+    """Origins (``https://app.example``) whose browsers may open a WebSocket; a handshake
+    with another Origin gets HTTP 403. Unset: only the gateway's own origin. A handshake
+    without Origin (not from a browser) is always allowed."""
+    tls_cert: str | None = _setting(None)
+    """PEM certificate (chain) file: with ``tls_key``, serve ``wss://``."""
+    tls_key: str | None = _setting(None)
+    """PEM private key file for ``tls_cert``."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_key" if self.tls_key is None else "tls_cert",
+                              "tls_cert and tls_key go together")
 
 
 @dataclass(frozen=True)
@@ -126,7 +141,7 @@ class SensorConfig:
     uri: str = _required()
     """The resource's CoAP URI, stored normalized (see :mod:`translator.uris`)."""
     observe: bool = _setting(False)
-    """Whether to keep a CoAP observation on the resource rather than fetch it on demand."""
+    """Observe the resource from startup and keep observing it, even with no subscriber."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -168,6 +183,92 @@ class LimitsConfig:
     """Most CoAP requests one connection may have outstanding at once."""
     max_queue: int = _setting(1024, minimum=1)
     """Frames queued for a connection before it is closed as a slow consumer."""
+    max_lag: float = _setting(30.0, minimum=0)
+    """Seconds a connection may stay behind (frames queued, none written) before it is
+    closed as a slow consumer."""
+    max_pending_bytes: int = _setting(1_048_576, minimum=1)
+    """Bytes queued for a connection before it is closed as a slow consumer."""
+    ping_interval: float = _setting(20.0, minimum=0)
+    """Seconds between WebSocket keepalive pings; 0 disables them."""
+    ping_timeout: float = _setting(20.0, minimum=0)
+    """Seconds without a pong before a connection is considered dead; 0 waits forever."""
+    rate: float = _setting(50.0, minimum=0)
+    """`request` frames per second per connection (token bucket refill rate); 0 = no limit."""
+    burst: int = _setting(100, minimum=1)
+    """Token bucket size for ``rate``."""
+    max_connections: int = _setting(10_000, minimum=1)
+    """Open WebSocket connections in all; more get HTTP 503 at the handshake."""
+    max_connections_per_ip: int = _setting(256, minimum=1)
+    """Open WebSocket connections from one client address; more get HTTP 503."""
+    handshake_timeout: float = _setting(10.0, minimum=0)
+    """Seconds a client has to complete the WebSocket opening handshake."""
+    max_upstream_bytes: int = _setting(1_048_576, minimum=1)
+    """Largest representation taken from a sensor (all blocks together)."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class SupervisionConfig:
+    """``[supervision]``: how upstream observations are kept alive."""
+
+    grace: float | None = _setting(None, minimum=0)
+    """Seconds past Max-Age without a notification before an observation is stale and
+    re-registered. Unset: the smaller of 10 s and 10 % of Max-Age."""
+    backoff_min: float = _setting(1.0, minimum=0)
+    """First delay before re-registering a failed observation (doubles each failure)."""
+    backoff_max: float = _setting(60.0, minimum=0)
+    """Longest delay between re-registration attempts."""
+    poll_min: float = _setting(5.0, minimum=0)
+    """Shortest interval for polling a resource that does not support Observe."""
+    registration_timeout: float = _setting(10.0, minimum=0)
+    """Seconds a registration may stay unanswered before it counts as failed."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.backoff_max < self.backoff_min:
+            raise ConfigError("backoff_max", "must be at least backoff_min")
+
+
+AUTH_MODES: Final = ("auto", "none")
+SCOPES: Final = ("read", "write")
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """One ``[[auth.tokens]]`` entry: a bearer token and what it may do."""
+
+    token: str = _required(nonempty=True)
+    """The secret a client presents (``Authorization: Bearer …`` or ``?access_token=``)."""
+    name: str = _setting("token", nonempty=True)
+    """A label for logs (the token itself is never logged)."""
+    scopes: tuple[str, ...] = _setting(("read",))
+    """``read`` (subscribe, list, GET) and/or ``write`` (the other methods)."""
+    allow: tuple[str, ...] = _setting(())
+    """Patterns or sensor names narrowing what this token reaches; empty = the global policy."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        for index, scope in enumerate(self.scopes):
+            if scope not in SCOPES:
+                raise ConfigError(f"scopes[{index}]", f"must be one of {SCOPES}, got {scope!r}")
+
+    def __repr__(self) -> str:  # keep secrets out of tracebacks and logs
+        return f"TokenConfig(name={self.name!r}, scopes={self.scopes!r}, token=<hidden>)"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """``[auth]``: who may connect."""
+
+    mode: str = _setting("auto", choices=AUTH_MODES)
+    """``auto``: authentication is on when tokens exist; with none, only loopback serving is
+    allowed. ``none``: no authentication, on any address (say so deliberately)."""
+    token_file: str | None = _setting(None)
+    """File with one token per line, optionally followed by its scopes (default ``read``)."""
+    tokens: tuple[TokenConfig, ...] = _setting(())
+    """``[[auth.tokens]]`` entries."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -185,6 +286,10 @@ class GatewayConfig:
     """``[policy]``."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """``[limits]``."""
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    """``[supervision]``."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    """``[auth]``."""
     log_level: str = _setting("info", choices=LOG_LEVELS)
     """Logging threshold."""
 
@@ -325,6 +430,7 @@ def _build(cls: type[_D], data: object, key: str) -> _D:
 
 def _load_value(value: object, annotation: Any, key: str) -> object:
     """Turn TOML structure into dataclass structure; types are checked by the dataclass."""
+    annotation = _optional_of(annotation) or annotation
     if dataclasses.is_dataclass(annotation) and isinstance(value, Mapping):
         return _build(typing.cast("type[DataclassInstance]", annotation), value, key)
     if typing.get_origin(annotation) is tuple and isinstance(value, (list, tuple)):
@@ -349,6 +455,11 @@ def _check_fields(obj: "DataclassInstance") -> None:
 def _check_value(value: object, annotation: Any, rule: _Rule, key: str) -> object:
     def fail() -> ConfigError:
         return ConfigError(key, f"must be {_describe(annotation, rule)}, got {_show(value)}")
+
+    optional = _optional_of(annotation)
+    if optional is not None:
+        # TOML has no null: None only ever comes from a default ("not set").
+        return None if value is None else _check_value(value, optional, rule, key)
 
     if annotation is bool:
         if not isinstance(value, bool):
@@ -391,8 +502,20 @@ def _check_value(value: object, annotation: Any, rule: _Rule, key: str) -> objec
     raise TypeError(f"config field {key!r} has unsupported type {annotation!r}")
 
 
+def _optional_of(annotation: Any) -> Any:
+    """``X`` for an annotation ``X | None``, else None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
+            return args[0]
+    return None
+
+
 def _describe(annotation: Any, rule: _Rule) -> str:
     """What a valid value looks like, for error messages."""
+    optional = _optional_of(annotation)
+    if optional is not None:
+        return _describe(optional, rule)
     if annotation is bool:
         return "a boolean (true or false)"
     if annotation is int or annotation is float:

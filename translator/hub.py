@@ -57,6 +57,9 @@ class Deliver(Generic[C]):
 
     targets: tuple[C, ...]
     text: str
+    replaces: str | None = None
+    """For a `notify`: its `sub`. A connection that still has an unsent notify with the same
+    key may drop that one for this newer one (the slow-consumer policy); None: never drop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,12 +242,13 @@ class Hub(Generic[C]):
         subs[resource.sub] = resource
         resource.subscribers[conn] = None
         resource.linger_generation += 1  # a pending linger timer no longer applies
-        texts = [Subscribed(id=frame_id, sub=resource.sub, uri=uri).serialize()]
+        commands.append(
+            Deliver((conn,), Subscribed(id=frame_id, sub=resource.sub, uri=uri).serialize())
+        )
         if resource.last_notify is not None:
-            texts.append(resource.last_notify)
+            commands.append(Deliver((conn,), resource.last_notify, resource.sub))
         if resource.last_status is not None and resource.state != "online":
-            texts.append(resource.last_status)
-        commands.extend(Deliver((conn,), text) for text in texts)
+            commands.append(Deliver((conn,), resource.last_status))
         if not resource.observing:
             resource.observing = True
             commands.append(StartObservation(uri))
@@ -334,7 +338,7 @@ class Hub(Generic[C]):
         resource.last_notify, resource.last_body, resource.last_ts = text, body, ts
         commands = self._set_state(resource, "online", None, None)
         if resource.subscribers:
-            commands.append(Deliver(tuple(resource.subscribers), text))
+            commands.append(Deliver(tuple(resource.subscribers), text, resource.sub))
         return commands
 
     def upstream_status(
