@@ -770,3 +770,20 @@ def test_rediscovery_replaces_links_and_resolves_network_path_references() -> No
     assert {e["uri"] for e in hub.list_entries(lambda uri: True)} == {f"{origin}/b"}
     assert hub.advertised_cf(f"{origin}/b") == 50
     assert hub.advertised_cf(f"{origin}/a") is None
+
+
+def test_idle_resources_are_forgotten_beyond_the_bound() -> None:
+    hub: Hub[str] = Hub(linger=0, max_idle_resources=3, sensors={"named": "coap://h:5683/n"})
+    subs = []
+    for number in range(10):
+        uri = f"coap://h:5683/r{number}"
+        subs.append(hub.subscribe("c", uri)[0].text)
+        hub.unsubscribe("c", json.loads(subs[-1])["sub"])
+    hub.subscribe("c", "coap://h:5683/n")
+    hub.disconnect("c")
+    remembered = {e["uri"] for e in hub.list_entries(lambda uri: True)}
+    assert remembered == {"coap://h:5683/n", "coap://h:5683/r7", "coap://h:5683/r8",
+                          "coap://h:5683/r9"}
+    # A forgotten resource comes back with a new, never reused sub.
+    again = json.loads(hub.subscribe("d", "coap://h:5683/r0")[0].text)["sub"]
+    assert again not in {json.loads(text)["sub"] for text in subs}

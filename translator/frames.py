@@ -37,11 +37,8 @@ MAX_REQUEST_TIMEOUT: Final = 60.0
 DEFAULT_REQUEST_TIMEOUT: Final = 10.0
 DEFAULT_VALUE_CF: Final = 60
 
-# CoAP method names as the protocol spells them, keyed by their upper-case form so that
-# "get" or "ipatch" are accepted too.
-METHODS: Final[dict[str, str]] = {
-    m.upper(): m for m in ("GET", "POST", "PUT", "DELETE", "FETCH", "PATCH", "iPATCH")
-}
+# CoAP method names exactly as the protocol spells them (RFC 7252, RFC 8132).
+METHODS: Final = ("GET", "POST", "PUT", "DELETE", "FETCH", "PATCH", "iPATCH")
 
 
 class _Missing:
@@ -201,9 +198,9 @@ class _Fields:
         return value
 
     def optional_uint16(self, key: str) -> int | None:
-        value = self.obj.get(key)
-        if value is None:
+        if key not in self.obj:
             return None
+        value = self.obj[key]
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF:
             raise self.fail(f"'{key}' must be an integer in 0-65535")
         return value
@@ -226,10 +223,9 @@ def _parse_unsubscribe(f: _Fields) -> Unsubscribe:
 
 def _parse_request(f: _Fields) -> Request:
     method_text = f.required_str("method")
-    # ASCII only: str.upper() would also map "\u0131patch" or "po\u017ft" onto a method.
-    method = METHODS.get(method_text.upper()) if method_text.isascii() else None
-    if method is None:
-        raise f.fail(f"unknown method {method_text!r}; use one of {', '.join(METHODS.values())}")
+    if method_text not in METHODS:
+        raise f.fail(f"unknown method {method_text!r}; use one of {', '.join(METHODS)}")
+    method = method_text
     uri, name = f.target()
 
     value: JSONValue = f.obj.get("value", MISSING)

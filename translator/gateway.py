@@ -245,11 +245,13 @@ class Gateway:
         except UpstreamError as exc:
             reply = frames.ErrorFrame(frame.id, frames.UPSTREAM_ERROR, f"{uri}: {exc}")
         else:
-            cf = answer.cf
+            # An error response's payload is a diagnostic text (RFC 7252 §5.5.2), whatever
+            # the resource advertises for its representations.
+            advertised = self.hub.advertised_cf(uri) if answer.code.startswith("2.") else None
             body = decode_payload(
-                cf, answer.payload, ts=time.time(), advertised_cf=self.hub.advertised_cf(uri)
+                answer.cf, answer.payload, ts=time.time(), advertised_cf=advertised
             )
-            reply = frames.Response(frame.id, answer.code, cf, body)
+            reply = frames.Response(frame.id, answer.code, answer.cf, body)
         conn.send(reply.serialize())
 
     # -- discovery and list ------------------------------------------------------------------

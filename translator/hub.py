@@ -21,6 +21,7 @@ for every subscriber. Connections are opaque hashable objects to the hub.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -162,6 +163,7 @@ class Hub(Generic[C]):
         sensors: Mapping[str, str] | None = None,
         pinned: Iterable[str] = (),
         clock: Callable[[], float] | None = None,
+        max_idle_resources: int = 10_000,
     ) -> None:
         """`sensors` maps configured names to normalized URIs; `pinned` lists the URIs
         configured with `observe = true`."""
@@ -172,7 +174,12 @@ class Hub(Generic[C]):
         self.clock = clock or time.time
         self.sensor_uris: dict[str, str] = dict(sensors or {})
         self._resources: dict[str, Resource[C]] = {}
-        self._by_sub: dict[str, Resource[C]] = {}
+        self._sub_ids = itertools.count(1)
+        # Resources nobody watches, oldest first: kept so that `sub` and `seq` stay stable
+        # for a client that comes back, but only up to `max_idle_resources`, so that clients
+        # cycling through many URIs cannot grow the gateway's memory without bound.
+        self._idle: dict[str, None] = {}
+        self.max_idle_resources = max_idle_resources
         self._connections: dict[C, dict[str, Resource[C]]] = {}
         self._links: dict[str, LinkInfo] = {}
         self._links_by_origin: dict[str, tuple[str, ...]] = {}
@@ -186,9 +193,8 @@ class Hub(Generic[C]):
     def _resource(self, uri: str) -> Resource[C]:
         resource = self._resources.get(uri)
         if resource is None:
-            resource = Resource(uri=uri, sub=f"s{len(self._resources) + 1}")
+            resource = Resource(uri=uri, sub=f"s{next(self._sub_ids)}")
             self._resources[uri] = resource
-            self._by_sub[resource.sub] = resource
         return resource
 
     def resource(self, uri: str) -> Resource[C] | None:
@@ -238,6 +244,7 @@ class Hub(Generic[C]):
                 frame_id,
             )
         resource = self._resource(uri)
+        self._idle.pop(uri, None)
         commands: list[Command[C]] = []
         subs[resource.sub] = resource
         resource.subscribers[conn] = None
@@ -295,6 +302,11 @@ class Hub(Generic[C]):
 
     def _stop(self, resource: Resource[C]) -> list[Command[C]]:
         resource.observing = False
+        if resource.name is None:
+            self._idle[resource.uri] = None
+            while len(self._idle) > self.max_idle_resources:
+                oldest = next(iter(self._idle))
+                del self._idle[oldest], self._resources[oldest]
         # Nobody watches the resource any more: what we knew of the upstream state is moot.
         resource.state = resource.state_reason = resource.state_code = None
         resource.last_status = None
