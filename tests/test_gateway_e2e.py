@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import socket
+import struct
+import time
 from typing import Any
 
 import cbor2
@@ -334,35 +337,139 @@ async def test_http_paths(gateway: Gateway) -> None:
         assert status in line, line
 
 
-async def test_slow_consumer_is_closed_and_others_are_served(
+def stalled_socket(port: int) -> socket.socket:
+    """A TCP connection with a tiny receive buffer, for a client that stops reading."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+async def test_slow_consumer_is_closed_after_max_lag_and_others_are_served(
     sensors: SimulatedSensors, make_gateway: Any, make_client: Any
 ) -> None:
     config = gateway_config(sensors)
-    config["limits"] = {"max_queue": 8}
+    config["limits"] = {"max_lag": 1.0}
     gateway = await make_gateway(config)
-    # A client that stops reading: a tiny receive buffer, and it never calls recv().
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-    sock.connect(("127.0.0.1", gateway.ws.port))
-    stalled = await connect(gateway.url, sock=sock, compression=None, max_queue=1)
+    stalled = await connect(
+        gateway.url, sock=stalled_socket(gateway.ws.port), compression=None, max_queue=1
+    )
     blob = f"{sensors.base_uri}/blob"
     await stalled.send(json.dumps({"type": "subscribe", "id": 1, "uri": blob}))
     normal = await make_client(gateway.url)
     sub = (await normal.subscribe(uri=blob))["sub"]
     await sensors.wait_observers("/blob", 1)
 
-    # Bounded load: at most 5 000 updates of 1 KB, until the stalled client has been dropped.
-    for value in range(5_000):
+    # Bounded load (in count and time) of 1 KB updates until the stalled client is dropped:
+    # first its TCP buffers fill, then it stays behind for max_lag.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    for value in range(100_000):
         sensors.set_blob(value.to_bytes(4, "big") * 256)
         await normal.next_notify(sub)  # the normal client keeps up meanwhile
-        if gateway.ws.slow_consumers_closed:
+        if gateway.ws.slow_consumers_closed or loop.time() > deadline:
             break
     assert gateway.ws.slow_consumers_closed == 1
     (dropped,) = [c for c in gateway.ws.connections if c.closing]
+    # Coalescing kept the stalled client's outbox at one notify while it was behind.
+    assert dropped.outbox.replaced > 0
+    closed_at = loop.time()
     async with asyncio.timeout(WAIT):
         await dropped.finished.wait()
+    assert loop.time() - closed_at < 3  # close handshake bounded, then TCP dropped
     sent = dropped.ws.protocol.close_sent  # the client never read it, so check what was sent
     assert sent is not None and (sent.code, sent.reason) == (1008, "slow consumer")
     assert gateway.hub.connection_count == 1 and len(gateway.ws.connections) == 1
     assert (await normal.call({"type": "ping"}))["type"] == "pong"
     stalled.transport.abort()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_stalled_clients_never_delay_a_normal_one(
+    sensors: SimulatedSensors, make_gateway: Any, make_client: Any
+) -> None:
+    """8 clients that never read beside a normal one, 500 updates/s of 1 KB for 4 s."""
+    gateway = await make_gateway(gateway_config(sensors))
+    blob = f"{sensors.base_uri}/blob"
+    stalled = []
+    for number in range(8):
+        ws = await connect(
+            gateway.url, sock=stalled_socket(gateway.ws.port), compression=None, max_queue=1
+        )
+        await ws.send(json.dumps({"type": "subscribe", "id": number, "uri": blob}))
+        stalled.append(ws)
+    normal = await make_client(gateway.url)
+    sub = (await normal.subscribe(uri=blob))["sub"]
+    await sensors.wait_observers("/blob", 1)
+    first = await normal.next_notify(sub)
+    rss_before = rss_bytes()
+
+    latencies: list[float] = []
+    updates, rate = 2000, 500.0
+
+    async def receive() -> None:
+        while len(latencies) < updates:
+            frame = await normal.next_notify(sub)
+            payload = base64.b64decode(frame["payload_b64"])
+            latencies.append(time.time() - struct.unpack("!d", payload[:8])[0])
+
+    receiver = asyncio.create_task(receive(), name="normal client")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for number in range(updates):
+        # Pace the sensor at `rate` updates per second.
+        # (and always yield, so that the sensor sends each update rather than coalescing).
+        await asyncio.sleep(max(0.0, start + number / rate - loop.time()))
+        sensors.set_blob(struct.pack("!d", time.time()) + bytes(1016))
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(5):
+            await receiver
+    receiver.cancel()  # whatever did not arrive within 5 s counts as lost
+    received = len(latencies)
+    resource = gateway.hub.resource(blob)
+    assert resource is not None
+    accepted = resource.seq - first["seq"]  # updates that reached the gateway
+    assert accepted >= 0.99 * updates
+    assert received >= 0.99 * accepted, f"{received} of {accepted}"
+    latencies.sort()
+    p99 = latencies[int(0.99 * (len(latencies) - 1))]
+    assert p99 < 0.1, f"p99 latency {p99 * 1000:.1f} ms"
+    assert rss_bytes() - rss_before < 50 * 2**20
+    for ws in stalled:
+        ws.transport.abort()
+
+
+async def test_dead_peer_is_found_by_keepalive_and_cleaned_up(
+    sensors: SimulatedSensors, make_gateway: Any
+) -> None:
+    config = gateway_config(sensors)
+    config["limits"] = {"ping_interval": 0.2, "ping_timeout": 0.3}
+    gateway = await make_gateway(config)
+    # A peer that completes the handshake, subscribes, then never reads or answers pings.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.ws.port)
+    key = base64.b64encode(b"0123456789abcdef").decode()
+    writer.write(
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{gateway.ws.port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    async with asyncio.timeout(WAIT):
+        assert b"101" in await reader.readline()
+        await reader.readuntil(b"\r\n\r\n")
+    payload = json.dumps({"type": "subscribe", "id": 1, "name": "temperature"}).encode()
+    mask = b"\x00\x00\x00\x00"
+    writer.write(bytes([0x81, 0x80 | len(payload)]) + mask + payload)
+    await sensors.wait_observers("/temperature", 1)
+    (conn,) = gateway.ws.connections
+    async with asyncio.timeout(WAIT):
+        await conn.finished.wait()
+    assert gateway.hub.connection_count == 0
+    await sensors.wait_observers("/temperature", 0)
+    writer.close()

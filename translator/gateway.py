@@ -22,7 +22,7 @@ from .config import GatewayConfig, policy_for
 from .frames import FrameError, FrameId
 from .hub import Command, Deliver, Hub, StartLinger, StartObservation, StopObservation
 from .uris import CoapUri, UriError, parse_coap_uri
-from .ws_side import Connection, WebSocketServer
+from .ws_side import Connection, SendLimits, ServerSettings, WebSocketServer
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,22 @@ class Gateway:
             pinned=[s.uri for s in config.sensors if s.observe],
         )
         self.coap = CoapSide(self)
+        limits = config.limits
         self.ws = WebSocketServer(
             self,
-            host=config.server.host,
-            port=config.server.port,
-            max_frame_bytes=config.limits.max_frame_bytes,
-            max_queue=config.limits.max_queue,
+            ServerSettings(
+                host=config.server.host,
+                port=config.server.port,
+                max_frame_bytes=limits.max_frame_bytes,
+                send_limits=SendLimits(
+                    max_pending_bytes=limits.max_pending_bytes,
+                    max_frames=limits.max_queue,
+                    max_lag=limits.max_lag,
+                ),
+                ping_interval=limits.ping_interval or None,
+                ping_timeout=limits.ping_timeout or None,
+                handshake_timeout=limits.handshake_timeout or None,
+            ),
         )
         self._sessions: dict[Connection, Session] = {}
         self._lingers: dict[str, asyncio.TimerHandle] = {}
@@ -104,9 +114,9 @@ class Gateway:
     def _execute(self, commands: list[Command[Connection]]) -> None:
         for command in commands:
             if isinstance(command, Deliver):
-                text = command.text
+                text, replaces = command.text, command.replaces
                 for conn in command.targets:
-                    conn.send(text)
+                    conn.send(text, replaces)
             elif isinstance(command, StartObservation):
                 self._cancel_linger(command.uri)
                 self.coap.start_observation(command.uri)

@@ -14,13 +14,13 @@ grow the gateway's memory nor delay the others.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import http
 import itertools
 import logging
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from typing import Final, Protocol
 
@@ -29,12 +29,23 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from .outbox import Outbox
+
 log = logging.getLogger(__name__)
 
 WS_PATH: Final = "/ws"
 SLOW_CONSUMER: Final = (1008, "slow consumer")
 CLOSE_TIMEOUT: Final = 2.0
 """Seconds to wait for a closing handshake before the TCP connection is dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendLimits:
+    """The slow-consumer bounds of every connection (see `outbox.py`)."""
+
+    max_pending_bytes: int = 1_048_576
+    max_frames: int = 1024
+    max_lag: float = 30.0
 
 
 class MessageHandler(Protocol):
@@ -46,19 +57,23 @@ class MessageHandler(Protocol):
 
 
 class Connection:
-    """One WebSocket client: its bounded outgoing queue and the writer that drains it."""
+    """One WebSocket client: its outbox (bounded, see `outbox.py`) and the writer draining it."""
 
     _ids = itertools.count(1)
 
     def __init__(
-        self, ws: ServerConnection, max_queue: int, on_overflow: Callable[[], None]
+        self, ws: ServerConnection, limits: SendLimits, on_slow: Callable[[Connection], None]
     ) -> None:
         self.id = next(self._ids)
-        self._on_overflow = on_overflow
         self.ws = ws
-        self.max_queue = max_queue
         self.closing = False
-        self._queue: collections.deque[str] = collections.deque()
+        self.outbox = Outbox(
+            max_pending_bytes=limits.max_pending_bytes,
+            max_frames=limits.max_frames,
+            max_lag=limits.max_lag,
+        )
+        self._on_slow = on_slow
+        self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._closer: asyncio.Task[None] | None = None
         self.finished = asyncio.Event()
@@ -73,28 +88,31 @@ class Connection:
         address = self.ws.remote_address
         return f"{address[0]}:{address[1]}" if address else "?"
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
+    def send(self, text: str, replaces: str | None = None) -> None:
+        """Queue a text frame; never blocks.
 
-    def send(self, text: str) -> None:
-        """Queue a text frame; never blocks. Overflow closes the connection (slow consumer)."""
+        `replaces` (a subscription id) lets this frame replace an unsent one with the same
+        key. A client too slow for the outbox's bounds is closed as a slow consumer.
+        """
         if self.closing:
             return
-        if len(self._queue) >= self.max_queue:
-            log.warning("%r: outgoing queue full (%d frames), closing", self, self.max_queue)
-            self._on_overflow()
-            self.close(*SLOW_CONSUMER)
+        overflow = self.outbox.push(text, replaces, self._loop.time())
+        if overflow is not None:
+            self.drop_slow(overflow)
             return
-        self._queue.append(text)
         self._wakeup.set()
+
+    def drop_slow(self, why: str) -> None:
+        log.warning("%r: slow consumer (%s), closing", self, why)
+        self._on_slow(self)
+        self.close(*SLOW_CONSUMER)
 
     def close(self, code: int, reason: str) -> None:
         """Start closing the connection; queued frames are dropped."""
         if self.closing:
             return
         self.closing = True
-        self._queue.clear()
+        self.outbox.clear()
         self.writer.cancel()
         self._closer = asyncio.create_task(self._close(code, reason), name=f"ws close #{self.id}")
 
@@ -109,13 +127,16 @@ class Connection:
             self.ws.transport.abort()
 
     async def _write(self) -> None:
-        queue, wakeup, ws = self._queue, self._wakeup, self.ws
+        outbox, wakeup, ws = self.outbox, self._wakeup, self.ws
         try:
             while True:
-                while not queue:
+                text = outbox.pop()
+                if text is None:
                     wakeup.clear()
                     await wakeup.wait()
-                await ws.send(queue.popleft())
+                    continue
+                await ws.send(text)
+                outbox.written()
         except ConnectionClosed:
             pass
 
@@ -131,56 +152,72 @@ def _html_page() -> bytes:
     return resources.files("translator").joinpath("static/index.html").read_bytes()
 
 
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """How the WebSocket side listens and treats its clients."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_frame_bytes: int = 65536
+    send_limits: SendLimits = SendLimits()
+    ping_interval: float | None = 20.0
+    """Seconds between keepalive pings (None: no pings)."""
+    ping_timeout: float | None = 20.0
+    """Seconds to wait for a pong before the peer counts as dead (None: forever)."""
+    handshake_timeout: float | None = 10.0
+    ssl_context: ssl.SSLContext | None = None
+
+
 class WebSocketServer:
     """The websockets server and its connections."""
 
-    def __init__(
-        self,
-        handler: MessageHandler,
-        *,
-        host: str,
-        port: int,
-        max_frame_bytes: int = 65536,
-        max_queue: int = 1024,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
+    def __init__(self, handler: MessageHandler, settings: ServerSettings) -> None:
         self.handler = handler
-        self.host = host
-        self.port = port
-        self.max_frame_bytes = max_frame_bytes
-        self.max_queue = max_queue
-        self.ssl_context = ssl_context
+        self.settings = settings
+        self.port = settings.port
         self._server: Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.connections: set[Connection] = set()
         self.slow_consumers_closed = 0
-        """Connections closed because their outgoing queue overflowed."""
+        """Connections closed by the slow-consumer policy."""
 
     async def start(self) -> None:
+        settings = self.settings
         self._server = await serve(
             self._serve_connection,
-            self.host,
-            self.port,
+            settings.host,
+            settings.port,
             process_request=self._process_request,
-            max_size=self.max_frame_bytes,
+            max_size=settings.max_frame_bytes,
             # permessage-deflate costs more CPU per frame than it saves on loopback-sized
             # JSON, and halves fan-out throughput.
             compression=None,
             close_timeout=CLOSE_TIMEOUT,
-            ssl=self.ssl_context,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
+            open_timeout=settings.handshake_timeout,
+            ssl=settings.ssl_context,
             server_header="coap-ws-gateway",
         )
         sockets = list(self._server.sockets)
         if sockets:
             self.port = sockets[0].getsockname()[1]
+        self._sweeper = asyncio.create_task(self._sweep_laggards(), name="ws lag sweeper")
 
     @property
     def url(self) -> str:
-        scheme = "wss" if self.ssl_context else "ws"
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        scheme = "wss" if self.settings.ssl_context else "ws"
+        host = self.settings.host
+        host = f"[{host}]" if ":" in host else host
         return f"{scheme}://{host}:{self.port}{WS_PATH}"
 
     async def stop(self) -> None:
         """Close every connection with 1001 (going away) and stop listening."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         if self._server is None:
             return
         self._server.close(close_connections=True)
@@ -188,6 +225,20 @@ class WebSocketServer:
             async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                 await self._server.wait_closed()
         self._server = None
+
+    async def _sweep_laggards(self) -> None:
+        """Close connections that stayed behind for longer than max_lag.
+
+        A stalled client receives nothing more that could trip a bound on send(), so
+        lag is also checked here, once a second (or faster for a small max_lag).
+        """
+        loop = asyncio.get_running_loop()
+        period = min(1.0, max(self.settings.send_limits.max_lag / 4, 0.05))
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            for conn in [c for c in self.connections if c.outbox.lagging(now)]:
+                conn.drop_slow(f"behind for more than {conn.outbox.max_lag:g} s")
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
@@ -197,11 +248,11 @@ class WebSocketServer:
             return _http_response(http.HTTPStatus.OK, _html_page(), "text/html; charset=utf-8")
         return ws.respond(http.HTTPStatus.NOT_FOUND, f"no such path; WebSocket is at {WS_PATH}\n")
 
-    def _count_slow_consumer(self) -> None:
+    def _count_slow_consumer(self, conn: Connection) -> None:
         self.slow_consumers_closed += 1
 
     async def _serve_connection(self, ws: ServerConnection) -> None:
-        conn = Connection(ws, self.max_queue, self._count_slow_consumer)
+        conn = Connection(ws, self.settings.send_limits, self._count_slow_consumer)
         self.connections.add(conn)
         log.info("%r connected", conn)
         try:
@@ -227,8 +278,3 @@ def _http_response(status: http.HTTPStatus, body: bytes, content_type: str) -> R
         ]
     )
     return Response(status.value, status.phrase, headers, body)
-
-
-def broadcast_text(connections: Iterable[Connection], text: str) -> None:
-    for conn in connections:
-        conn.send(text)

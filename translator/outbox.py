@@ -1,0 +1,125 @@
+"""One connection's outgoing frames, and the slow-consumer policy that bounds them.
+
+The outbox is plain Python (no I/O, no event loop): the WebSocket side pushes frames into it
+and its writer pops them. The policy it enforces:
+
+    frame pushed                         what happens
+    -----------------------------------  ------------------------------------------------------
+    notify for a key with one unsent     the unsent one is dropped, the new one queued at the
+                                         end (clients see a jump in `seq`, never old-after-new)
+    any other frame                      queued; response, status and error are never dropped
+    pending bytes > max_pending_bytes    push returns OVERFLOW_BYTES: close as slow consumer
+    frames queued > max_frames           push returns OVERFLOW_FRAMES: close as slow consumer
+    behind for > max_lag seconds         lagging(now) is true: close as slow consumer
+
+A connection is *behind* from the moment its outbox stops being empty until it is empty
+again. Because at most one notify per subscription waits, a stalled client costs at most
+(one frame per subscription) plus the frames that are never dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Final
+
+OVERFLOW_BYTES: Final = "pending bytes over the limit"
+OVERFLOW_FRAMES: Final = "pending frames over the limit"
+
+
+class _Entry:
+    __slots__ = ("key", "text")
+
+    def __init__(self, text: str | None, key: str | None) -> None:
+        self.text = text
+        self.key = key
+
+
+class Outbox:
+    """A FIFO of text frames where a newer notify replaces an unsent older one of its key."""
+
+    __slots__ = (
+        "_latest",
+        "_queue",
+        "behind_since",
+        "frames",
+        "max_frames",
+        "max_lag",
+        "max_pending_bytes",
+        "pending_bytes",
+        "replaced",
+    )
+
+    def __init__(self, *, max_pending_bytes: int, max_frames: int, max_lag: float) -> None:
+        self.max_pending_bytes = max_pending_bytes
+        self.max_frames = max_frames
+        self.max_lag = max_lag
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._latest: dict[str, _Entry] = {}
+        self.pending_bytes = 0
+        self.frames = 0
+        """Frames waiting (replaced ones no longer count)."""
+        self.behind_since: float | None = None
+        self.replaced = 0
+        """Notifications dropped because a newer one of the same key replaced them."""
+
+    def __len__(self) -> int:
+        return self.frames
+
+    def push(self, text: str, key: str | None, now: float) -> str | None:
+        """Queue a frame; returns None, or the overflow reason when the client is too slow.
+
+        `key` marks a droppable notify (its subscription); None is never dropped.
+        """
+        if key is not None:
+            older = self._latest.get(key)
+            if older is not None and older.text is not None:
+                self.pending_bytes -= len(older.text)
+                self.frames -= 1
+                self.replaced += 1
+                older.text = None  # left in place; pop() skips it
+        entry = _Entry(text, key)
+        self._queue.append(entry)
+        if key is not None:
+            self._latest[key] = entry
+        if self.behind_since is None:
+            self.behind_since = now
+        self.pending_bytes += len(text)
+        self.frames += 1
+        if self.pending_bytes > self.max_pending_bytes:
+            return OVERFLOW_BYTES
+        if self.frames > self.max_frames:
+            return OVERFLOW_FRAMES
+        return None
+
+    def pop(self) -> str | None:
+        """The next frame to write, or None when nothing waits."""
+        queue = self._queue
+        while queue:
+            entry = queue.popleft()
+            text = entry.text
+            if text is None:
+                continue
+            key = entry.key
+            if key is not None and self._latest.get(key) is entry:
+                del self._latest[key]
+            self.pending_bytes -= len(text)
+            self.frames -= 1
+            return text
+        return None
+
+    def written(self) -> None:
+        """The writer finished writing what it popped: not behind once nothing waits."""
+        if not self.frames:
+            self.behind_since = None
+            # Only replaced (dead) entries can be left; drop them with their index.
+            self._queue.clear()
+            self._latest.clear()
+
+    def lagging(self, now: float) -> bool:
+        return self.behind_since is not None and now - self.behind_since > self.max_lag
+
+    def clear(self) -> None:
+        self._queue.clear()
+        self._latest.clear()
+        self.pending_bytes = self.frames = 0
+        self.behind_since = None
