@@ -1,13 +1,20 @@
 """Tests for translator.policy: allow patterns and the destination allow decision."""
 
 import dataclasses
+import ipaddress
 import time
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from translator.policy import PatternError, Policy, compile_pattern
+from translator.policy import (
+    PatternError,
+    Policy,
+    compile_pattern,
+    pattern_literal_host,
+    special_address_kind,
+)
 from translator.uris import UriError, parse_coap_uri
 
 
@@ -355,3 +362,281 @@ def test_policy_is_a_frozen_hashable_value() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         one.allow = ()  # type: ignore[misc]
     assert "_patterns" not in repr(one)
+
+
+# --- special destinations: multicast, broadcast, unspecified (issue 4 §3) ---------------------
+
+SPECIAL_URIS = [
+    ("coap://224.0.1.187/x", "multicast"),
+    ("coap://239.255.255.250:5683/x", "multicast"),
+    ("coap://[ff02::fd]/x", "multicast"),
+    ("coap://[ff05::fd]:5683/x", "multicast"),
+    ("coap://255.255.255.255/x", "broadcast"),
+    ("coap://0.0.0.0/x", "unspecified"),
+    ("coap://[::]/x", "unspecified"),
+    ("coap://[::ffff:224.0.1.187]/x", "multicast"),
+    ("coap://[::ffff:255.255.255.255]/x", "broadcast"),
+    ("coap://[::ffff:0.0.0.0]/x", "unspecified"),
+    ("coap://[64:ff9b::e000:1bb]/x", "multicast"),
+]
+
+
+@pytest.mark.parametrize(("uri", "kind"), SPECIAL_URIS)
+@pytest.mark.parametrize("pattern", ["*", "coap://*", "coap://*:5683/*", "coap*://*/*"])
+def test_wildcard_host_patterns_never_allow_special_destinations(
+    pattern: str, uri: str, kind: str
+) -> None:
+    policy = Policy(allow=(pattern,))
+    assert matches(pattern, uri)
+    assert not policy.allows(uri)
+    decision = policy.decide(uri)
+    assert not decision.allowed
+    assert not decision.needs_resolution
+    assert kind.split()[0] in decision.reason
+
+
+@pytest.mark.parametrize(("uri", "kind"), SPECIAL_URIS)
+def test_a_pattern_naming_the_literal_host_allows_a_special_destination(
+    uri: str, kind: str
+) -> None:
+    target = parse_coap_uri(uri)
+    pattern = f"{target.origin}/*"
+    policy = Policy(allow=(pattern,))
+    assert policy.allows(uri), pattern
+    assert policy.decide(uri) == policy.decide(target)
+    assert policy.decide(uri).reason == ""
+
+
+@pytest.mark.parametrize("uri", ["coap://[ff02::fd]/x", "coap://[::]/x", "coap://[::ffff:e000:1]/"])
+def test_a_wildcard_inside_brackets_is_a_wildcard_host(uri: str) -> None:
+    assert matches("coap://[*]:5683/*", uri)
+    assert not Policy(allow=("coap://[*]:5683/*",)).allows(uri)
+    assert Policy(allow=("coap://[*]:5683/*",)).allows("coap://[2001:db8::1]/x")
+
+
+def test_ipv6_multicast_group_pattern_allows_exactly_that_group() -> None:
+    policy = Policy(allow=("coap://[ff02::fd]:5683/*",))
+    assert policy.allows("coap://[ff02::fd]/.well-known/core")
+    assert policy.allows("coap://[FF02:0:0::FD]:5683/x")  # another spelling, same group
+    assert not policy.allows("coap://[ff02::fe]:5683/x")  # another group
+    assert not policy.allows("coap://[ff02::fd]:5684/x")  # another port
+    # The brackets are literal, not a character class.
+    assert not policy.allows("coap://f/x")
+    assert not policy.allows("coap://[::f]/x")
+
+
+def test_wildcard_in_the_port_keeps_the_host_literal() -> None:
+    policy = Policy(allow=("coap://[ff02::fd]:*/*",))
+    assert policy.allows("coap://[ff02::fd]:5683/x")
+    assert policy.allows("coap://[ff02::fd]:61616/x")
+    assert not policy.allows("coap://[ff02::fe]:5683/x")
+
+
+def test_wildcard_in_the_ipv4_host_refuses_the_multicast_it_matches() -> None:
+    policy = Policy(allow=("coap://224.0.1.*/*", "coap://10.0.0.*/*"))
+    assert not policy.allows("coap://224.0.1.187/x")
+    assert policy.allows("coap://10.0.0.7/x")
+
+
+def test_a_wildcard_in_the_scheme_can_stand_for_another_host() -> None:
+    # The "*" of the scheme runs on past "://224.0.0.2:5683/?coaps", so this pattern that
+    # seems to name 224.0.0.1 also matches a URI for the group 224.0.0.2.
+    pattern = "coap*://224.0.0.1:5683/*"
+    uri = "coap://224.0.0.2:5683/?coaps://224.0.0.1:5683/"
+    assert matches(pattern, uri)
+    assert not Policy(allow=(pattern,)).allows(uri)
+    assert not Policy(allow=(pattern,)).allows("coap://224.0.0.1:5683/x")
+
+
+def test_one_literal_pattern_among_wildcard_ones_is_enough() -> None:
+    policy = Policy(allow=("*", "coap://224.0.1.187:5683/*", "coap://*"))
+    assert policy.allows("coap://224.0.1.187/x")
+    assert not policy.allows("coap://224.0.1.188/x")
+    assert policy.allows("coap://unicast.example/x")
+
+
+def test_a_configured_sensor_names_its_host_literally() -> None:
+    policy = Policy(sensor_uris=frozenset({"coap://[ff02::fd]/all", "coap://255.255.255.255/b"}))
+    assert policy.allows("coap://[ff02::fd]:5683/all")
+    assert policy.allows("coap://255.255.255.255/b")
+    assert not policy.allows("coap://[ff02::fd]/other")
+
+
+def test_a_literal_host_name_pattern_does_not_allow_a_special_ip_literal() -> None:
+    # "coap://group.lan/*" names a host name, not 224.0.1.187.
+    policy = Policy(allow=("coap://group.lan/*", "coap://*:5683/*"))
+    assert not policy.allows("coap://224.0.1.187/x")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "coap://255.255.255.254/x",
+        "coap://223.255.255.255/x",
+        "coap://240.0.0.1/x",
+        "coap://0.0.0.1/x",
+        "coap://[::1]/x",
+        "coap://[fe80::1]/x",
+        "coap://[::ffff:10.0.0.1]/x",
+        "coap://192.168.1.255/x",  # subnet-directed broadcast: out of scope (needs netmasks)
+    ],
+)
+def test_ordinary_addresses_are_not_special(uri: str) -> None:
+    assert Policy(allow=("*",)).allows(uri)
+
+
+def test_decision_for_names_and_ip_literals() -> None:
+    policy = Policy(allow=("coap://*:5683/*",))
+    by_name = policy.decide("coap://Sensor.LAN/x")
+    assert by_name.allowed and by_name.needs_resolution
+    assert str(by_name.uri) == "coap://sensor.lan:5683/x"
+    assert by_name.reason == ""
+    by_ip = policy.decide("coap://10.0.0.1/x")
+    assert by_ip.allowed and not by_ip.needs_resolution
+    refused = policy.decide("coap://10.0.0.1:1/x")
+    assert not refused.allowed and not refused.needs_resolution
+    assert refused.reason == "coap://10.0.0.1:1/x is not allowed by the gateway's policy"
+    multicast = policy.decide("coap://224.0.1.187/x")
+    assert multicast.reason.startswith("coap://224.0.1.187:5683/x is a multicast destination")
+    assert "broadcast address" in policy.decide("coap://255.255.255.255/x").reason
+    assert "an unspecified address" in policy.decide("coap://[::]/x").reason
+
+
+def test_decide_propagates_uri_errors() -> None:
+    with pytest.raises(UriError):
+        Policy(allow=("*",)).decide("http://h/x")
+
+
+def test_allows_keeps_its_answer_for_ordinary_destinations() -> None:
+    policy = Policy(allow=("coap://*:5683/*",), sensor_uris=frozenset({"coap://s/t"}))
+    for uri in ["coap://h/x", "coap://10.0.0.1/x", "coap://[2001:db8::1]/x", "coap://s/t"]:
+        assert policy.allows(uri) is policy.decide(uri).allowed is True
+    assert not policy.allows("coap://h:1/x")
+
+
+# --- resolved addresses ----------------------------------------------------------------------
+
+
+def test_a_name_resolving_to_unicast_addresses_is_allowed() -> None:
+    policy = Policy(allow=("coap://*.lan:5683/*",))
+    assert policy.allows_addresses("coap://s.lan/x", ["10.0.0.7"])
+    assert policy.allows_addresses("coap://s.lan/x", [ipaddress.ip_address("2001:db8::7")])
+    assert policy.allows_addresses("coap://s.lan/x", ["fe80::7%lo", "10.0.0.7"])
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "224.0.0.1",
+        "ff02::1",
+        "ff02::1%lo",
+        "255.255.255.255",
+        "0.0.0.0",
+        "::",
+        "::ffff:224.0.0.1",
+        "::ffff:255.255.255.255",
+        "::ffff:0.0.0.0",
+        "64:ff9b::ffff:ffff",
+    ],
+)
+def test_a_name_resolving_to_a_special_address_is_refused(address: str) -> None:
+    # Even a pattern naming the host exactly: it names the host name, not the address.
+    policy = Policy(allow=("coap://group.lan:5683/*", "coap://*"))
+    assert policy.decide("coap://group.lan/x").allowed
+    assert not policy.allows_addresses("coap://group.lan/x", [address])
+    assert not policy.allows_addresses("coap://group.lan/x", ["10.0.0.1", address])
+    assert not policy.allows_addresses("coap://other.lan/x", [ipaddress.ip_address(
+        address.partition("%")[0])])
+
+
+def test_allows_addresses_for_an_ip_literal() -> None:
+    policy = Policy(allow=("coap://[ff02::fd]:5683/*", "coap://*:5683/*"))
+    assert policy.allows_addresses("coap://[ff02::fd]/x", ["ff02::fd"])
+    assert policy.allows_addresses("coap://[ff02::fd]/x", ["ff02::fd%eth0"])
+    assert not policy.allows_addresses("coap://[ff02::fd]/x", ["ff02::fe"])
+    assert policy.allows_addresses("coap://10.0.0.1/x", ["10.0.0.1", "::ffff:10.0.0.1"])
+    literal_v4 = Policy(allow=("coap://224.0.1.187/*",))
+    assert literal_v4.allows_addresses("coap://224.0.1.187/x", ["::ffff:224.0.1.187"])
+
+
+def test_allows_addresses_fails_closed() -> None:
+    policy = Policy(allow=("coap://*:5683/*",))
+    assert not policy.allows_addresses("coap://h/x", [])
+    assert not policy.allows_addresses("coap://h/x", iter([]))
+    assert not policy.allows_addresses("coap://h/x", ["not an address"])
+    assert not policy.allows_addresses("coap://h/x", ["10.0.0.1", "h"])
+    # A URI the policy refuses stays refused whatever it resolves to.
+    assert not policy.allows_addresses("coap://h:1/x", ["10.0.0.1"])
+    with pytest.raises(UriError):
+        policy.allows_addresses("coap://h/x#f", ["10.0.0.1"])
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("224.0.0.0", "multicast"),
+        ("239.255.255.255", "multicast"),
+        ("ff00::", "multicast"),
+        ("ff0e::1%2", "multicast"),
+        ("255.255.255.255", "broadcast"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("::ffff:239.1.2.3", "multicast"),
+        ("64:ff9b::e000:1", "multicast"),
+        ("64:ff9b::ffff:ffff", "broadcast"),
+        ("223.255.255.255", None),
+        ("240.0.0.0", None),
+        ("127.0.0.1", None),
+        ("::1", None),
+        ("fe80::1", None),
+        ("64:ff9b::a00:1", None),
+        ("localhost", None),
+        ("", None),
+    ],
+)
+def test_special_address_kind(address: str, kind: str | None) -> None:
+    assert special_address_kind(address) == kind
+    if address and kind is not None:
+        assert special_address_kind(ipaddress.ip_address(address)) == kind
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1))
+def test_every_ipv4_literal_is_allowed_by_star_exactly_when_not_special(number: int) -> None:
+    address = ipaddress.IPv4Address(number)
+    uri = f"coap://{address}/x"
+    assert Policy(allow=("*",)).allows(uri) is (special_address_kind(address) is None)
+    assert Policy(allow=(f"coap://{address}/*",)).allows(uri)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "host"),
+    [
+        ("coap://[ff02::fd]:5683/*", "ff02::fd"),
+        ("coap://[FF02:0::FD]/*", "ff02::fd"),
+        ("coap://[ff02::fd]:*/*", "ff02::fd"),
+        ("coap://[ff02::fd]*", "ff02::fd"),
+        ("coap://224.0.1.187/*", "224.0.1.187"),
+        ("coap://224.0.1.187:*", "224.0.1.187"),
+        ("coaps://Group.LAN/*", "group.lan"),
+        ("COAP://h", "h"),
+        ("coap://h/x*", "h"),
+        ("*", None),
+        ("coap://*", None),
+        ("coap://*:5683/*", None),
+        ("coap://224.0.1.*/*", None),
+        ("coap://224.0.1.18?/*", None),
+        ("coap://224.0.1.187*", None),
+        ("coap*://224.0.1.187/*", None),
+        ("coa?://224.0.1.187/*", None),
+        ("coap://[ff02::*]:5683/*", None),
+    ],
+)
+def test_pattern_literal_host(pattern: str, host: str | None) -> None:
+    assert pattern_literal_host(pattern) == host
+
+
+def test_pattern_literal_host_rejects_bad_patterns() -> None:
+    with pytest.raises(PatternError):
+        pattern_literal_host("")
+    with pytest.raises(PatternError):
+        pattern_literal_host("http://h/*")
