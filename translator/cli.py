@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--linger", type=float, metavar="SECONDS",
                        help="keep an unwatched observation this long (default 5)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve wss://")
+    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="run without authentication even off loopback ([auth] mode = none)")
 
     demo = commands.add_parser("demo", help="run simulated sensors and a gateway for them")
     demo.add_argument("--host", default="127.0.0.1", help="address for both (default 127.0.0.1)")
@@ -139,6 +143,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allow=args.allow,
         linger=args.linger,
         log_level=args.log_level,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        no_auth=args.no_auth,
     )
     _setup_logging(config.log_level)
     return _serve(config, announce=lambda url: _ready(f"listening on {url}"))

@@ -338,6 +338,9 @@ def apply_overrides(
     allow: Sequence[str] = (),
     linger: float | None = None,
     log_level: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    no_auth: bool = False,
 ) -> GatewayConfig:
     """Apply command-line flags on top of a configuration.
 
@@ -355,6 +358,13 @@ def apply_overrides(
         server = _replace(server, "--port", port=port)
     if linger is not None:
         server = _replace(server, "--linger", linger=linger)
+    if tls_cert is not None or tls_key is not None:
+        server = _replace(
+            server,
+            "--tls-cert" if tls_cert is not None else "--tls-key",
+            tls_cert=tls_cert if tls_cert is not None else server.tls_cert,
+            tls_key=tls_key if tls_key is not None else server.tls_key,
+        )
 
     sensor_list = list(config.sensors)
     for spec in sensors:
@@ -370,6 +380,8 @@ def apply_overrides(
         policy = _replace(policy, "--allow", allow=policy.allow + tuple(allow))
 
     config = dataclasses.replace(config, server=server, sensors=tuple(sensor_list), policy=policy)
+    if no_auth:
+        config = dataclasses.replace(config, auth=dataclasses.replace(config.auth, mode="none"))
     if log_level is not None:
         config = _replace(config, "--log-level", log_level=log_level)
     return config

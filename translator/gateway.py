@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Final
@@ -18,7 +20,7 @@ from typing import Final
 from . import frames
 from .coap_side import CoapAnswer, CoapSide, UpstreamError
 from .codecs import UnsupportedValue, decode_payload, encode_value
-from .config import GatewayConfig, policy_for
+from .config import ConfigError, GatewayConfig, policy_for
 from .frames import FrameError, FrameId
 from .hub import Command, Deliver, Hub, StartLinger, StartObservation, StopObservation
 from .uris import CoapUri, UriError, parse_coap_uri
@@ -28,6 +30,22 @@ log = logging.getLogger(__name__)
 
 DISCOVERY_REFRESH: Final = 60.0
 """A `list` reads the sensors' /.well-known/core again at most this often (seconds)."""
+
+
+def _tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    """The server TLS context for `wss://`, or None; unusable files are a ConfigError."""
+    server = config.server
+    if server.tls_cert is None or server.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    for key, path in (("server.tls_cert", server.tls_cert), ("server.tls_key", server.tls_key)):
+        if not os.access(path, os.R_OK):
+            raise ConfigError(key, f"cannot read {path!r}")
+    try:
+        context.load_cert_chain(server.tls_cert, server.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("server.tls_cert", f"unusable certificate or key: {exc}") from None
+    return context
 
 
 @dataclass(eq=False)
@@ -66,6 +84,8 @@ class Gateway:
                 ping_interval=limits.ping_interval or None,
                 ping_timeout=limits.ping_timeout or None,
                 handshake_timeout=limits.handshake_timeout or None,
+                ssl_context=_tls_context(config),
+                allowed_origins=config.server.allowed_origins,
             ),
         )
         self._sessions: dict[Connection, Session] = {}

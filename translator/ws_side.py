@@ -19,6 +19,7 @@ import http
 import itertools
 import logging
 import ssl
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -78,6 +79,8 @@ class Connection:
         self._closer: asyncio.Task[None] | None = None
         self.finished = asyncio.Event()
         """Set once the connection is gone and the gateway has forgotten it."""
+        self.grant: object = None
+        """What the gatekeeper granted at the handshake (for the gateway: who this is)."""
         self.writer = asyncio.create_task(self._write(), name=f"ws writer #{self.id}")
 
     def __repr__(self) -> str:
@@ -85,8 +88,7 @@ class Connection:
 
     @property
     def remote(self) -> str:
-        address = self.ws.remote_address
-        return f"{address[0]}:{address[1]}" if address else "?"
+        return _peer(self.ws)
 
     def send(self, text: str, replaces: str | None = None) -> None:
         """Queue a text frame; never blocks.
@@ -166,18 +168,45 @@ class ServerSettings:
     """Seconds to wait for a pong before the peer counts as dead (None: forever)."""
     handshake_timeout: float | None = 10.0
     ssl_context: ssl.SSLContext | None = None
+    allowed_origins: tuple[str, ...] | None = None
+    """Origins allowed to open a WebSocket; None: only the gateway's own origin."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An HTTP answer instead of the WebSocket upgrade."""
+
+    status: http.HTTPStatus
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class Gatekeeper(Protocol):
+    def admit(self, path: str, headers: Headers, remote_ip: str) -> Refusal | object:
+        """Decide on a WebSocket handshake: a Refusal, or what the connection is granted
+        (kept as `Connection.grant`, opaque to this module)."""
 
 
 class WebSocketServer:
     """The websockets server and its connections."""
 
-    def __init__(self, handler: MessageHandler, settings: ServerSettings) -> None:
+    def __init__(
+        self,
+        handler: MessageHandler,
+        settings: ServerSettings,
+        gatekeeper: Gatekeeper | None = None,
+    ) -> None:
         self.handler = handler
         self.settings = settings
+        self.gatekeeper = gatekeeper
         self.port = settings.port
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.connections: set[Connection] = set()
+        # What the gatekeeper granted a handshake, until its connection handler starts.
+        self._grants: weakref.WeakKeyDictionary[ServerConnection, object] = (
+            weakref.WeakKeyDictionary()
+        )
         self.slow_consumers_closed = 0
         """Connections closed by the slow-consumer policy."""
 
@@ -243,16 +272,47 @@ class WebSocketServer:
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
         if path == WS_PATH:
-            return None
+            refusal = self._check_origin(request.headers)
+            if refusal is None and self.gatekeeper is not None:
+                address = ws.remote_address
+                verdict = self.gatekeeper.admit(
+                    request.path, request.headers, str(address[0]) if address else ""
+                )
+                if isinstance(verdict, Refusal):
+                    refusal = verdict
+                else:
+                    self._grants[ws] = verdict
+            if refusal is None:
+                return None
+            log.info("handshake from %s refused: %d %s", _peer(ws), refusal.status,
+                     refusal.message)
+            response = ws.respond(refusal.status, refusal.message + "\n")
+            for name, value in refusal.headers:
+                response.headers[name] = value
+            return response
         if path in ("/", "/index.html"):
             return _http_response(http.HTTPStatus.OK, _html_page(), "text/html; charset=utf-8")
         return ws.respond(http.HTTPStatus.NOT_FOUND, f"no such path; WebSocket is at {WS_PATH}\n")
+
+    def _check_origin(self, headers: Headers) -> Refusal | None:
+        """Browsers say where a page came from; refuse pages from other sites (CSWSH)."""
+        origin = headers.get("Origin")
+        if origin is None:
+            return None  # not a browser: nothing to protect against
+        allowed = self.settings.allowed_origins
+        if allowed is None:
+            host = headers.get("Host", "")
+            allowed = (f"http://{host}", f"https://{host}")
+        if origin.lower().rstrip("/") in {o.lower().rstrip("/") for o in allowed}:
+            return None
+        return Refusal(http.HTTPStatus.FORBIDDEN, f"origin {origin!r} is not allowed")
 
     def _count_slow_consumer(self, conn: Connection) -> None:
         self.slow_consumers_closed += 1
 
     async def _serve_connection(self, ws: ServerConnection) -> None:
         conn = Connection(ws, self.settings.send_limits, self._count_slow_consumer)
+        conn.grant = self._grants.pop(ws, None)
         self.connections.add(conn)
         log.info("%r connected", conn)
         try:
@@ -267,6 +327,11 @@ class WebSocketServer:
             await conn.finish()
             conn.finished.set()
             log.info("%r disconnected (%s)", conn, ws.close_code)
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return f"{address[0]}:{address[1]}" if address else "?"
 
 
 def _http_response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
