@@ -19,6 +19,7 @@ import http
 import itertools
 import logging
 import ssl
+import struct
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import OPEN
 
 from .outbox import Outbox
 
@@ -76,6 +78,8 @@ class Connection:
         self._on_slow = on_slow
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
+        self._transport = ws.transport
+        self._writing = False
         self._closer: asyncio.Task[None] | None = None
         self.finished = asyncio.Event()
         """Set once the connection is gone and the gateway has forgotten it."""
@@ -90,13 +94,19 @@ class Connection:
     def remote(self) -> str:
         return _peer(self.ws)
 
-    def send(self, text: str, replaces: str | None = None) -> None:
-        """Queue a text frame; never blocks.
+    def send(self, text: str, replaces: str | None = None, frame: bytes | None = None) -> None:
+        """Send a text frame now if the socket takes it, else queue it; never blocks.
 
-        `replaces` (a subscription id) lets this frame replace an unsent one with the same
-        key. A client too slow for the outbox's bounds is closed as a slow consumer.
+        `frame` is `text` already framed by `text_frame()`, shared by every recipient of a
+        fan-out. `replaces` (a subscription id) lets this frame replace an unsent one with
+        the same key. A client too slow for the outbox's bounds is closed (slow consumer).
         """
         if self.closing:
+            return
+        if not self.outbox.frames and not self._writing and self._writable():
+            # The hot path: nothing waits before this frame and the transport is below its
+            # high-water mark, so write the shared bytes straight away, with no task switch.
+            self._transport.write(frame if frame is not None else text_frame(text))
             return
         overflow = self.outbox.push(text, replaces, self._loop.time())
         if overflow is not None:
@@ -128,6 +138,21 @@ class Connection:
             log.info("%r: no closing handshake within %g s, dropping TCP", self, CLOSE_TIMEOUT)
             self.ws.transport.abort()
 
+    def _writable(self) -> bool:
+        """Whether a frame may go to the transport now without websockets' send().
+
+        Server frames are not masked, so a frame's bytes are the same for every client; this
+        is safe while the connection is OPEN, no fragmented message is being sent, and the
+        transport has room (above its high-water mark, the writer applies backpressure).
+        """
+        ws, transport = self.ws, self._transport
+        return (
+            ws.protocol.state is OPEN
+            and ws.send_in_progress is None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() < ws.write_limit_high
+        )
+
     async def _write(self) -> None:
         outbox, wakeup, ws = self.outbox, self._wakeup, self.ws
         try:
@@ -137,7 +162,11 @@ class Connection:
                     wakeup.clear()
                     await wakeup.wait()
                     continue
-                await ws.send(text)
+                self._writing = True
+                try:
+                    await ws.send(text)  # waits while the transport is over its high-water mark
+                finally:
+                    self._writing = False
                 outbox.written()
         except ConnectionClosed:
             pass
@@ -327,6 +356,19 @@ class WebSocketServer:
             await conn.finish()
             conn.finished.set()
             log.info("%r disconnected (%s)", conn, ws.close_code)
+
+
+def text_frame(text: str) -> bytes:
+    """A complete, unmasked, unfragmented WebSocket text frame (RFC 6455 §5.2) for `text`."""
+    payload = text.encode()
+    length = len(payload)
+    if length < 126:
+        header = bytes((0x81, length))
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, length)
+    return header + payload
 
 
 def _peer(ws: ServerConnection) -> str:
