@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
@@ -93,3 +95,192 @@ def test_tls_flags_errors_are_exit_2(
     missing = str(tmp_path / "missing.pem")
     assert main(["serve", "--port", "0", "--tls-cert", missing, "--tls-key", missing]) == 2
     assert "missing.pem" in capsys.readouterr().err
+
+
+# -- authentication and authorization ---------------------------------------------------------
+
+SECRET = "s3cret-token-value"
+READER = "reader-token-value"
+NARROW = "narrow-token-value"
+
+
+def auth_config(sensors: SimulatedSensors, **limits: Any) -> dict[str, Any]:
+    config = gateway_config(sensors)
+    config["auth"] = {
+        "tokens": [
+            {"token": SECRET, "name": "admin", "scopes": ["read", "write"]},
+            {"token": READER, "name": "reader", "scopes": ["read"]},
+            {"token": NARROW, "name": "led-only", "scopes": ["read", "write"],
+             "allow": ["led"]},
+        ]
+    }
+    if limits:
+        config["limits"] = limits
+    return config
+
+
+async def open_client(url: str, token: str | None = None, query: bool = False) -> Client:
+    headers = {}
+    if token is not None and not query:
+        headers["Authorization"] = f"Bearer {token}"
+    if token is not None and query:
+        url = f"{url}?access_token={token}"
+    ws = await connect(url, additional_headers=headers, open_timeout=WAIT)
+    return Client(ws)
+
+
+async def test_missing_or_wrong_token_gets_401(
+    sensors: SimulatedSensors, make_gateway: Any
+) -> None:
+    gateway = await make_gateway(auth_config(sensors))
+    for token in (None, "wrong", SECRET + "x"):
+        with pytest.raises(InvalidStatus) as refused:
+            await open_client(gateway.url, token)
+        assert refused.value.response.status_code == 401
+        assert refused.value.response.headers["WWW-Authenticate"].startswith("Bearer")
+    for query in (False, True):
+        client = await open_client(gateway.url, SECRET, query=query)
+        assert (await client.call({"type": "ping"}))["type"] == "pong"
+        await client.close()
+
+
+async def test_scopes_and_per_token_allow(sensors: SimulatedSensors, make_gateway: Any) -> None:
+    gateway = await make_gateway(auth_config(sensors))
+    reader = await open_client(gateway.url, READER)
+    await reader.subscribe(name="temperature")
+    assert (await reader.call({"type": "request", "method": "GET", "name": "led"}))["code"]
+    put = {"type": "request", "method": "PUT", "name": "led", "value": {"on": True}}
+    denied = await reader.call(put)
+    assert denied["type"] == "error" and denied["error"] == "forbidden"
+    assert sensors.led_on is False
+
+    narrow = await open_client(gateway.url, NARROW)
+    assert (await narrow.call(put))["code"] == "2.04"
+    denied = await narrow.call({"type": "subscribe", "name": "temperature"})
+    assert denied["error"] == "forbidden"
+    listed = await narrow.call({"type": "list"})
+    assert [e["name"] for e in listed["resources"]] == ["led"]
+    for client in (reader, narrow):
+        await client.close()
+
+
+async def test_tokens_never_appear_in_logs(
+    sensors: SimulatedSensors, make_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    gateway = await make_gateway(auth_config(sensors))
+    client = await open_client(gateway.url, SECRET, query=True)
+    await client.subscribe(name="temperature")
+    await client.close()
+    with pytest.raises(InvalidStatus):
+        await open_client(gateway.url, "wrong-" + SECRET, query=True)
+    # The gateway's records (not the test client's own websockets.client ones).
+    records = [r for r in caplog.records if not r.name.startswith("websockets.client")]
+    assert any("GET /ws?<redacted>" in r.getMessage() for r in records)
+    for token in (SECRET, READER, NARROW):
+        assert all(token not in record.getMessage() for record in records)
+    assert any("admin" in record.getMessage() for record in caplog.records)
+
+
+def test_no_tokens_off_loopback_refuses_to_start(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-auth" in err and "Traceback" not in err
+
+
+async def test_environment_token_grants_read_and_write(
+    sensors: SimulatedSensors, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\nport = 0\n[[sensors]]\nname = "led"\nuri = "{sensors.base_uri}/led"\n'
+    )
+    monkeypatch.setenv("COAP_WS_GATEWAY_TOKEN", SECRET)
+    served = await start_process("serve", "--config", str(config))
+    try:
+        with pytest.raises(InvalidStatus):
+            await open_client(served.url)
+        client = await open_client(served.url, SECRET)
+        reply = await client.call(
+            {"type": "request", "method": "PUT", "name": "led", "value": {"on": True}}
+        )
+        assert reply["code"] == "2.04"
+        await client.close()
+    finally:
+        assert await served.terminate() == 0
+
+
+async def test_request_rate_limit(sensors: SimulatedSensors, make_gateway: Any) -> None:
+    gateway = await make_gateway({**gateway_config(sensors), "limits": {"rate": 0.5, "burst": 2}})
+    client = await open_client(gateway.url)
+    get = {"type": "request", "method": "GET", "name": "status"}
+    assert (await client.call(get))["type"] == "response"
+    assert (await client.call(get))["type"] == "response"
+    limited = await client.call(get)
+    assert limited["type"] == "error" and limited["error"] == "rate_limited"
+    assert (await client.call({"type": "ping"}))["type"] == "pong"
+    await client.close()
+
+
+async def test_connections_per_ip_limit_gives_503(
+    sensors: SimulatedSensors, make_gateway: Any
+) -> None:
+    config = {**gateway_config(sensors), "limits": {"max_connections_per_ip": 2}}
+    gateway = await make_gateway(config)
+    first, second = await open_client(gateway.url), await open_client(gateway.url)
+    with pytest.raises(InvalidStatus) as refused:
+        await open_client(gateway.url)
+    assert refused.value.response.status_code == 503
+    await first.close()
+    # A closed connection frees its place.
+    third = None
+    async with asyncio.timeout(WAIT):
+        while third is None:
+            try:
+                third = await open_client(gateway.url)
+            except InvalidStatus:
+                await asyncio.sleep(0.05)  # the server has not seen the close yet
+    for client in (second, third):
+        await client.close()
+
+
+async def test_silent_handshake_is_dropped(sensors: SimulatedSensors, make_gateway: Any) -> None:
+    config = {**gateway_config(sensors), "limits": {"handshake_timeout": 0.3}}
+    gateway = await make_gateway(config)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.ws.port)
+    async with asyncio.timeout(WAIT):
+        data = await reader.read()  # returns at EOF: the gateway hung up
+    assert b"101" not in data
+    writer.close()
+
+
+async def test_requests_never_carry_proxy_options(make_gateway: Any, make_client: Any) -> None:
+    import aiocoap
+    from aiocoap import resource
+
+    seen: list[Any] = []
+
+    class Recorder(resource.Resource):  # type: ignore[misc]
+        async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+            seen.append(request.opt)
+            return aiocoap.Message(payload=b"ok", content_format=0)
+
+    site = resource.Site()
+    site.add_resource(["r"], Recorder())
+    server = await aiocoap.Context.create_server_context(
+        site, bind=("127.0.0.1", 0), transports=["udp6"]
+    )
+    try:
+        from translator.sim import _bound_port
+
+        base = f"coap://127.0.0.1:{_bound_port(server)}"
+        gateway = await make_gateway({"server": {"port": 0}, "policy": {"allow": [f"{base}/*"]}})
+        client = await make_client(gateway.url)
+        reply = await client.call({
+            "type": "request", "method": "GET", "uri": f"{base}/r",
+            "proxy_uri": "coap://10.0.0.1/x", "Proxy-Uri": "coap://10.0.0.1/x",
+        })
+        assert reply["value"] == "ok"
+        assert seen and all(o.proxy_uri is None and o.proxy_scheme is None for o in seen)
+    finally:
+        await server.shutdown()

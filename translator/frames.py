@@ -31,6 +31,7 @@ TIMEOUT: Final = "timeout"
 UPSTREAM_ERROR: Final = "upstream_error"
 UNSUPPORTED: Final = "unsupported"
 LIMIT: Final = "limit"
+RATE_LIMITED: Final = "rate_limited"
 
 MAX_ID_LENGTH: Final = 64
 MAX_REQUEST_TIMEOUT: Final = 60.0

@@ -10,21 +10,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import http
 import logging
 import os
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Final
 
+from websockets.datastructures import Headers
+
 from . import frames
+from .auth import ANONYMOUS, READ, Principal, TokenStore, scope_for_method, startup_problem
 from .coap_side import CoapAnswer, CoapSide, UpstreamError
 from .codecs import UnsupportedValue, decode_payload, encode_value
 from .config import ConfigError, GatewayConfig, policy_for
 from .frames import FrameError, FrameId
 from .hub import Command, Deliver, Hub, StartLinger, StartObservation, StopObservation
-from .uris import CoapUri, UriError, parse_coap_uri
-from .ws_side import Connection, SendLimits, ServerSettings, WebSocketServer
+from .policy import Decision
+from .ratelimit import TokenBucket
+from .uris import UriError, parse_coap_uri
+from .ws_side import (
+    Connection,
+    Refusal,
+    SendLimits,
+    ServerSettings,
+    WebSocketServer,
+    text_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +68,17 @@ class Session:
     """What the gateway keeps per connection besides its subscriptions (held by the hub)."""
 
     conn: Connection
+    principal: Principal
+    bucket: TokenBucket
+    """`request` frames allowed per second (`[limits] rate` / `burst`)."""
     requests: set[asyncio.Task[None]] = field(default_factory=set)
+    """CoAP requests in flight (at most `[limits] max_inflight`)."""
+    lookups: set[asyncio.Task[None]] = field(default_factory=set)
+    """Subscriptions waiting for their host name to be resolved."""
+
+    @property
+    def tasks(self) -> set[asyncio.Task[None]]:
+        return self.requests | self.lookups
 
 
 class Gateway:
@@ -86,7 +111,13 @@ class Gateway:
                 handshake_timeout=limits.handshake_timeout or None,
                 ssl_context=_tls_context(config),
                 allowed_origins=config.server.allowed_origins,
+                max_connections=limits.max_connections,
+                max_connections_per_ip=limits.max_connections_per_ip,
             ),
+            gatekeeper=self,
+        )
+        self.tokens = TokenStore.from_config(
+            config.auth, sensors={s.name: s.uri for s in config.sensors}, env=os.environ
         )
         self._sessions: dict[Connection, Session] = {}
         self._lingers: dict[str, asyncio.TimerHandle] = {}
@@ -98,7 +129,17 @@ class Gateway:
     def url(self) -> str:
         return self.ws.url
 
+    @property
+    def authenticating(self) -> bool:
+        return len(self.tokens) > 0 and self.config.auth.mode != "none"
+
     async def start(self) -> None:
+        problem = startup_problem(self.config.server.host, self.config.auth, self.tokens)
+        if problem is not None:
+            raise ConfigError("auth", problem)
+        if not self.authenticating:
+            log.warning("clients are not authenticated: configure [[auth.tokens]] before "
+                        "exposing the gateway beyond this machine")
         if self.policy.allows_everything:
             log.warning("policy allows every CoAP destination ('*'): for development only")
         await self.coap.start()
@@ -116,9 +157,9 @@ class Gateway:
         for task in list(self._tasks):
             task.cancel()
         for session in self._sessions.values():
-            for task in session.requests:
+            for task in session.tasks:
                 task.cancel()
-        pending = [*self._tasks, *(t for s in self._sessions.values() for t in s.requests)]
+        pending = [*self._tasks, *(t for s in self._sessions.values() for t in s.tasks)]
         if pending:
             await asyncio.wait(pending, timeout=2)
         await self.coap.shutdown()
@@ -134,9 +175,11 @@ class Gateway:
     def _execute(self, commands: list[Command[Connection]]) -> None:
         for command in commands:
             if isinstance(command, Deliver):
+                # Frame once, send to many: the same bytes go to every target.
                 text, replaces = command.text, command.replaces
+                frame = text_frame(text)
                 for conn in command.targets:
-                    conn.send(text, replaces)
+                    conn.send(text, replaces, frame)
             elif isinstance(command, StartObservation):
                 self._cancel_linger(command.uri)
                 self.coap.start_observation(command.uri)
@@ -177,14 +220,31 @@ class Gateway:
 
     # -- the WebSocket side's events (MessageHandler) ----------------------------------------
 
+    def admit(self, path: str, headers: Headers, remote_ip: str) -> Refusal | Principal:
+        """The handshake's authentication (Gatekeeper): who the client is, or HTTP 401."""
+        if not self.authenticating:
+            return ANONYMOUS
+        principal = self.tokens.authenticate(headers.get("Authorization"),
+                                             path.partition("?")[2])
+        if principal is None:
+            return Refusal(
+                http.HTTPStatus.UNAUTHORIZED,
+                "a valid token is required (Authorization: Bearer, or ?access_token=)",
+                (("WWW-Authenticate", 'Bearer realm="coap-ws-gateway"'),),
+            )
+        log.info("client %s authenticated as %s", remote_ip, principal.name)
+        return principal
+
     def connected(self, conn: Connection) -> None:
-        self._sessions[conn] = Session(conn)
+        principal = conn.grant if isinstance(conn.grant, Principal) else ANONYMOUS
+        limits = self.config.limits
+        self._sessions[conn] = Session(conn, principal, TokenBucket(limits.rate, limits.burst))
         self.hub.connect(conn)
 
     def disconnected(self, conn: Connection) -> None:
         session = self._sessions.pop(conn, None)
         if session is not None:
-            for task in session.requests:
+            for task in session.tasks:
                 task.cancel()
         self._execute(self.hub.disconnect(conn))
 
@@ -199,21 +259,50 @@ class Gateway:
             conn.send(frames.ErrorFrame(None, "internal_error", "internal error").serialize())
 
     def _dispatch(self, conn: Connection, frame: frames.ClientFrame) -> None:
+        session = self._sessions[conn]
         match frame:
             case frames.Subscribe():
-                uri = self._resolve(frame.uri, frame.name, frame.id)
-                self._execute(self.hub.subscribe(conn, str(uri), frame.id))
+                decision = self._target(session, frame.uri, frame.name, READ, frame.id)
+                if decision.needs_resolution:
+                    task = asyncio.create_task(
+                        self._subscribe_resolved(session, decision, frame.id),
+                        name=f"resolve {decision.uri.host} for #{conn.id}",
+                    )
+                    session.lookups.add(task)
+                    task.add_done_callback(session.lookups.discard)
+                else:
+                    self._execute(self.hub.subscribe(conn, str(decision.uri), frame.id))
             case frames.Unsubscribe():
                 self._execute(self.hub.unsubscribe(conn, frame.sub, frame.id))
             case frames.Request():
-                self._start_request(conn, frame)
+                self._start_request(session, frame)
             case frames.ListResources():
-                self._spawn(self._list(conn, frame.id), f"list for #{conn.id}")
+                self._require(session.principal, READ, frame.id)
+                self._spawn(self._list(session, frame.id), f"list for #{conn.id}")
             case frames.Ping():
                 conn.send(frames.Pong(frame.id).serialize())
 
-    def _resolve(self, uri_text: str | None, name: str | None, frame_id: FrameId) -> CoapUri:
-        """A frame's target as a normalized URI that the policy allows."""
+    @staticmethod
+    def _require(principal: Principal, scope: str, frame_id: FrameId) -> None:
+        if not principal.can(scope):
+            raise FrameError(
+                frames.FORBIDDEN, f"{principal.name!r} lacks the {scope!r} scope", frame_id
+            )
+
+    def _target(
+        self,
+        session: Session,
+        uri_text: str | None,
+        name: str | None,
+        scope: str,
+        frame_id: FrameId,
+    ) -> Decision:
+        """A frame's target: normalized, in scope, and allowed by the policy and the token.
+
+        When the decision says `needs_resolution`, the host's addresses must still pass
+        `_check_addresses` before anything is sent.
+        """
+        self._require(session.principal, scope, frame_id)
         if name is not None:
             found = self.hub.uri_for_name(name)
             if found is None:
@@ -224,17 +313,62 @@ class Gateway:
             uri = parse_coap_uri(uri_text)
         except UriError as exc:
             raise FrameError(frames.BAD_REQUEST, str(exc), frame_id) from None
-        if not self.policy.allows(uri):
+        decision = self.policy.decide(uri)
+        if not decision.allowed:
+            raise FrameError(frames.FORBIDDEN, decision.reason, frame_id)
+        if not session.principal.allows(uri, self.hub.sensor_uris):
             raise FrameError(
-                frames.FORBIDDEN, f"{uri} is not allowed by the gateway's policy", frame_id
+                frames.FORBIDDEN, f"{uri} is not allowed for {session.principal.name!r}", frame_id
             )
-        return uri
+        if decision.needs_resolution and str(uri) in self.policy.sensor_uris:
+            # A configured sensor's host was named by the operator, not by a client.
+            return dataclasses.replace(decision, needs_resolution=False)
+        return decision
+
+    async def _check_addresses(self, decision: Decision, frame_id: FrameId) -> None:
+        """Resolve a host name and apply the policy to what it resolves to (a name must not
+        smuggle a multicast, broadcast or unspecified destination past the policy)."""
+        uri = decision.uri
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                uri.host, uri.port, type=socket.SOCK_DGRAM
+            )
+        except OSError as exc:
+            raise FrameError(
+                frames.UPSTREAM_ERROR, f"cannot resolve {uri.host!r}: {exc}", frame_id
+            ) from None
+        addresses = [str(info[4][0]) for info in infos]
+        if not self.policy.allows_addresses(uri, addresses):
+            raise FrameError(
+                frames.FORBIDDEN,
+                f"{uri.host} resolves to a destination the policy does not allow",
+                frame_id,
+            )
+
+    async def _subscribe_resolved(
+        self, session: Session, decision: Decision, frame_id: FrameId
+    ) -> None:
+        conn = session.conn
+        try:
+            await self._check_addresses(decision, frame_id)
+            self._execute(self.hub.subscribe(conn, str(decision.uri), frame_id))
+        except FrameError as exc:
+            conn.send(exc.to_frame().serialize())
 
     # -- requests ----------------------------------------------------------------------------
 
-    def _start_request(self, conn: Connection, frame: frames.Request) -> None:
-        session = self._sessions[conn]
-        uri = self._resolve(frame.uri, frame.name, frame.id)
+    def _start_request(self, session: Session, frame: frames.Request) -> None:
+        conn = session.conn
+        if not session.bucket.take():
+            raise FrameError(
+                frames.RATE_LIMITED,
+                f"more than {self.config.limits.rate:g} requests per second; retry in "
+                f"{session.bucket.retry_after():.2f} s",
+                frame.id,
+            )
+        decision = self._target(
+            session, frame.uri, frame.name, scope_for_method(frame.method), frame.id
+        )
         if len(session.requests) >= self.config.limits.max_inflight:
             raise FrameError(
                 frames.LIMIT,
@@ -249,16 +383,19 @@ class Gateway:
             except UnsupportedValue as exc:
                 raise FrameError(frames.UNSUPPORTED, str(exc), frame.id) from None
         task = asyncio.create_task(
-            self._request(conn, frame, str(uri), payload), name=f"request {frame.id!r} #{conn.id}"
+            self._request(conn, frame, decision, payload), name=f"request {frame.id!r} #{conn.id}"
         )
         session.requests.add(task)
         task.add_done_callback(session.requests.discard)
 
     async def _request(
-        self, conn: Connection, frame: frames.Request, uri: str, payload: bytes
+        self, conn: Connection, frame: frames.Request, decision: Decision, payload: bytes
     ) -> None:
+        uri = str(decision.uri)
         reply: frames.Response | frames.ErrorFrame
         try:
+            if decision.needs_resolution:
+                await self._check_addresses(decision, frame.id)
             answer = await self.coap.request(
                 frame.method,
                 uri,
@@ -268,6 +405,8 @@ class Gateway:
                 confirmable=frame.confirmable,
                 timeout=frame.timeout,
             )
+        except FrameError as exc:
+            reply = exc.to_frame()
         except TimeoutError:
             reply = frames.ErrorFrame(
                 frame.id, frames.TIMEOUT, f"no answer from {uri} within {frame.timeout:g} s"
@@ -302,7 +441,8 @@ class Gateway:
             except ValueError as exc:
                 log.info("discovery at %s: bad link-format: %s", origin, exc)
 
-    async def _list(self, conn: Connection, frame_id: FrameId) -> None:
+    async def _list(self, session: Session, frame_id: FrameId) -> None:
+        conn, principal = session.conn, session.principal
         stale = (
             self._discovered_at is None
             or time.monotonic() - self._discovered_at >= DISCOVERY_REFRESH
@@ -312,5 +452,7 @@ class Gateway:
         if self._discovery is not None and not self._discovery.done():
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(self._discovery)
-        entries = self.hub.list_entries(self.policy.allows)
+        entries = self.hub.list_entries(
+            lambda uri: self.policy.allows(uri) and principal.allows(uri, self.hub.sensor_uris)
+        )
         conn.send(frames.Resources(frame_id, tuple(entries)).serialize())

@@ -18,6 +18,7 @@ import contextlib
 import http
 import itertools
 import logging
+import re
 import ssl
 import struct
 import weakref
@@ -33,6 +34,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 
 from .outbox import Outbox
+from .ratelimit import ConnectionLimiter
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,8 @@ class ServerSettings:
     ssl_context: ssl.SSLContext | None = None
     allowed_origins: tuple[str, ...] | None = None
     """Origins allowed to open a WebSocket; None: only the gateway's own origin."""
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +242,9 @@ class WebSocketServer:
         )
         self.slow_consumers_closed = 0
         """Connections closed by the slow-consumer policy."""
+        self._limiter = ConnectionLimiter(
+            settings.max_connections, settings.max_connections_per_ip
+        )
 
     async def start(self) -> None:
         settings = self.settings
@@ -256,6 +263,7 @@ class WebSocketServer:
             open_timeout=settings.handshake_timeout,
             ssl=settings.ssl_context,
             server_header="coap-ws-gateway",
+            logger=_server_logger(),
         )
         sockets = list(self._server.sockets)
         if sockets:
@@ -301,12 +309,11 @@ class WebSocketServer:
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
         if path == WS_PATH:
-            refusal = self._check_origin(request.headers)
+            address = ws.remote_address
+            ip = str(address[0]) if address else ""
+            refusal = self._count_connection(ws, ip) or self._check_origin(request.headers)
             if refusal is None and self.gatekeeper is not None:
-                address = ws.remote_address
-                verdict = self.gatekeeper.admit(
-                    request.path, request.headers, str(address[0]) if address else ""
-                )
+                verdict = self.gatekeeper.admit(request.path, request.headers, ip)
                 if isinstance(verdict, Refusal):
                     refusal = verdict
                 else:
@@ -322,6 +329,16 @@ class WebSocketServer:
         if path in ("/", "/index.html"):
             return _http_response(http.HTTPStatus.OK, _html_page(), "text/html; charset=utf-8")
         return ws.respond(http.HTTPStatus.NOT_FOUND, f"no such path; WebSocket is at {WS_PATH}\n")
+
+    def _count_connection(self, ws: ServerConnection, ip: str) -> Refusal | None:
+        """Admit one more connection from `ip` within the limits, until its TCP closes."""
+        why = self._limiter.try_acquire(ip)
+        if why is not None:
+            return Refusal(http.HTTPStatus.SERVICE_UNAVAILABLE, why, (("Retry-After", "5"),))
+        # Released whenever the TCP connection ends: after the session, or right after a
+        # refusal that a later check makes.
+        ws.connection_lost_waiter.add_done_callback(lambda _: self._limiter.release(ip))
+        return None
 
     def _check_origin(self, headers: Headers) -> Refusal | None:
         """Browsers say where a page came from; refuse pages from other sites (CSWSH)."""
@@ -356,6 +373,33 @@ class WebSocketServer:
             await conn.finish()
             conn.finished.set()
             log.info("%r disconnected (%s)", conn, ws.close_code)
+
+
+class _RedactSecrets(logging.Filter):
+    """Keeps tokens out of websockets' own (debug) logs: request lines lose their query
+    string, where `access_token` travels, and Authorization headers their value."""
+
+    _patterns: Final = (
+        (re.compile(r"(GET \S*?)\?\S*"), r"\1?<redacted>"),
+        (re.compile(r"(?i)(authorization:\s*)\S.*"), r"\1<redacted>"),
+        (re.compile(r"(?i)(access_token=)[^&\s]*"), r"\1<redacted>"),
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = message
+        for pattern, replacement in self._patterns:
+            redacted = pattern.sub(replacement, redacted)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+def _server_logger() -> logging.Logger:
+    logger = logging.getLogger("websockets.server")
+    if not any(isinstance(f, _RedactSecrets) for f in logger.filters):
+        logger.addFilter(_RedactSecrets())
+    return logger
 
 
 def text_frame(text: str) -> bytes:
