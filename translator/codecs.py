@@ -71,6 +71,8 @@ from typing import Any, Final
 
 import cbor2
 
+from . import strictjson
+
 JSONValue = Any
 """A value as produced by ``json.loads`` (dict/list/str/int/float/bool/None)."""
 
@@ -215,23 +217,12 @@ def _sniff(data: bytes) -> dict[str, JSONValue]:
 # --------------------------------------------------------------------------- JSON
 
 
-def _reject_constant(name: str) -> Any:
-    raise _DecodeError(f"invalid JSON: {name} is not allowed")
-
-
-def _parse_float(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise _DecodeError(f"invalid JSON: number {text[:24]} is out of range")
-    return number
-
-
 def _load_json(data: bytes, what: str) -> JSONValue:
     text = _utf8(data, what)
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
-    except _DecodeError as exc:
-        raise _DecodeError(str(exc).replace("invalid JSON", f"invalid {what}", 1)) from None
+        value = strictjson.loads(text)
+    except strictjson.NotJSON as exc:
+        raise _DecodeError(f"invalid {what}: {exc}") from None
     except (ValueError, RecursionError) as exc:
         raise _DecodeError(f"invalid {what}: {_short(exc)}") from None
     problem = _tree_problem(value)

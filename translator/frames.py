@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from . import strictjson
+
 JSONValue = Any
 FrameId = str | int | None
 
@@ -134,18 +136,6 @@ class Ping:
 
 
 ClientFrame = Subscribe | Unsubscribe | Request | ListResources | Ping
-
-
-def _reject_constant(name: str) -> JSONValue:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _parse_float(text: str) -> float:
-    # 1e400 is valid JSON syntax but overflows to Infinity, which the protocol rejects.
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"number {text[:24]} is out of range")
-    return number
 
 
 def _read_id(obj: dict[str, JSONValue]) -> FrameId:
@@ -298,7 +288,7 @@ def parse(data: str | bytes) -> ClientFrame:
     if not isinstance(data, str):
         raise FrameError(BAD_REQUEST, "binary frames are not supported; send JSON text frames")
     try:
-        obj = json.loads(data, parse_constant=_reject_constant, parse_float=_parse_float)
+        obj = strictjson.loads(data)
     except RecursionError:
         raise FrameError(BAD_REQUEST, "JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers

@@ -33,6 +33,7 @@ socket is closed.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import json
@@ -169,52 +170,52 @@ class _ObservedResource(resource.ObservableResource):  # type: ignore[misc]  # a
         return aiocoap.Unreliable()
 
 
-class _TemperatureResource(_ObservedResource):
+class _ValueResource(_ObservedResource):
+    """An observable sensor reading: `set()` stores a new value and notifies observers."""
+
+    content_format: int
+
+    def __init__(
+        self, value: Any, on_count_change: Callable[[], None], confirm_every: float | None
+    ) -> None:
+        super().__init__(on_count_change, confirm_every)
+        self.value = value
+
+    def set(self, value: Any) -> None:
+        self.value = value
+        self.updated_state()
+
+    @abc.abstractmethod
+    def encode(self) -> bytes:
+        """The current value as the resource's content-format."""
+
+    async def render_get(self, request: Message) -> Message:
+        return aiocoap.Message(
+            payload=self.encode(),
+            content_format=self.content_format,
+            transport_tuning=self._transport_tuning(request),
+        )
+
+
+class _TemperatureResource(_ValueResource):
+    content_format = CF_CBOR
     ct = str(CF_CBOR)
     rt = "temperature-c"
     if_ = "sensor"
 
-    def __init__(
-        self, value: float, on_count_change: Callable[[], None], confirm_every: float | None
-    ) -> None:
-        super().__init__(on_count_change, confirm_every)
-        self.value = value
-
-    def set(self, value: float) -> None:
-        self.value = value
-        self.updated_state()
-
-    async def render_get(self, request: Message) -> Message:
-        return aiocoap.Message(
-            payload=cbor2.dumps(self.value),
-            content_format=CF_CBOR,
-            transport_tuning=self._transport_tuning(request),
-        )
+    def encode(self) -> bytes:
+        return bytes(cbor2.dumps(self.value))
 
 
-class _HumidityResource(_ObservedResource):
+class _HumidityResource(_ValueResource):
+    content_format = CF_SENML_JSON
     ct = str(CF_SENML_JSON)
     rt = "humidity-rh"
     if_ = "sensor"
 
-    def __init__(
-        self, value: float, on_count_change: Callable[[], None], confirm_every: float | None
-    ) -> None:
-        super().__init__(on_count_change, confirm_every)
-        self.value = value
-
-    def set(self, value: float) -> None:
-        self.value = value
-        self.updated_state()
-
-    async def render_get(self, request: Message) -> Message:
+    def encode(self) -> bytes:
         record = {"bn": SENML_BASE_NAME, "n": "rh", "u": "%RH", "v": self.value}
-        payload = json.dumps([record], separators=(",", ":")).encode("utf-8")
-        return aiocoap.Message(
-            payload=payload,
-            content_format=CF_SENML_JSON,
-            transport_tuning=self._transport_tuning(request),
-        )
+        return json.dumps([record], separators=(",", ":")).encode("utf-8")
 
 
 def _decode_led_body(content_format: int | None, payload: bytes) -> bool:
@@ -272,28 +273,17 @@ class _LedResource(_ObservedResource):
         return aiocoap.Message(code=aiocoap.CHANGED)
 
 
-class _BlobResource(_ObservedResource):
+class _BlobResource(_ValueResource):
     """Opaque bytes of a size the tests choose: load and slow-consumer tests use it to move
     many bytes per notification."""
 
+    content_format = CF_OCTETS
     ct = str(CF_OCTETS)
     rt = "blob"
     if_ = "sensor"
 
-    def __init__(self, on_count_change: Callable[[], None], confirm_every: float | None) -> None:
-        super().__init__(on_count_change, confirm_every)
-        self.data = b"\x00" * 16
-
-    def set(self, data: bytes) -> None:
-        self.data = data
-        self.updated_state()
-
-    async def render_get(self, request: Message) -> Message:
-        return aiocoap.Message(
-            payload=self.data,
-            content_format=CF_OCTETS,
-            transport_tuning=self._transport_tuning(request),
-        )
+    def encode(self) -> bytes:
+        return bytes(self.value)
 
 
 class SimulatedSensors:
@@ -345,7 +335,7 @@ class SimulatedSensors:
             confirm_every,
         )
         self._led = _LedResource(self._observer_count_changed)
-        self._blob = _BlobResource(self._observer_count_changed, confirm_every)
+        self._blob = _BlobResource(b"\x00" * 16, self._observer_count_changed, confirm_every)
         self._observable: dict[str, _ObservedResource] = {
             "/temperature": self._temperature,
             "/humidity": self._humidity,
@@ -471,11 +461,11 @@ class SimulatedSensors:
 
     @property
     def temperature(self) -> float:
-        return self._temperature.value
+        return float(self._temperature.value)
 
     @property
     def humidity(self) -> float:
-        return self._humidity.value
+        return float(self._humidity.value)
 
     @property
     def led_on(self) -> bool:
