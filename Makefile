@@ -35,3 +35,19 @@ lint: $(VENV)/.installed-lint
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Coverage-guided fuzzing of the frame parser, codecs, URIs and policy (fuzz/fuzz_frames.py).
+# Bounded: FUZZ_SECONDS (default 60). The growing corpus lives in .venv/fuzz-corpus; inputs
+# that crash are written to fuzz/crashes/ (replay: $(BIN)/python fuzz/fuzz_frames.py FILE).
+FUZZ_SECONDS ?= 60
+
+$(VENV)/.installed-fuzz: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	@touch $@
+
+.PHONY: fuzz
+fuzz: $(VENV)/.installed-fuzz
+	@mkdir -p $(VENV)/fuzz-corpus/frames fuzz/crashes
+	$(BIN)/python fuzz/fuzz_frames.py -max_total_time=$(FUZZ_SECONDS) -max_len=16384 \
+		-timeout=10 -rss_limit_mb=2048 -artifact_prefix=fuzz/crashes/ \
+		$(VENV)/fuzz-corpus/frames fuzz/seeds/frames

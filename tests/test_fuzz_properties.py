@@ -17,13 +17,17 @@ decode_payload and the wildcard semantics of patterns. This file adds what they 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import ipaddress
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -432,3 +436,27 @@ def test_the_pipeline_refuses_what_it_should() -> None:
     assert code(put, PRINCIPALS[3]) == "ok"
     assert code({**put, "value": 5, "cf": 0}) == "unsupported"
     assert code({**sub, "name": "temperature"}, PRINCIPALS[2]) == "forbidden"  # write-only
+
+
+# --- the atheris harness ---------------------------------------------------------------------
+
+FUZZ_DIR = Path(__file__).resolve().parent.parent / "fuzz"
+
+
+def test_the_atheris_harness_passes_its_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Loaded without atheris (as on a platform without its wheel), so no instrumentation
+    # happens inside the test run; the target function is the same.
+    monkeypatch.setitem(sys.modules, "atheris", None)
+    spec = importlib.util.spec_from_file_location("fuzz_frames", FUZZ_DIR / "fuzz_frames.py")
+    assert spec is not None and spec.loader is not None
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    seeds = sorted((FUZZ_DIR / "seeds" / "frames").iterdir())
+    assert len(seeds) >= 10
+    for seed in seeds:
+        harness.test_one_input(seed.read_bytes())
+    for data in (b"", b"\x01", b"\x02", b"\x03", b"[" * 100_000, b"\x02\x00\x3c" + b"\x81" * 5000):
+        harness.test_one_input(data)
+    with pytest.raises(AssertionError, match="binary frame was accepted"):
+        monkeypatch.setattr(harness.frames, "parse", lambda data: harness.frames.Ping(None))
+        harness.test_one_input(b"\x01x")
