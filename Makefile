@@ -51,3 +51,19 @@ fuzz: $(VENV)/.installed-fuzz
 	$(BIN)/python fuzz/fuzz_frames.py -max_total_time=$(FUZZ_SECONDS) -max_len=16384 \
 		-timeout=10 -rss_limit_mb=2048 -artifact_prefix=fuzz/crashes/ \
 		$(VENV)/fuzz-corpus/frames fuzz/seeds/frames
+
+# Benchmarks against bare baselines (bench/, docs/performance.md): real processes on loopback,
+# about 5 minutes; bench-quick under one minute. Prints the table, writes
+# bench/results/latest.json and the chart bench/results/latest.png. BENCH_ARGS: e.g. --large.
+BENCH_ARGS ?=
+
+$(VENV)/.installed-bench: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	@touch $@
+
+.PHONY: bench-quick
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)

@@ -1,0 +1,957 @@
+"""`make bench`: measure the gateway against bare baselines in the same run, on loopback.
+
+    python -m bench.run [--quick] [--large] [--smoke] [--out DIR] [--budget S] [--profile]
+
+Scenarios (see docs/performance.md for the method and the latest figures):
+
+1. fan-out: one resource, N subscribed clients, the sensor offering more than can be
+   delivered (plus, at the largest N: 10 updates/s, and twice the measured capacity);
+2. ingest: 1000 observed resources, one subscriber each, the offered rate stepped up until
+   notifications are lost;
+3. commands: request round trips, sequential and 50 in flight over 10 clients, GET and PUT;
+4. memory: RSS per idle connection and per observed resource;
+5. admission: 1000 new clients connect and subscribe while fan-out at N = 1000 saturates;
+6. baselines for each: a bare websockets broadcast server, a bare aiocoap client.
+
+Every process (sensor, gateway, load generators, baselines) is a child on 127.0.0.1, and
+every one is stopped when the run ends, whatever way it ends. The run has a time budget;
+past it, what was measured so far is still written (marked incomplete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .control import Histogram
+from .procs import ROOT, BenchError, Child, Fleet, machine_busy_seconds, udp_counters
+
+RESULTS = ROOT / "bench" / "results"
+PUT_VALUE = {"on": True}
+PUT_CBOR_HEX = "a1626f6ef5"  # cbor2.dumps({"on": True}): what the gateway sends for PUT_VALUE
+SATURATING_DELIVERIES = 200_000
+"""Offered updates/s at fan-out N are this / N (at most MAX_SENSOR_RATE): far more than a
+Python process on one core can deliver, so the run measures capacity."""
+MAX_SENSOR_RATE = 20_000
+
+
+@dataclass
+class Settings:
+    mode: str = "full"
+    fanout_ns: tuple[int, ...] = (1, 100, 1000)
+    window: float = 4.0
+    warmup: float = 1.5
+    overload_warmup: float = 3.0
+    drain: float = 2.0
+    ingest_rates: tuple[int, ...] = (1000, 2000, 3000, 4000, 6000, 8000, 11_000, 15_000)
+    ingest_resources: int = 1000
+    ingest_window: float = 2.5
+    command_seconds: float = 3.0
+    idle_connections: tuple[int, ...] = (1000, 10_000)
+    observed_resources: tuple[int, ...] = (1000, 10_000)
+    admission_clients: int = 1000
+    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory")
+    budget: float = 420.0
+    profile: bool = False
+    chart: bool = True
+
+    @classmethod
+    def for_mode(cls, args: argparse.Namespace) -> Settings:
+        if args.smoke:
+            s = cls(mode="smoke", fanout_ns=(2,), window=1.5, warmup=0.5, drain=0.5,
+                    scenarios=("fanout",), budget=60.0, chart=False, admission_clients=0)
+        elif args.quick:
+            s = cls(mode="quick", fanout_ns=(1, 100, 1000), window=2.0, warmup=1.0,
+                    overload_warmup=1.5, drain=1.0, ingest_rates=(1000, 3000, 6000),
+                    ingest_window=1.5, command_seconds=1.0, idle_connections=(1000,),
+                    observed_resources=(1000,), admission_clients=1000, budget=100.0)
+        else:
+            s = cls()
+        if args.large:
+            s.fanout_ns = (*s.fanout_ns, 5000)
+        if args.only:
+            s.scenarios = tuple(args.only)
+        if args.budget:
+            s.budget = args.budget
+        s.profile = args.profile
+        if args.no_chart:
+            s.chart = False
+        return s
+
+
+@dataclass
+class Run:
+    """Everything measured in one run, as written to latest.json."""
+
+    settings: Settings
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def gateway_config(sensor_base: str, directory: Path) -> Path:
+    path = directory / "gateway.toml"
+    path.write_text(f"""# written by bench/run.py
+log_level = "warning"
+
+[server]
+host = "127.0.0.1"
+port = 0
+linger = 0.0
+
+[policy]
+allow = ["{sensor_base}/*"]
+
+[limits]
+max_subscriptions = 10000
+max_inflight = 64
+max_connections = 25000
+max_connections_per_ip = 25000
+rate = 0.0
+""")
+    return path
+
+
+async def start_sensor(fleet: Fleet, resources: int = 1, pad: int = 0) -> Child:
+    return await fleet.python("sensor", "bench.fast_sensor", "--resources", str(resources),
+                              "--pad", str(pad))
+
+
+async def start_gateway(fleet: Fleet, sensor: Child) -> tuple[Child, str]:
+    config = gateway_config(sensor.ready["ready"], fleet.log_dir)
+    gateway = await fleet.python("gateway", "translator", "serve", "--config", str(config),
+                                 ready_pattern=r"listening on (ws://\S+)")
+    return gateway, gateway.ready["ready"]
+
+
+async def start_bare_ws(fleet: Fleet) -> tuple[Child, str]:
+    bare = await fleet.python("bare_ws", "bench.bare_ws")
+    return bare, bare.ready["ready"]
+
+
+async def start_loadgens(fleet: Fleet, count: int) -> list[Child]:
+    return list(await asyncio.gather(
+        *(fleet.python(f"loadgen{i}", "bench.loadgen") for i in range(count))
+    ))
+
+
+def split(n: int, parts: int) -> list[int]:
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+async def call_all(
+    children: list[Child], command: dict[str, Any] | list[dict[str, Any]], timeout: float
+) -> list[dict[str, Any]]:
+    commands = command if isinstance(command, list) else [command] * len(children)
+    return list(await asyncio.gather(
+        *(c.call(cmd, timeout) for c, cmd in zip(children, commands, strict=True))
+    ))
+
+
+# -- measuring one window ----------------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """CPU of the processes involved and the UDP counters, read at a window's edges."""
+
+    server: Child
+    sensor: Child | None
+    loadgens: list[Child]
+
+    def read(self) -> dict[str, Any]:
+        return {
+            "t": time.monotonic(),
+            "server": self.server.cpu(),
+            "sensor": self.sensor.cpu() if self.sensor else 0.0,
+            "loadgens": sum(c.cpu() for c in self.loadgens),
+            "machine": machine_busy_seconds(),
+            "udp": udp_counters(),
+        }
+
+    @staticmethod
+    def delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        seconds = b["t"] - a["t"]
+        return {
+            "seconds": seconds,
+            "server_cpu": b["server"] - a["server"],
+            "sensor_cpu": b["sensor"] - a["sensor"],
+            "loadgen_cpu": b["loadgens"] - a["loadgens"],
+            # CPU the machine spent outside this run's processes (other users, the kernel's
+            # own threads): a noisy neighbour shows up here.
+            "other_cpu": (b["machine"] - a["machine"]) - (b["server"] - a["server"])
+            - (b["sensor"] - a["sensor"]) - (b["loadgens"] - a["loadgens"]),
+            "udp_rcvbuf_errors": b["udp"].get("RcvbufErrors", 0) - a["udp"].get("RcvbufErrors", 0),
+        }
+
+
+def latency_fields(hist: Histogram) -> dict[str, Any]:
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 3)
+
+    return {
+        "p50_ms": ms(hist.percentile(0.50)),
+        "p99_ms": ms(hist.percentile(0.99)),
+        "max_ms": ms(hist.max if hist.count else None),
+        "samples": hist.count,
+    }
+
+
+async def offered_updates(source: Child) -> int:
+    reply = await source.call({"cmd": "stats"}, 10)
+    return int(reply["updates"])
+
+
+async def measure_window(
+    *,
+    probe: Probe,
+    counters: list[Child],
+    source: Child,
+    window: float,
+    during: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """One measurement window: open windows in `counters`, wait, close, collect."""
+    offered0 = await offered_updates(source)
+    before = probe.read()
+    await call_all(counters, {"cmd": "start"}, 10)
+    extra: dict[str, Any] = {}
+    if during is not None:
+        extra, _ = await asyncio.gather(during(), asyncio.sleep(window))
+    else:
+        await asyncio.sleep(window)
+    stops = await call_all(counters, {"cmd": "stop"}, 30)
+    after = probe.read()
+    offered1 = await offered_updates(source)
+    usage = Probe.delta(before, after)
+    seconds = max(s["seconds"] for s in stops)
+    frames = sum(s["frames"] for s in stops)
+    hist = Histogram.merged(s["latency"] for s in stops)
+    result = {
+        "window_s": round(seconds, 3),
+        "offered_updates": offered1 - offered0,
+        "offered_per_s": round((offered1 - offered0) / usage["seconds"], 1),
+        "deliveries": frames,
+        "deliveries_per_s": round(frames / seconds, 1),
+        **latency_fields(hist),
+        "closed_clients": sum(s.get("closed", 0) for s in stops),
+        "server_cpu_s": round(usage["server_cpu"], 3),
+        "server_cpu_pct": round(100 * usage["server_cpu"] / usage["seconds"], 1),
+        "sensor_cpu_pct": round(100 * usage["sensor_cpu"] / usage["seconds"], 1),
+        "loadgen_cpu_pct": round(100 * usage["loadgen_cpu"] / usage["seconds"], 1),
+        "other_cpu_pct": round(100 * usage["other_cpu"] / usage["seconds"], 1),
+        "cpu_us_per_delivery": round(1e6 * usage["server_cpu"] / frames, 2) if frames else None,
+        "udp_rcvbuf_errors": usage["udp_rcvbuf_errors"],
+        **extra,
+    }
+    return result
+
+
+# -- 1 + 5: fan-out (and admission) ------------------------------------------------------------
+
+
+async def fanout(bench: Run, fleet: Fleet, system: str, n: int, phases: list[str]) -> None:
+    """Set up `system` with `n` clients once, then measure each phase."""
+    s = bench.settings
+    sensor: Child | None = None
+    if system == "gateway":
+        sensor = await start_sensor(fleet)
+        server, url = await start_gateway(fleet, sensor)
+        uri = sensor.ready["ready"] + "/r/0"
+        source = sensor
+    else:
+        server, url = await start_bare_ws(fleet)
+        uri = "coap://127.0.0.1:5683/r/0"
+        source = server
+    loadgens = await start_loadgens(fleet, 1 if n < 100 else 2)
+    newcomers = await start_loadgens(fleet, 2) if "admission" in phases else []
+    t0 = time.monotonic()
+    replies = await call_all(loadgens, [
+        {"cmd": "connect", "url": url, "n": k, "uris": [uri], "concurrency": 50,
+         "timeout": 30} for k in split(n, len(loadgens))], timeout=120)
+    connected = sum(r["connected"] for r in replies)
+    if connected < n:
+        raise BenchError(f"{system}: only {connected}/{n} clients connected: "
+                         f"{[r['errors'] for r in replies]}")
+    log(f"  {system} N={n}: {connected} clients connected in {time.monotonic() - t0:.1f} s")
+    probe = Probe(server, sensor, loadgens + newcomers)
+    saturating = min(MAX_SENSOR_RATE, SATURATING_DELIVERIES / n)
+    capacity: float | None = None
+    profile_task: asyncio.Task[dict[str, Any]] | None = None
+    for phase in phases:
+        rate = {"10hz": 10.0, "saturated": saturating, "admission": saturating}.get(phase)
+        if phase == "overload2x":
+            if not capacity:
+                continue
+            rate = 2 * capacity / n
+        assert rate is not None
+        await source.call({"cmd": "rate", "rate": rate})
+        await asyncio.sleep(s.overload_warmup if phase == "overload2x" else s.warmup)
+        during = None
+        if phase == "admission":
+            during = _admission(newcomers, url, uri, s.admission_clients)
+        if (s.profile and system == "gateway" and phase == "saturated"
+                and n == max(s.fanout_ns)):
+            profile_task = asyncio.create_task(_profile(server, s.window, f"fanout-{n}"))
+        result = await measure_window(probe=probe, counters=loadgens + newcomers,
+                                      source=source, window=s.window, during=during)
+        if profile_task is not None:
+            result["profile"] = await profile_task
+            profile_task = None
+        result.update(scenario="fanout", system=system, n=n, phase=phase,
+                      offered_rate=round(rate, 2))
+        per_client = n + (s.admission_clients if phase == "admission" else 0)
+        if result["offered_updates"]:
+            result["share"] = round(
+                result["deliveries"] / (result["offered_updates"] * per_client), 4)
+        if phase == "saturated":
+            capacity = result["deliveries_per_s"]
+        bench.runs.append(result)
+        log(f"  {system} N={n} {phase}: {result['deliveries_per_s']:.0f} deliveries/s, "
+            f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
+            f"share {result.get('share')}, server CPU {result['server_cpu_pct']} %, "
+            f"{result['cpu_us_per_delivery']} µs/delivery, closed {result['closed_clients']}")
+        if phase != phases[-1]:
+            await source.call({"cmd": "rate", "rate": 0})
+            await asyncio.sleep(s.drain)
+    await fleet.stop(*loadgens, *newcomers)
+    await fleet.stop(*[c for c in (server, sensor) if c is not None])
+
+
+def _admission(
+    newcomers: list[Child], url: str, uri: str, clients: int
+) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def admit() -> dict[str, Any]:
+        replies = await call_all(newcomers, [
+            {"cmd": "admit", "url": url, "n": k, "uris": [uri], "concurrency": 50,
+             "timeout": 30} for k in split(clients, len(newcomers))], timeout=120)
+        return {"admission": {
+            "clients": clients,
+            "connected": sum(r["connected"] for r in replies),
+            "failed": sum(r["failed"] for r in replies),
+            "all_handshaken_s": round(max(r.get("all_handshaken", math.inf) for r in replies), 3),
+            "all_subscribed_s": round(max(r.get("all_subscribed", math.inf) for r in replies), 3),
+            "handshake_p50_ms": round(1000 * max(r.get("handshake_p50", 0) for r in replies), 2),
+            "handshake_p99_ms": round(1000 * max(r.get("handshake_p99", 0) for r in replies), 2),
+            "errors": [e for r in replies for e in r["errors"]][:3],
+        }}
+
+    return admit
+
+
+async def _profile(server: Child, seconds: float, label: str) -> dict[str, Any]:
+    """py-spy the server for `seconds`; the top functions by own time (if py-spy exists)."""
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy is None:
+        return {"error": "py-spy not installed"}
+    out = RESULTS / f"profile-{label}.txt"
+    proc = await asyncio.create_subprocess_exec(
+        spy, "record", "--format", "raw", "--rate", "200", "--nonblocking",
+        "-d", str(max(1, int(seconds))), "-p", str(server.pid), "-o", str(out),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await asyncio.wait_for(proc.wait(), seconds + 20)
+    except TimeoutError:
+        proc.kill()
+        return {"error": "py-spy did not finish"}
+    return summarize_profile(out)
+
+
+def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
+    """Own-time and inclusive shares per function from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        return {"error": str(exc)}
+    for line in lines:
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_short_frame(f) for f in stack.split(";")]
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not total:
+        return {"error": "no samples"}
+    return {
+        "file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+        "samples": total,
+        "own": [[f, round(100 * c / total, 1)] for f, c in own.most_common(top)],
+        "inclusive": [[f, round(100 * c / total, 1)] for f, c in inclusive.most_common(top * 2)],
+    }
+
+
+def _short_frame(frame: str) -> str:
+    """'send (websockets/asyncio/connection.py:123)' -> 'send (websockets/asyncio/connection.py)'"""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rpartition(":")[0] or where.rstrip(")")
+    for marker in ("site-packages/", "/lib/python3.11/", str(ROOT) + "/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+    return f"{name} ({where})"
+
+
+# -- 2: ingest ---------------------------------------------------------------------------------
+
+
+async def ingest(bench: Run, fleet: Fleet, system: str) -> None:
+    s = bench.settings
+    k = s.ingest_resources
+    sensor = await start_sensor(fleet, resources=k)
+    uris = [f"{sensor.ready['ready']}/r/{i}" for i in range(k)]
+    if system == "gateway":
+        server, url = await start_gateway(fleet, sensor)
+        counters = await start_loadgens(fleet, 2)
+        replies = await call_all(counters, [
+            {"cmd": "connect", "url": url, "n": 5, "uris": part, "assign": "split",
+             "wait_notify": True, "timeout": 60} for part in (uris[0::2], uris[1::2])], 150)
+        ready = sum(r["connected"] for r in replies) == 10
+    else:
+        server = await fleet.python("bare_coap", "bench.bare_coap")
+        counters = [server]
+        reply = await server.call({"cmd": "observe", "uris": uris, "timeout": 60}, 90)
+        ready = reply["observing"] == k
+    if not ready:
+        raise BenchError(f"ingest {system}: not every resource is observed")
+    probe = Probe(server, sensor, [c for c in counters if c is not server])
+    best: dict[str, Any] | None = None
+    for rate in s.ingest_rates:
+        await sensor.call({"cmd": "rate", "rate": rate})
+        await asyncio.sleep(1.0)
+        result = await measure_window(probe=probe, counters=counters, source=sensor,
+                                      window=s.ingest_window)
+        offered = result["offered_updates"]
+        share = result["deliveries"] / offered if offered else 0.0
+        p99 = result["p99_ms"] or math.inf
+        sustained = share >= 0.98 and p99 <= 200
+        result.update(scenario="ingest", system=system, resources=k, offered_rate=rate,
+                      share=round(share, 4), sustained=sustained,
+                      cpu_ms_per_1000=round(1e6 * result["server_cpu_s"] / result["deliveries"],
+                                            2) if result["deliveries"] else None)
+        bench.runs.append(result)
+        log(f"  ingest {system} {rate}/s: share {share:.3f}, p99 {result['p99_ms']} ms, "
+            f"server CPU {result['server_cpu_pct']} % -> {'ok' if sustained else 'LOSS'}")
+        if not sustained:
+            break
+        best = result
+    bench.runs.append({"scenario": "ingest_best", "system": system,
+                       "max_sustained_per_s": best["offered_per_s"] if best else 0.0,
+                       "cpu_ms_per_1000": best["cpu_ms_per_1000"] if best else None,
+                       "server_cpu_pct": best["server_cpu_pct"] if best else None})
+    await fleet.stop(*counters, server, sensor)
+
+
+# -- 3: commands -------------------------------------------------------------------------------
+
+COMMAND_SHAPES = (("sequential", 1, 1), ("50 in flight", 10, 50))
+
+
+async def commands(bench: Run, fleet: Fleet, system: str) -> None:
+    s = bench.settings
+    sensor = await start_sensor(fleet)
+    uri = sensor.ready["ready"] + "/r/0"
+    if system == "gateway":
+        server, url = await start_gateway(fleet, sensor)
+        client = (await start_loadgens(fleet, 1))[0]
+    else:
+        server = client = await fleet.python("bare_coap", "bench.bare_coap")
+    for method in ("GET", "PUT"):
+        for shape, clients, inflight in COMMAND_SHAPES:
+            before = server.cpu()
+            if system == "gateway":
+                frame: dict[str, Any] = {"type": "request", "method": method, "uri": uri}
+                if method == "PUT":
+                    frame["value"] = PUT_VALUE
+                reply = await client.call({
+                    "cmd": "requests", "url": url, "clients": clients, "inflight": inflight,
+                    "duration": s.command_seconds, "frame": frame}, s.command_seconds + 30)
+            else:
+                reply = await client.call({
+                    "cmd": "requests", "uri": uri, "method": method, "inflight": inflight,
+                    "payload_hex": PUT_CBOR_HEX if method == "PUT" else "",
+                    "duration": s.command_seconds}, s.command_seconds + 30)
+            server_cpu = server.cpu() - before
+            hist = Histogram.merged([reply["latency"]])
+            result = {
+                "scenario": "commands", "system": system, "method": method, "shape": shape,
+                "round_trips_per_s": round(reply["round_trips"] / reply["seconds"], 1),
+                **latency_fields(hist), "codes": reply["codes"], "errors": reply["errors"],
+                "server_cpu_pct": round(100 * server_cpu / reply["seconds"], 1),
+            }
+            bench.runs.append(result)
+            log(f"  commands {system} {method} {shape}: {result['round_trips_per_s']:.0f}/s, "
+                f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
+    await fleet.stop(*{client, server}, sensor)
+
+
+# -- 4: memory ---------------------------------------------------------------------------------
+
+
+async def settled_rss(child: Child, seconds: float = 1.0) -> int:
+    await asyncio.sleep(seconds)
+    return child.rss()
+
+
+async def memory_connections(bench: Run, fleet: Fleet, system: str) -> None:
+    s = bench.settings
+    sensor = None
+    if system == "gateway":
+        sensor = await start_sensor(fleet)
+        server, url = await start_gateway(fleet, sensor)
+    else:
+        server, url = await start_bare_ws(fleet)
+    loadgens = await start_loadgens(fleet, 4 if max(s.idle_connections) > 2000 else 1)
+    base = await settled_rss(server, 0.5)
+    total = 0
+    for target in s.idle_connections:
+        add = target - total
+        replies = await call_all(loadgens, [
+            {"cmd": "connect", "url": url, "n": k, "uris": [], "concurrency": 50,
+             "timeout": 60} for k in split(add, len(loadgens))], timeout=300)
+        total += sum(r["connected"] for r in replies)
+        rss = await settled_rss(server)
+        result = {
+            "scenario": "memory_connections", "system": system, "connections": total,
+            "target": target, "rss_base_mib": round(base / 2**20, 1),
+            "rss_mib": round(rss / 2**20, 1),
+            "kib_per_connection": round((rss - base) / 1024 / total, 2) if total else None,
+        }
+        bench.runs.append(result)
+        log(f"  memory {system}: {total} idle connections, "
+            f"{result['kib_per_connection']} KiB each (RSS {result['rss_mib']} MiB)")
+        if total < target:
+            bench.errors.append(f"memory {system}: only {total}/{target} connections: "
+                                f"{[r['errors'] for r in replies]}")
+            break
+    await fleet.stop(*loadgens)
+    await fleet.stop(*[c for c in (server, sensor) if c is not None])
+
+
+async def memory_resources(bench: Run, fleet: Fleet, system: str) -> None:
+    s = bench.settings
+    top = max(s.observed_resources)
+    sensor = await start_sensor(fleet, resources=top)
+    uris = [f"{sensor.ready['ready']}/r/{i}" for i in range(top)]
+    loadgen: Child | None = None
+    if system == "gateway":
+        server, url = await start_gateway(fleet, sensor)
+        loadgen = (await start_loadgens(fleet, 1))[0]
+    else:
+        server = await fleet.python("bare_coap", "bench.bare_coap")
+    base = await settled_rss(server, 0.5)
+    done = 0
+    connections = 0
+    for target in s.observed_resources:
+        part = uris[done:target]
+        if loadgen is not None:
+            reply = await loadgen.call(
+                {"cmd": "connect", "url": url, "n": 10, "uris": part, "assign": "split",
+                 "wait_notify": True, "timeout": 120}, 300)
+            connections += reply["connected"]
+            ok = reply["connected"] == 10
+        else:
+            reply = await server.call({"cmd": "observe", "uris": part, "timeout": 120}, 300)
+            ok = reply["observing"] == len(part)
+        if not ok:
+            bench.errors.append(f"memory {system}: observing {target} failed: {reply}")
+            break
+        done = target
+        rss = await settled_rss(server)
+        result = {
+            "scenario": "memory_resources", "system": system, "resources": done,
+            "connections": connections, "rss_base_mib": round(base / 2**20, 1),
+            "rss_mib": round(rss / 2**20, 1),
+            "kib_per_resource": round((rss - base) / 1024 / done, 2),
+        }
+        bench.runs.append(result)
+        log(f"  memory {system}: {done} observed resources, {result['kib_per_resource']} KiB "
+            f"each (RSS {result['rss_mib']} MiB, {connections} connections)")
+    await fleet.stop(*[c for c in (loadgen, server, sensor) if c is not None])
+
+
+# -- the summary: ratios and targets -----------------------------------------------------------
+
+
+def _find(runs: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    for run in runs:
+        if all(run.get(k) == v for k, v in match.items()):
+            return run
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def summarize(bench: Run) -> dict[str, Any]:
+    runs = bench.runs
+    s = bench.settings
+    ratios: dict[str, Any] = {}
+    for n in s.fanout_ns:
+        for phase in ("saturated", "10hz", "overload2x", "admission"):
+            gw = _find(runs, scenario="fanout", system="gateway", n=n, phase=phase)
+            bare = _find(runs, scenario="fanout", system="bare_ws", n=n, phase=phase)
+            if gw and bare:
+                ratios[f"fanout N={n} {phase}"] = {
+                    "deliveries_per_s": _ratio(gw["deliveries_per_s"], bare["deliveries_per_s"]),
+                    "p50_latency": _ratio(gw["p50_ms"], bare["p50_ms"]),
+                    "p99_latency": _ratio(gw["p99_ms"], bare["p99_ms"]),
+                    "cpu_per_delivery": _ratio(gw["cpu_us_per_delivery"],
+                                               bare["cpu_us_per_delivery"]),
+                    "share": _ratio(gw.get("share"), bare.get("share")),
+                }
+                if phase == "admission":
+                    ga, ba = gw.get("admission", {}), bare.get("admission", {})
+                    ratios[f"fanout N={n} admission"]["all_handshaken"] = _ratio(
+                        ga.get("all_handshaken_s"), ba.get("all_handshaken_s"))
+    gi = _find(runs, scenario="ingest_best", system="gateway")
+    bi = _find(runs, scenario="ingest_best", system="bare_coap")
+    if gi and bi:
+        ratios["ingest"] = {
+            "max_sustained": _ratio(gi["max_sustained_per_s"], bi["max_sustained_per_s"]),
+            "cpu_per_1000": _ratio(gi["cpu_ms_per_1000"], bi["cpu_ms_per_1000"]),
+        }
+    for method in ("GET", "PUT"):
+        for shape, _, _ in COMMAND_SHAPES:
+            gw = _find(runs, scenario="commands", system="gateway", method=method, shape=shape)
+            bare = _find(runs, scenario="commands", system="bare_coap", method=method,
+                         shape=shape)
+            if gw and bare:
+                ratios[f"commands {method} {shape}"] = {
+                    "round_trips_per_s": _ratio(gw["round_trips_per_s"],
+                                                bare["round_trips_per_s"]),
+                    "p50_latency": _ratio(gw["p50_ms"], bare["p50_ms"]),
+                    "p99_latency": _ratio(gw["p99_ms"], bare["p99_ms"]),
+                }
+    for count in s.idle_connections:
+        gw = _find(runs, scenario="memory_connections", system="gateway", target=count)
+        bare = _find(runs, scenario="memory_connections", system="bare_ws", target=count)
+        if gw and bare:
+            ratios[f"memory per idle connection at {count}"] = _ratio(
+                gw["kib_per_connection"], bare["kib_per_connection"])
+    for count in s.observed_resources:
+        gw = _find(runs, scenario="memory_resources", system="gateway", resources=count)
+        bare = _find(runs, scenario="memory_resources", system="bare_coap", resources=count)
+        if gw and bare:
+            ratios[f"memory per observed resource at {count}"] = _ratio(
+                gw["kib_per_resource"], bare["kib_per_resource"])
+    return {"ratios": ratios, "targets": targets(bench, ratios)}
+
+
+def targets(bench: Run, ratios: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = bench.runs
+    out: list[dict[str, Any]] = []
+
+    def target(name: str, bound: str, value: Any, holds: bool | None) -> None:
+        out.append({"target": name, "bound": bound, "value": value, "holds": holds})
+
+    r = ratios.get("fanout N=1000 saturated", {}).get("deliveries_per_s")
+    target("fan-out N=1000 deliveries/s vs bare broadcast", ">= 1.00 x", r,
+           None if r is None else r >= 1.0)
+    gw = _find(runs, scenario="fanout", system="gateway", n=1000, phase="overload2x")
+    v = gw["p99_ms"] if gw else None
+    target("p99 latency, N=1000, sensor offering 2x capacity", "<= 50 ms", v,
+           None if v is None else v <= 50)
+    gw = _find(runs, scenario="fanout", system="gateway", n=1000, phase="10hz")
+    v = gw["p99_ms"] if gw else None
+    target("p99 latency, N=1000 x 10 updates/s", "<= 10 ms", v, None if v is None else v <= 10)
+    gw = _find(runs, scenario="fanout", system="gateway", n=1000, phase="admission")
+    adm = gw.get("admission") if gw else None
+    v = adm["all_handshaken_s"] if adm else None
+    target("1000 new handshakes while fan-out saturates", "<= 2 s", v,
+           None if v is None or adm is None else (v <= 2 and adm["failed"] == 0))
+    gw = _find(runs, scenario="fanout", system="gateway", n=1000, phase="saturated")
+    v = gw["cpu_us_per_delivery"] if gw else None
+    target("gateway CPU per delivered frame, N=1000", "<= 3 us", v,
+           None if v is None else v <= 3)
+    for count in (1000, 10_000):
+        m = _find(runs, scenario="memory_connections", system="gateway", target=count)
+        v = m["kib_per_connection"] if m and m["connections"] == count else None
+        target(f"RSS per idle connection at {count}", "<= 16 KiB", v,
+               None if v is None else v <= 16)
+    for count in (1000, 10_000):
+        m = _find(runs, scenario="memory_resources", system="gateway", resources=count)
+        v = m["kib_per_resource"] if m else None
+        target(f"RSS per observed resource at {count}", "<= 8 KiB", v,
+               None if v is None else v <= 8)
+    r = ratios.get("ingest", {}).get("max_sustained")
+    target("ingest vs bare aiocoap observe rate", ">= 0.80 x", r, None if r is None else r >= 0.8)
+    return out
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if value >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+              for row in cells]
+    return "\n".join(lines)
+
+
+def report(result: dict[str, Any]) -> str:
+    runs = result["runs"]
+    parts = []
+    fan = [r for r in runs if r.get("scenario") == "fanout"]
+    if fan:
+        parts.append("Fan-out (one resource, N clients)\n" + table(
+            ["system", "N", "phase", "offered/s", "deliv/s", "share", "p50 ms", "p99 ms",
+             "srv CPU%", "µs/deliv", "sensor%", "loadgen%", "other%", "closed"],
+            [[r["system"], r["n"], r["phase"], r["offered_per_s"], r["deliveries_per_s"],
+              r.get("share"), r["p50_ms"], r["p99_ms"], r["server_cpu_pct"],
+              r["cpu_us_per_delivery"], r["sensor_cpu_pct"], r["loadgen_cpu_pct"],
+              r["other_cpu_pct"], r["closed_clients"]] for r in fan]))
+        adm = [r for r in fan if "admission" in r]
+        if adm:
+            parts.append("Admission (new clients while fan-out saturates)\n" + table(
+                ["system", "N", "new", "connected", "all handshaken s", "all subscribed s",
+                 "handshake p50 ms", "p99 ms"],
+                [[r["system"], r["n"], r["admission"]["clients"], r["admission"]["connected"],
+                  r["admission"]["all_handshaken_s"], r["admission"]["all_subscribed_s"],
+                  r["admission"]["handshake_p50_ms"], r["admission"]["handshake_p99_ms"]]
+                 for r in adm]))
+    ing = [r for r in runs if r.get("scenario") == "ingest_best"]
+    if ing:
+        parts.append("Ingest (1000 observed resources)\n" + table(
+            ["system", "max sustained notif/s", "CPU ms / 1000", "server CPU%"],
+            [[r["system"], r["max_sustained_per_s"], r["cpu_ms_per_1000"],
+              r["server_cpu_pct"]] for r in ing]))
+    cmd = [r for r in runs if r.get("scenario") == "commands"]
+    if cmd:
+        parts.append("Commands (request round trips)\n" + table(
+            ["system", "method", "shape", "round trips/s", "p50 ms", "p99 ms", "srv CPU%"],
+            [[r["system"], r["method"], r["shape"], r["round_trips_per_s"], r["p50_ms"],
+              r["p99_ms"], r["server_cpu_pct"]] for r in cmd]))
+    mem = [r for r in runs if r.get("scenario", "").startswith("memory")]
+    if mem:
+        parts.append("Memory (RSS growth)\n" + table(
+            ["system", "what", "count", "RSS MiB", "KiB each"],
+            [[r["system"], "idle connection" if "connections" in r["scenario"] else
+              "observed resource", r.get("target", r.get("resources")), r["rss_mib"],
+              r.get("kib_per_connection", r.get("kib_per_resource"))] for r in mem]))
+    ratios = result["summary"]["ratios"]
+    if ratios:
+        rows = []
+        for name, value in ratios.items():
+            if isinstance(value, dict):
+                rows += [[name, k, v] for k, v in value.items() if v is not None]
+            else:
+                rows.append([name, "", value])
+        parts.append("Gateway / baseline ratios\n" + table(["what", "figure", "ratio"], rows))
+    parts.append("Targets\n" + table(
+        ["target", "bound", "measured", "holds"],
+        [[t["target"], t["bound"], t["value"], t["holds"]] for t in result["summary"]["targets"]]))
+    if result["errors"]:
+        parts.append("Errors\n" + "\n".join(result["errors"]))
+    return "\n\n".join(parts)
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fan = [r for r in result["runs"] if r.get("scenario") == "fanout"
+           and r["phase"] == "saturated"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"gateway": ("tab:blue", "o", "gateway"),
+              "bare_ws": ("tab:gray", "s", "bare websockets broadcast")}
+    for system, (color, marker, label) in styles.items():
+        rows = sorted((r for r in fan if r["system"] == system), key=lambda r: r["n"])
+        if not rows:
+            continue
+        ns = [r["n"] for r in rows]
+        ax1.plot(ns, [r["deliveries_per_s"] for r in rows], marker=marker, color=color,
+                 label=label)
+        ax2.plot(ns, [r["p99_ms"] or float("nan") for r in rows], marker=marker,
+                 color=color, label=label)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xlabel("subscribed clients (N)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    ax1.set_ylabel("deliveries/s (all clients)")
+    ax1.set_title("Fan-out throughput, sensor saturating")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("p99 sensor→client latency (ms)")
+    ax2.set_title("p99 latency, sensor saturating")
+    meta = result["meta"]
+    fig.suptitle(f"coap-ws-gateway fan-out ({meta['mode']} run, {meta['date']}, "
+                 f"{meta['cpus']} CPUs)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+async def run_all(bench: Run, log_dir: Path) -> None:
+    s = bench.settings
+    plan: list[tuple[str, Callable[[Fleet], Awaitable[None]]]] = []
+    if "fanout" in s.scenarios:
+        for n in s.fanout_ns:
+            phases = ["saturated"]
+            if n == 1000:
+                phases = ["10hz", "saturated", "overload2x"]
+                if s.admission_clients:
+                    phases.append("admission")
+            for system in ("gateway", "bare_ws"):
+                plan.append((f"fan-out {system} N={n}",
+                             partial(fanout, bench, system=system, n=n, phases=phases)))
+    if "ingest" in s.scenarios:
+        for system in ("gateway", "bare_coap"):
+            plan.append((f"ingest {system}", partial(ingest, bench, system=system)))
+    if "commands" in s.scenarios:
+        for system in ("gateway", "bare_coap"):
+            plan.append((f"commands {system}", partial(commands, bench, system=system)))
+    if "memory" in s.scenarios:
+        for system in ("gateway", "bare_ws"):
+            plan.append((f"memory connections {system}",
+                         partial(memory_connections, bench, system=system)))
+        for system in ("gateway", "bare_coap"):
+            plan.append((f"memory resources {system}",
+                         partial(memory_resources, bench, system=system)))
+    for name, step in plan:
+        log(name)
+        async with Fleet(log_dir / name.replace(" ", "_").replace("=", "")) as fleet:
+            try:
+                await step(fleet)
+            except BenchError as exc:
+                bench.errors.append(f"{name}: {exc}")
+                log(f"  FAILED: {exc}")
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    settings = Settings.for_mode(args)
+    out = Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="coap-ws-bench-"))
+    bench = Run(settings)
+    started = time.monotonic()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    log(f"{settings.mode} run, budget {settings.budget:g} s, logs in {log_dir}")
+    incomplete = False
+    try:
+        async with asyncio.timeout(settings.budget):
+            await run_all(bench, log_dir)
+    except TimeoutError:
+        incomplete = True
+        bench.errors.append(f"time budget of {settings.budget:g} s exceeded; results partial")
+    result: dict[str, Any] = {
+        "meta": {
+            "mode": settings.mode,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "commit": _git_commit(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "loadavg_at_start": load_at_start,
+            "seconds": round(time.monotonic() - started, 1),
+            "incomplete": incomplete,
+            "settings": {k: v for k, v in vars(settings).items()},
+        },
+        "runs": bench.runs,
+        "errors": bench.errors,
+    }
+    result["summary"] = summarize(bench)
+    path = out / "latest.json"
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print()
+    print(report(result))
+    print(f"\nwrote {path}")
+    if settings.chart:
+        chart_path = out / "latest.png"
+        try:
+            chart(result, chart_path)
+            print(f"wrote {chart_path}")
+        except ImportError:
+            print("matplotlib is missing (pip install -e '.[bench]'): no chart", file=sys.stderr)
+            return 1
+    if not bench.errors:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    else:
+        print(f"child logs kept in {log_dir}", file=sys.stderr)
+    return 1 if bench.errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller and shorter: < 1 min")
+    parser.add_argument("--large", action="store_true", help="also fan-out at N = 5000")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one tiny fan-out (N = 2) for the test suite")
+    parser.add_argument("--only", action="append",
+                        choices=["fanout", "ingest", "commands", "memory"],
+                        help="run only this scenario (repeatable)")
+    parser.add_argument("--out", help="directory for latest.json and latest.png "
+                        "(default bench/results)")
+    parser.add_argument("--budget", type=float, help="seconds the whole run may take")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the gateway during the largest saturated fan-out")
+    parser.add_argument("--no-chart", action="store_true")
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(main_async(args))
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
