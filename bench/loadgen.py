@@ -196,19 +196,29 @@ class LoadGen:
         )
 
     async def _subscribe_fast(
-        self, ws: ClientConnection, uris: list[str], wait_notify: bool, timeout: float
+        self,
+        ws: ClientConnection,
+        uris: list[str],
+        wait_notify: bool,
+        timeout: float,
+        batch: int,
     ) -> None:
-        """Hand the connection to a `FastReader`, then subscribe through it."""
+        """Hand the connection to a `FastReader`, then subscribe through it, `batch`
+        subscriptions at a time (each batch answered before the next is sent)."""
         transport = ws.transport
         reader = FastReader(self, transport)
         transport.set_protocol(reader)
         self.clients.append(ws)
         self.fast.append(reader)
-        for number, uri in enumerate(uris, 1):
-            reader.send_text(json.dumps({"type": "subscribe", "id": number, "uri": uri}))
-        need = len(uris) if wait_notify else 0
-        await reader.wait(lambda: reader.subscribed >= len(uris) and reader.notified >= need,
-                          timeout)
+        async with asyncio.timeout(timeout):
+            for first in range(0, len(uris), max(1, batch)):
+                chunk = uris[first:first + max(1, batch)]
+                for number, uri in enumerate(chunk, first + 1):
+                    reader.send_text(json.dumps({"type": "subscribe", "id": number, "uri": uri}))
+                sent = first + len(chunk)
+                need = sent if wait_notify else 0
+                await reader.wait(lambda s=sent, n=need: reader.subscribed >= s  # type: ignore[misc]
+                                  and reader.notified >= n, timeout)
 
     async def _subscribe(
         self, ws: ClientConnection, uris: list[str], wait_notify: bool, timeout: float
@@ -273,6 +283,7 @@ class LoadGen:
         per_client = self._assign(list(command.get("uris", [])), n, command.get("assign", "all"))
         wait_notify = bool(command.get("wait_notify", False))
         fast = command.get("reader", "fast") == "fast"
+        batch = int(command.get("batch", 1 << 30))
         gate = asyncio.Semaphore(int(command.get("concurrency", 50)))
         handshakes: list[float] = []
         handshaken: list[float] = []
@@ -287,7 +298,7 @@ class LoadGen:
                     ws = await self._open(url, timeout)
                     t1 = time.monotonic()
                     if fast:
-                        await self._subscribe_fast(ws, uris, wait_notify, timeout)
+                        await self._subscribe_fast(ws, uris, wait_notify, timeout, batch)
                     else:
                         await self._subscribe(ws, uris, wait_notify, timeout)
                     t2 = time.monotonic()

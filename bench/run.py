@@ -50,6 +50,10 @@ SATURATING_DELIVERIES = 200_000
 """Offered updates/s at fan-out N are this / N (at most MAX_SENSOR_RATE): far more than a
 Python process on one core can deliver, so the run measures capacity."""
 MAX_SENSOR_RATE = 20_000
+SUBSCRIBE_BATCH = 10
+"""Subscriptions a client sends before waiting for their first notifies. With 10 clients,
+100 registrations are in flight; a burst of several hundred overflows the gateway's UDP
+receive buffer (see docs/performance.md) and each lost answer costs a registration timeout."""
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Settings:
     ingest_rates: tuple[int, ...] = (1000, 2000, 3000, 4000, 6000, 8000, 11_000, 15_000)
     ingest_resources: int = 1000
     ingest_window: float = 2.5
+    settle: float = 1.0
+    """Seconds to let a new rate (ingest) or new connections (memory) settle."""
     command_seconds: float = 3.0
     idle_connections: tuple[int, ...] = (1000, 10_000)
     observed_resources: tuple[int, ...] = (1000, 10_000)
@@ -78,10 +84,13 @@ class Settings:
             s = cls(mode="smoke", fanout_ns=(2,), window=1.5, warmup=0.5, drain=0.5,
                     scenarios=("fanout",), budget=60.0, chart=False, admission_clients=0)
         elif args.quick:
-            s = cls(mode="quick", fanout_ns=(1, 100, 1000), window=2.0, warmup=1.0,
-                    overload_warmup=1.5, drain=1.0, ingest_rates=(1000, 3000, 6000),
-                    ingest_window=1.5, command_seconds=1.0, idle_connections=(1000,),
-                    observed_resources=(1000,), admission_clients=1000, budget=100.0)
+            # Under a minute: fan-out at 1 and 1000 only, shorter windows, no admission
+            # phase, memory at 1000 only.
+            s = cls(mode="quick", fanout_ns=(1, 1000), window=1.5, warmup=0.7,
+                    overload_warmup=1.0, drain=0.5, ingest_rates=(1000, 3000),
+                    ingest_window=1.2, settle=0.5, command_seconds=0.7,
+                    idle_connections=(1000,), observed_resources=(1000,), admission_clients=0,
+                    budget=90.0)
         else:
             s = cls()
         if args.large:
@@ -419,6 +428,25 @@ def _short_frame(frame: str) -> str:
     return f"{name} ({where})"
 
 
+async def floor(bench: Run, fleet: Fleet) -> None:
+    """The CPU cost of one write of one frame to one loopback client (bench/floor.py)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.floor", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise BenchError("bench.floor did not finish within 60 s") from None
+    if proc.returncode != 0:
+        raise BenchError(f"bench.floor exited with {proc.returncode}")
+    result = json.loads(out)
+    bench.runs.append({"scenario": "floor", "system": "python", **result})
+    log(f"  one frame to one loopback client: socket.send {result['socket_send_us']} µs, "
+        f"asyncio transport.write {result['transport_write_us']} µs of CPU")
+
+
 # -- 2: ingest ---------------------------------------------------------------------------------
 
 
@@ -427,27 +455,43 @@ async def ingest(bench: Run, fleet: Fleet, system: str) -> None:
     k = s.ingest_resources
     sensor = await start_sensor(fleet, resources=k)
     uris = [f"{sensor.ready['ready']}/r/{i}" for i in range(k)]
+    udp0 = udp_counters().get("RcvbufErrors", 0)
+    t0 = time.monotonic()
     if system == "gateway":
         server, url = await start_gateway(fleet, sensor)
         counters = await start_loadgens(fleet, 2)
+        t0 = time.monotonic()
         replies = await call_all(counters, [
             {"cmd": "connect", "url": url, "n": 5, "uris": part, "assign": "split",
-             "wait_notify": True, "timeout": 60} for part in (uris[0::2], uris[1::2])], 150)
+             "wait_notify": True, "timeout": 60, "batch": SUBSCRIBE_BATCH}
+            for part in (uris[0::2], uris[1::2])], 150)
         ready = sum(r["connected"] for r in replies) == 10
     else:
         server = await fleet.python("bare_coap", "bench.bare_coap")
         counters = [server]
+        t0 = time.monotonic()
         reply = await server.call({"cmd": "observe", "uris": uris, "timeout": 60}, 90)
         ready = reply["observing"] == k
     if not ready:
         raise BenchError(f"ingest {system}: not every resource is observed")
+    setup = {"setup_s": round(time.monotonic() - t0, 2),
+             "registrations": (await sensor.call({"cmd": "stats"}))["registrations"],
+             "setup_udp_rcvbuf_errors": udp_counters().get("RcvbufErrors", 0) - udp0}
+    log(f"  ingest {system}: {k} resources observed in {setup['setup_s']} s "
+        f"({setup['registrations']} registrations)")
     probe = Probe(server, sensor, [c for c in counters if c is not server])
     best: dict[str, Any] | None = None
     for rate in s.ingest_rates:
         await sensor.call({"cmd": "rate", "rate": rate})
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(s.settle)
+        profile_task = None
+        if s.profile and system == "gateway" and rate == s.ingest_rates[0]:
+            profile_task = asyncio.create_task(_profile(server, s.ingest_window,
+                                                        f"ingest-{rate}"))
         result = await measure_window(probe=probe, counters=counters, source=sensor,
                                       window=s.ingest_window)
+        if profile_task is not None:
+            result["profile"] = await profile_task
         offered = result["offered_updates"]
         share = result["deliveries"] / offered if offered else 0.0
         p99 = result["p99_ms"] or math.inf
@@ -462,7 +506,7 @@ async def ingest(bench: Run, fleet: Fleet, system: str) -> None:
         if not sustained:
             break
         best = result
-    bench.runs.append({"scenario": "ingest_best", "system": system,
+    bench.runs.append({"scenario": "ingest_best", "system": system, **setup,
                        "max_sustained_per_s": best["offered_per_s"] if best else 0.0,
                        "cpu_ms_per_1000": best["cpu_ms_per_1000"] if best else None,
                        "server_cpu_pct": best["server_cpu_pct"] if best else None})
@@ -537,7 +581,7 @@ async def memory_connections(bench: Run, fleet: Fleet, system: str) -> None:
             {"cmd": "connect", "url": url, "n": k, "uris": [], "concurrency": 50,
              "timeout": 60} for k in split(add, len(loadgens))], timeout=300)
         total += sum(r["connected"] for r in replies)
-        rss = await settled_rss(server)
+        rss = await settled_rss(server, s.settle)
         result = {
             "scenario": "memory_connections", "system": system, "connections": total,
             "target": target, "rss_base_mib": round(base / 2**20, 1),
@@ -574,7 +618,7 @@ async def memory_resources(bench: Run, fleet: Fleet, system: str) -> None:
         if loadgen is not None:
             reply = await loadgen.call(
                 {"cmd": "connect", "url": url, "n": 10, "uris": part, "assign": "split",
-                 "wait_notify": True, "timeout": 120}, 300)
+                 "wait_notify": True, "timeout": 120, "batch": SUBSCRIBE_BATCH}, 300)
             connections += reply["connected"]
             ok = reply["connected"] == 10
         else:
@@ -584,7 +628,7 @@ async def memory_resources(bench: Run, fleet: Fleet, system: str) -> None:
             bench.errors.append(f"memory {system}: observing {target} failed: {reply}")
             break
         done = target
-        rss = await settled_rss(server)
+        rss = await settled_rss(server, s.settle)
         result = {
             "scenario": "memory_resources", "system": system, "resources": done,
             "connections": connections, "rss_base_mib": round(base / 2**20, 1),
@@ -757,6 +801,12 @@ def report(result: dict[str, Any]) -> str:
                   r["admission"]["all_handshaken_s"], r["admission"]["all_subscribed_s"],
                   r["admission"]["handshake_p50_ms"], r["admission"]["handshake_p99_ms"]]
                  for r in adm]))
+    floors = [r for r in runs if r.get("scenario") == "floor"]
+    if floors:
+        parts.append("Floor: CPU of one write of one frame to one loopback client\n" + table(
+            ["frame bytes", "clients", "socket.send µs", "transport.write µs"],
+            [[r["frame_bytes"], r["clients"], r["socket_send_us"], r["transport_write_us"]]
+             for r in floors]))
     ing = [r for r in runs if r.get("scenario") == "ingest_best"]
     if ing:
         parts.append("Ingest (1000 observed resources)\n" + table(
@@ -846,6 +896,7 @@ async def run_all(bench: Run, log_dir: Path) -> None:
     s = bench.settings
     plan: list[tuple[str, Callable[[Fleet], Awaitable[None]]]] = []
     if "fanout" in s.scenarios:
+        plan.append(("syscall floor", partial(floor, bench)))
         for n in s.fanout_ns:
             phases = ["saturated"]
             if n == 1000:
