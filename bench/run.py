@@ -86,9 +86,9 @@ class Settings:
         elif args.quick:
             # Under a minute: fan-out at 1 and 1000 only, shorter windows, no admission
             # phase, memory at 1000 only.
-            s = cls(mode="quick", fanout_ns=(1, 1000), window=1.5, warmup=0.7,
-                    overload_warmup=1.0, drain=0.5, ingest_rates=(1000, 3000),
-                    ingest_window=1.2, settle=0.5, command_seconds=0.7,
+            s = cls(mode="quick", fanout_ns=(1, 1000), window=1.2, warmup=0.5,
+                    overload_warmup=0.8, drain=0.4, ingest_rates=(1000, 3000),
+                    ingest_window=1.0, settle=0.4, command_seconds=0.6,
                     idle_connections=(1000,), observed_resources=(1000,), admission_clients=0,
                     budget=90.0)
         else:
@@ -849,9 +849,9 @@ def chart(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fan = [r for r in result["runs"] if r.get("scenario") == "fanout"
-           and r["phase"] == "saturated"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    runs = [r for r in result["runs"] if r.get("scenario") == "fanout"]
+    fan = [r for r in runs if r["phase"] == "saturated"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
     styles = {"gateway": ("tab:blue", "o", "gateway"),
               "bare_ws": ("tab:gray", "s", "bare websockets broadcast")}
     for system, (color, marker, label) in styles.items():
@@ -862,17 +862,29 @@ def chart(result: dict[str, Any], path: Path) -> None:
         ax1.plot(ns, [r["deliveries_per_s"] for r in rows], marker=marker, color=color,
                  label=label)
         ax2.plot(ns, [r["p99_ms"] or float("nan") for r in rows], marker=marker,
-                 color=color, label=label)
+                 color=color, label=f"{label}, saturating")
+        for phase, point, what in (("overload2x", "^", "2x capacity"),
+                                   ("10hz", "v", "10 updates/s")):
+            extra = [r for r in runs if r["system"] == system and r["phase"] == phase]
+            if extra:
+                ax2.scatter([r["n"] for r in extra], [r["p99_ms"] or float("nan")
+                                                      for r in extra],
+                            marker=point, color=color, label=f"{label}, {what}", zorder=3)
+    ax2.axhline(50, color="tab:red", linestyle="--", linewidth=0.8, label="targets: 50 ms, 10 ms")
+    ax2.axhline(10, color="tab:red", linestyle="--", linewidth=0.8)
+    all_ns = sorted({r["n"] for r in runs})
     for ax in (ax1, ax2):
         ax.set_xscale("log")
+        ax.set_xticks(all_ns, [str(n) for n in all_ns])
         ax.set_xlabel("subscribed clients (N)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=7)
     ax1.set_ylabel("deliveries/s (all clients)")
     ax1.set_title("Fan-out throughput, sensor saturating")
     ax2.set_yscale("log")
     ax2.set_ylabel("p99 sensor→client latency (ms)")
-    ax2.set_title("p99 latency, sensor saturating")
+    ax2.set_title("p99 sensor→client latency")
     meta = result["meta"]
     fig.suptitle(f"coap-ws-gateway fan-out ({meta['mode']} run, {meta['date']}, "
                  f"{meta['cpus']} CPUs)", fontsize=10)
