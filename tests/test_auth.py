@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from translator import auth as auth_module
 from translator.auth import (
@@ -24,6 +26,8 @@ from translator.auth import (
 )
 from translator.config import AuthConfig, ConfigError, TokenConfig, config_from_mapping
 from translator.policy import Policy
+
+from .conftest import WAIT
 
 SENSORS = {
     "kitchen/temperature": "coap://127.0.0.1:5683/temperature",
@@ -477,3 +481,32 @@ def test_authenticate_never_raises(header: str, query: str) -> None:
     tokens = store(TokenConfig(token=SECRET))
     result = tokens.authenticate(header, query)
     assert result is None or result.name == "token"
+
+
+# --- at the handshake (end to end) ------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="gateway.admit/ws_side._check_origin call Headers.get(), which raises "
+    "MultipleValuesError on a repeated header: the handshake fails with HTTP 500 and an "
+    "ERROR traceback in the log instead of 400/401/403",
+)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", f"Bearer {SECRET}"), ("Authorization", f"Bearer {SECRET}")],
+        [("Authorization", f"Bearer {SECRET}"), ("Origin", "http://a"), ("Origin", "http://b")],
+    ],
+    ids=["two-authorization-headers", "two-origin-headers"],
+)
+async def test_repeated_handshake_headers_are_refused_cleanly(
+    headers: list[tuple[str, str]], make_gateway: Any
+) -> None:
+    gateway = await make_gateway(
+        {"server": {"host": "127.0.0.1", "port": 0}, "auth": {"tokens": [{"token": SECRET}]}}
+    )
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(gateway.url, additional_headers=headers, open_timeout=WAIT):
+            pass
+    assert info.value.response.status_code in (400, 401, 403)

@@ -38,10 +38,11 @@ from aiocoap import resource
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import WAIT, Client, gateway_config
 from translator.codecs import MAX_SENML_RECORDS
 from translator.gateway import Gateway
 from translator.sim import SimulatedSensors, _bound_port
+
+from .conftest import WAIT, Client, gateway_config
 
 CF_TEXT, CF_CBOR, CF_SENML_CBOR = 0, 60, 112
 RSS_BOUND = 300 * 2**20
