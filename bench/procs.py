@@ -69,6 +69,29 @@ def udp_counters() -> dict[str, int]:
     return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:], strict=True)}
 
 
+def udp_drops(pid: int) -> int:
+    """Datagrams dropped so far at the UDP sockets of process `pid` (a full receive buffer):
+    the "drops" column of /proc/net/udp and udp6 for the sockets among its descriptors."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return 0
+    drops = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if len(fields) > 12 and fields[9] in inodes:
+                    drops += int(fields[-1])
+    return drops
+
+
 class Child:
     """One process: a JSON-lines command channel on stdin/stdout, stderr to a log file."""
 
@@ -154,6 +177,9 @@ class Child:
 
     def rss(self) -> int:
         return rss_bytes(self.pid)
+
+    def udp_drops(self) -> int:
+        return udp_drops(self.pid)
 
     async def stop(self, grace: float = 6.0) -> int | None:
         """SIGTERM (or `quit` for a command-channel child), then SIGKILL after `grace`."""

@@ -200,6 +200,7 @@ class Probe:
             "loadgens": sum(c.cpu() for c in self.loadgens),
             "machine": machine_busy_seconds(),
             "udp": udp_counters(),
+            "server_udp_drops": self.server.udp_drops(),
         }
 
     @staticmethod
@@ -215,6 +216,7 @@ class Probe:
             "other_cpu": (b["machine"] - a["machine"]) - (b["server"] - a["server"])
             - (b["sensor"] - a["sensor"]) - (b["loadgens"] - a["loadgens"]),
             "udp_rcvbuf_errors": b["udp"].get("RcvbufErrors", 0) - a["udp"].get("RcvbufErrors", 0),
+            "server_udp_drops": b["server_udp_drops"] - a["server_udp_drops"],
         }
 
 
@@ -273,7 +275,8 @@ async def measure_window(
         "loadgen_cpu_pct": round(100 * usage["loadgen_cpu"] / usage["seconds"], 1),
         "other_cpu_pct": round(100 * usage["other_cpu"] / usage["seconds"], 1),
         "cpu_us_per_delivery": round(1e6 * usage["server_cpu"] / frames, 2) if frames else None,
-        "udp_rcvbuf_errors": usage["udp_rcvbuf_errors"],
+        "server_udp_drops": usage["server_udp_drops"],
+        "machine_udp_rcvbuf_errors": usage["udp_rcvbuf_errors"],
         **extra,
     }
     return result
@@ -342,7 +345,8 @@ async def fanout(bench: Run, fleet: Fleet, system: str, n: int, phases: list[str
         log(f"  {system} N={n} {phase}: {result['deliveries_per_s']:.0f} deliveries/s, "
             f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
             f"share {result.get('share')}, server CPU {result['server_cpu_pct']} %, "
-            f"{result['cpu_us_per_delivery']} µs/delivery, closed {result['closed_clients']}")
+            f"{result['cpu_us_per_delivery']} µs/delivery, {result['server_udp_drops']} "
+            f"dropped at its UDP socket, closed {result['closed_clients']}")
         if phase != phases[-1]:
             await source.call({"cmd": "rate", "rate": 0})
             await asyncio.sleep(s.drain)
@@ -476,34 +480,24 @@ async def ingest(bench: Run, fleet: Fleet, system: str) -> None:
         raise BenchError(f"ingest {system}: not every resource is observed")
     setup = {"setup_s": round(time.monotonic() - t0, 2),
              "registrations": (await sensor.call({"cmd": "stats"}))["registrations"],
-             "setup_udp_rcvbuf_errors": udp_counters().get("RcvbufErrors", 0) - udp0}
+             "setup_server_udp_drops": server.udp_drops(),
+             "setup_machine_udp_rcvbuf_errors": udp_counters().get("RcvbufErrors", 0) - udp0}
     log(f"  ingest {system}: {k} resources observed in {setup['setup_s']} s "
         f"({setup['registrations']} registrations)")
     probe = Probe(server, sensor, [c for c in counters if c is not server])
     best: dict[str, Any] | None = None
     for rate in s.ingest_rates:
-        await sensor.call({"cmd": "rate", "rate": rate})
-        await asyncio.sleep(s.settle)
-        profile_task = None
-        if s.profile and system == "gateway" and rate == s.ingest_rates[0]:
-            profile_task = asyncio.create_task(_profile(server, s.ingest_window,
-                                                        f"ingest-{rate}"))
-        result = await measure_window(probe=probe, counters=counters, source=sensor,
-                                      window=s.ingest_window)
-        if profile_task is not None:
-            result["profile"] = await profile_task
-        offered = result["offered_updates"]
-        share = result["deliveries"] / offered if offered else 0.0
-        p99 = result["p99_ms"] or math.inf
-        sustained = share >= 0.98 and p99 <= 200
-        result.update(scenario="ingest", system=system, resources=k, offered_rate=rate,
-                      share=round(share, 4), sustained=sustained,
-                      cpu_ms_per_1000=round(1e6 * result["server_cpu_s"] / result["deliveries"],
-                                            2) if result["deliveries"] else None)
-        bench.runs.append(result)
-        log(f"  ingest {system} {rate}/s: share {share:.3f}, p99 {result['p99_ms']} ms, "
-            f"server CPU {result['server_cpu_pct']} % -> {'ok' if sustained else 'LOSS'}")
-        if not sustained:
+        for attempt in (1, 2):  # a failed step is tried once more: the machine is shared
+            result = await _ingest_step(bench, probe, server, counters, sensor, system, rate)
+            result.update(scenario="ingest", system=system, resources=k, attempt=attempt)
+            bench.runs.append(result)
+            log(f"  ingest {system} {rate}/s: share {result['share']:.3f}, "
+                f"p99 {result['p99_ms']} ms, server CPU {result['server_cpu_pct']} %, "
+                f"{result['server_udp_drops']} dropped at its socket -> "
+                f"{'ok' if result['sustained'] else 'LOSS'}")
+            if result["sustained"]:
+                break
+        if not result["sustained"]:
             break
         best = result
     bench.runs.append({"scenario": "ingest_best", "system": system, **setup,
@@ -511,6 +505,28 @@ async def ingest(bench: Run, fleet: Fleet, system: str) -> None:
                        "cpu_ms_per_1000": best["cpu_ms_per_1000"] if best else None,
                        "server_cpu_pct": best["server_cpu_pct"] if best else None})
     await fleet.stop(*counters, server, sensor)
+
+
+async def _ingest_step(bench: Run, probe: Probe, server: Child, counters: list[Child],
+                       sensor: Child, system: str, rate: int) -> dict[str, Any]:
+    s = bench.settings
+    await sensor.call({"cmd": "rate", "rate": rate})
+    await asyncio.sleep(s.settle)
+    profile_task = None
+    if s.profile and system == "gateway" and rate == s.ingest_rates[0]:
+        profile_task = asyncio.create_task(_profile(server, s.ingest_window, f"ingest-{rate}"))
+    result = await measure_window(probe=probe, counters=counters, source=sensor,
+                                  window=s.ingest_window)
+    if profile_task is not None:
+        result["profile"] = await profile_task
+    offered = result["offered_updates"]
+    share = result["deliveries"] / offered if offered else 0.0
+    p99 = result["p99_ms"] or math.inf
+    result.update(offered_rate=rate, share=round(share, 4),
+                  sustained=share >= 0.98 and p99 <= 200,
+                  cpu_ms_per_1000=round(1e6 * result["server_cpu_s"] / result["deliveries"], 2)
+                  if result["deliveries"] else None)
+    return result
 
 
 # -- 3: commands -------------------------------------------------------------------------------
@@ -685,6 +701,18 @@ def summarize(bench: Run) -> dict[str, Any]:
             "max_sustained": _ratio(gi["max_sustained_per_s"], bi["max_sustained_per_s"]),
             "cpu_per_1000": _ratio(gi["cpu_ms_per_1000"], bi["cpu_ms_per_1000"]),
         }
+        # CPU per notification falls as the rate rises (fixed costs spread): compare it also
+        # at the highest rate both sustained.
+        sustained = {system: {r["offered_rate"]: r for r in runs if r.get("scenario") == "ingest"
+                              and r["system"] == system and r["sustained"]}
+                     for system in ("gateway", "bare_coap")}
+        common = sorted(set(sustained["gateway"]) & set(sustained["bare_coap"]))
+        if common:
+            rate = common[-1]
+            ratios["ingest"]["same_rate"] = rate
+            ratios["ingest"]["cpu_per_1000_at_same_rate"] = _ratio(
+                sustained["gateway"][rate]["cpu_ms_per_1000"],
+                sustained["bare_coap"][rate]["cpu_ms_per_1000"])
     for method in ("GET", "PUT"):
         for shape, _, _ in COMMAND_SHAPES:
             gw = _find(runs, scenario="commands", system="gateway", method=method, shape=shape)
@@ -787,11 +815,12 @@ def report(result: dict[str, Any]) -> str:
     if fan:
         parts.append("Fan-out (one resource, N clients)\n" + table(
             ["system", "N", "phase", "offered/s", "deliv/s", "share", "p50 ms", "p99 ms",
-             "srv CPU%", "µs/deliv", "sensor%", "loadgen%", "other%", "closed"],
+             "srv CPU%", "µs/deliv", "sensor%", "loadgen%", "other%", "drops", "closed"],
             [[r["system"], r["n"], r["phase"], r["offered_per_s"], r["deliveries_per_s"],
               r.get("share"), r["p50_ms"], r["p99_ms"], r["server_cpu_pct"],
               r["cpu_us_per_delivery"], r["sensor_cpu_pct"], r["loadgen_cpu_pct"],
-              r["other_cpu_pct"], r["closed_clients"]] for r in fan]))
+              r["other_cpu_pct"], r.get("server_udp_drops"), r["closed_clients"]]
+             for r in fan]))
         adm = [r for r in fan if "admission" in r]
         if adm:
             parts.append("Admission (new clients while fan-out saturates)\n" + table(
