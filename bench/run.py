@@ -796,7 +796,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def table(headers: list[str], rows: list[list[Any]]) -> str:
+def text_table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
               for i, h in enumerate(headers)]
@@ -808,12 +808,29 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def report(result: dict[str, Any]) -> str:
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(result: dict[str, Any], markdown: bool = False) -> str:
+    """The tables, as text for the terminal or as Markdown (bench/results/latest.md)."""
     runs = result["runs"]
-    parts = []
+    parts: list[str] = []
+    table = md_table if markdown else text_table
+
+    def head(title: str) -> str:
+        return f"#### {title}\n\n" if markdown else f"{title}\n"
+
+    if markdown:
+        parts.append(f"{result['meta']['mode']} run of {result['meta']['date']}, commit "
+                     f"{result['meta']['commit']}, {result['meta']['seconds']} s, load average "
+                     f"at start {result['meta']['loadavg_at_start']}")
     fan = [r for r in runs if r.get("scenario") == "fanout"]
     if fan:
-        parts.append("Fan-out (one resource, N clients)\n" + table(
+        parts.append(head("Fan-out (one resource, N clients)") + table(
             ["system", "N", "phase", "offered/s", "deliv/s", "share", "p50 ms", "p99 ms",
              "srv CPU%", "µs/deliv", "sensor%", "loadgen%", "other%", "drops", "closed"],
             [[r["system"], r["n"], r["phase"], r["offered_per_s"], r["deliveries_per_s"],
@@ -823,7 +840,7 @@ def report(result: dict[str, Any]) -> str:
              for r in fan]))
         adm = [r for r in fan if "admission" in r]
         if adm:
-            parts.append("Admission (new clients while fan-out saturates)\n" + table(
+            parts.append(head("Admission (new clients while fan-out saturates)") + table(
                 ["system", "N", "new", "connected", "all handshaken s", "all subscribed s",
                  "handshake p50 ms", "p99 ms"],
                 [[r["system"], r["n"], r["admission"]["clients"], r["admission"]["connected"],
@@ -832,25 +849,25 @@ def report(result: dict[str, Any]) -> str:
                  for r in adm]))
     floors = [r for r in runs if r.get("scenario") == "floor"]
     if floors:
-        parts.append("Floor: CPU of one write of one frame to one loopback client\n" + table(
+        parts.append(head("Floor: CPU of one write of one frame to one loopback client") + table(
             ["frame bytes", "clients", "socket.send µs", "transport.write µs"],
             [[r["frame_bytes"], r["clients"], r["socket_send_us"], r["transport_write_us"]]
              for r in floors]))
     ing = [r for r in runs if r.get("scenario") == "ingest_best"]
     if ing:
-        parts.append("Ingest (1000 observed resources)\n" + table(
+        parts.append(head("Ingest (1000 observed resources)") + table(
             ["system", "max sustained notif/s", "CPU ms / 1000", "server CPU%"],
             [[r["system"], r["max_sustained_per_s"], r["cpu_ms_per_1000"],
               r["server_cpu_pct"]] for r in ing]))
     cmd = [r for r in runs if r.get("scenario") == "commands"]
     if cmd:
-        parts.append("Commands (request round trips)\n" + table(
+        parts.append(head("Commands (request round trips)") + table(
             ["system", "method", "shape", "round trips/s", "p50 ms", "p99 ms", "srv CPU%"],
             [[r["system"], r["method"], r["shape"], r["round_trips_per_s"], r["p50_ms"],
               r["p99_ms"], r["server_cpu_pct"]] for r in cmd]))
     mem = [r for r in runs if r.get("scenario", "").startswith("memory")]
     if mem:
-        parts.append("Memory (RSS growth)\n" + table(
+        parts.append(head("Memory (RSS growth)") + table(
             ["system", "what", "count", "RSS MiB", "KiB each"],
             [[r["system"], "idle connection" if "connections" in r["scenario"] else
               "observed resource", r.get("target", r.get("resources")), r["rss_mib"],
@@ -863,12 +880,12 @@ def report(result: dict[str, Any]) -> str:
                 rows += [[name, k, v] for k, v in value.items() if v is not None]
             else:
                 rows.append([name, "", value])
-        parts.append("Gateway / baseline ratios\n" + table(["what", "figure", "ratio"], rows))
-    parts.append("Targets\n" + table(
+        parts.append(head("Gateway / baseline ratios") + table(["what", "figure", "ratio"], rows))
+    parts.append(head("Targets") + table(
         ["target", "bound", "measured", "holds"],
         [[t["target"], t["bound"], t["value"], t["holds"]] for t in result["summary"]["targets"]]))
     if result["errors"]:
-        parts.append("Errors\n" + "\n".join(result["errors"]))
+        parts.append(head("Errors") + "\n".join(result["errors"]))
     return "\n\n".join(parts)
 
 
@@ -1008,6 +1025,7 @@ async def main_async(args: argparse.Namespace) -> int:
     print()
     print(report(result))
     print(f"\nwrote {path}")
+    (out / "latest.md").write_text(report(result, markdown=True) + "\n")
     if settings.chart:
         chart_path = out / "latest.png"
         try:
