@@ -20,12 +20,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from translator.frames import LIMIT, NOT_FOUND, FrameError
 from translator.hub import (
     DEFAULT_MAX_AGE,
+    TRANSITIONS,
     Command,
     Deliver,
     Hub,
     StartLinger,
     StartObservation,
     StopObservation,
+    transition,
 )
 
 NOW = 1000.0
@@ -198,7 +200,9 @@ def test_error_code_goes_offline_once_then_online_again() -> None:
     back = ok(hub, TEMP)
     assert types_to(back, "a") == ["status", "notify"]
     online = frames_to(back, "a")[0]
-    assert online == {"type": "status", "sub": sub, "uri": TEMP, "state": "online"}
+    # Every change after the first answer says why (issue 3); the first `online` does not.
+    assert online == {"type": "status", "sub": sub, "uri": TEMP, "state": "online",
+                      "reason": "the sensor answers again"}
     assert ok(hub, TEMP, b"2") and types_to(ok(hub, TEMP, b"3"), "a") == ["notify"]
 
 
@@ -215,6 +219,8 @@ def test_upstream_status_only_when_it_changes() -> None:
     assert (frame["state"], frame["reason"]) == ("offline", "no answer")
     assert "code" not in frame
     assert hub.upstream_status(TEMP, "offline", "no answer") == []
+    assert hub.upstream_status(TEMP, "stale", "quiet") == []  # only a fresh value goes stale
+    ok(hub, TEMP)
     assert len(hub.upstream_status(TEMP, "stale", "quiet")) == 1
 
 
@@ -787,3 +793,112 @@ def test_idle_resources_are_forgotten_beyond_the_bound() -> None:
     # A forgotten resource comes back with a new, never reused sub.
     again = json.loads(hub.subscribe("d", "coap://h:5683/r0")[0].text)["sub"]
     assert again not in {json.loads(text)["sub"] for text in subs}
+
+
+# --- supervision: the online / stale / offline table ------------------------------------------
+
+
+def test_state_table() -> None:
+    assert transition(None, "answered") == ("online", None)  # the first answer: no reason
+    assert transition("online", "answered") == ("online", None)
+    assert transition("stale", "answered") == ("online", "updates resumed")
+    assert transition("offline", "answered") == ("online", "the sensor answers again")
+    assert transition("online", "expired", "quiet") == ("stale", "quiet")
+    for state in (None, "online", "stale", "offline"):
+        assert transition(state, "failed", "no answer") == ("offline", "no answer")
+    # Only a fresh value goes stale, once.
+    assert transition(None, "expired", "x") is None
+    assert transition("stale", "expired", "x") is None
+    assert transition("offline", "expired", "x") is None
+    assert {new for new, _ in TRANSITIONS.values()} == {"online", "stale", "offline"}
+
+
+def statuses(commands: Sequence[Command[Conn]], conn: Conn) -> list[tuple[str, str | None]]:
+    return [(f["state"], f.get("reason")) for f in frames_to(commands, conn)
+            if f["type"] == "status"]
+
+
+def test_online_stale_offline_online_with_reasons() -> None:
+    hub = make_hub()
+    hub.subscribe("a", TEMP)
+    assert statuses(ok(hub, TEMP), "a") == [("online", None)]
+    assert statuses(hub.upstream_stale(TEMP, "no notification within Max-Age (60 s)"), "a") == [
+        ("stale", "no notification within Max-Age (60 s)")]
+    assert hub.upstream_stale(TEMP, "again") == []
+    assert statuses(hub.upstream_failed(TEMP, "no answer within 10 s"), "a") == [
+        ("offline", "no answer within 10 s")]
+    assert hub.upstream_failed(TEMP, "no answer within 10 s") == []
+    # Still offline, but for another reason: clients hear about it.
+    assert statuses(hub.upstream_failed(TEMP, "Network error"), "a") == [
+        ("offline", "Network error")]
+    back = ok(hub, TEMP, b"2")
+    assert statuses(back, "a") == [("online", "the sensor answers again")]
+    assert types_to(back, "a") == ["status", "notify"]
+    hub.upstream_stale(TEMP, "quiet")
+    assert statuses(ok(hub, TEMP, b"3"), "a") == [("online", "updates resumed")]
+    assert statuses(ok(hub, TEMP, b"4"), "a") == []
+
+
+def test_late_joiner_of_a_stale_resource_gets_the_stale_status() -> None:
+    hub = make_hub()
+    hub.subscribe("a", TEMP)
+    ok(hub, TEMP)
+    hub.upstream_stale(TEMP, "quiet")
+    commands = hub.subscribe("b", TEMP)
+    assert types_to(commands, "b") == ["subscribed", "notify", "status"]
+    assert frames_to(commands, "b")[2]["state"] == "stale"
+
+
+def test_unchanged_poll_answer_brings_it_online_without_a_notify() -> None:
+    hub = make_hub()
+    hub.subscribe("a", TEMP)
+    ok(hub, TEMP, observe=False)
+    hub.upstream_failed(TEMP, "no answer within 10 s")
+    commands = hub.upstream_unchanged(TEMP, now=NOW + 30)
+    assert types_to(commands, "a") == ["status"]
+    assert statuses(commands, "a") == [("online", "the sensor answers again")]
+    (entry,) = [e for e in hub.list_entries(lambda uri: True) if e["uri"] == TEMP]
+    assert entry["last_update"] == NOW + 30 and entry["notifications"] == 1
+    assert hub.upstream_unchanged(TEMP) == []
+
+
+def test_list_shows_supervision_counters() -> None:
+    hub = make_hub()
+    hub.subscribe("a", TEMP)
+    hub.subscribe("b", TEMP)
+    hub.upstream_registering(TEMP)
+    ok(hub, TEMP, observe=True, now=NOW + 1)
+    ok(hub, TEMP, b"2", observe=True, now=NOW + 2)
+    hub.upstream_failed(TEMP, "the sensor ended the observation")
+    hub.upstream_registering(TEMP)
+    hub.upstream_registering(OTHER)  # not observed: not counted anywhere
+    (entry,) = [e for e in hub.list_entries(lambda uri: True) if e["uri"] == TEMP]
+    assert (entry["state"], entry["registrations"], entry["notifications"],
+            entry["subscribers"], entry["last_update"], entry["observable"]) == (
+        "offline", 2, 2, 2, NOW + 2, True)
+
+
+def test_observable_follows_the_latest_answer() -> None:
+    hub = make_hub()
+    hub.subscribe("a", TEMP)
+    ok(hub, TEMP, observe=False)
+    assert hub.list_entries(lambda uri: True)[0]["observable"] is False
+    hub.upstream_response(TEMP, code="5.03", cf=None, payload=b"", observe=False)
+    assert hub.list_entries(lambda uri: True)[0]["observable"] is False
+    ok(hub, TEMP, observe=True)  # after a firmware update, say
+    assert hub.list_entries(lambda uri: True)[0]["observable"] is True
+    ok(hub, TEMP, observe=None)  # a notification says nothing about it
+    assert hub.list_entries(lambda uri: True)[0]["observable"] is True
+
+
+def test_supervision_events_after_stop_are_ignored() -> None:
+    hub = make_hub(linger=0)
+    sub = sub_of(hub, "a", TEMP)
+    ok(hub, TEMP)
+    hub.unsubscribe("a", sub)
+    assert hub.upstream_stale(TEMP, "x") == []
+    assert hub.upstream_failed(TEMP, "x") == []
+    assert hub.upstream_unchanged(TEMP) == []
+    assert hub.upstream_registering(TEMP) == []
+    (entry,) = [e for e in hub.list_entries(lambda uri: True) if e["uri"] == TEMP]
+    assert entry["state"] is None and entry["registrations"] == 0

@@ -1,11 +1,40 @@
-"""The CoAP side: the one aiocoap client context, upstream observations and forwarded requests.
+"""The CoAP side: the one aiocoap client context, supervised upstream observations and requests.
 
-It owns I/O toward the sensors and nothing else. Each upstream observation is one named task
-iterating aiocoap's observation with `async for`; what arrives is reported through the
-`ObservationListener` given at construction as plain values (`CoapAnswer`), so this module
-knows nothing of the hub, the frames or WebSockets. Stopping an observation deregisters it
-at the sensor (a GET with Observe = 1 and the observation's token, RFC 7641 §3.6) so that a
-sensor notifying with NON stops at once rather than talking to a gateway that ignores it.
+It owns I/O toward the sensors and nothing else. What arrives is reported through the
+`ObservationListener` given at construction as plain values (`CoapAnswer`) and short reasons,
+so this module knows nothing of the hub, the frames or WebSockets.
+
+Supervision. Each upstream observation is one named task (``observe <uri>``), kept until the
+hub stops it, that runs this loop for as long as it lives::
+
+    register: GET with Observe = 0 ──answer with Observe──▶ follow: `async for` over aiocoap's
+        │  (registration_timeout)                            observation, in order (RFC 7641
+        │                                                    §3.4), block-wise completed
+        │                                                    (RFC 7959 §2.6), Max-Age watched
+        ├──answer without Observe──▶ poll: GET every max(Max-Age, poll_min) until one fails
+        │                                                         │
+        │ no answer, RST, ICMP, 4.xx/5.xx                         │ ended by the sensor, an
+        ▼                                                         ▼ error, or silent for
+    wait: backoff_min doubling to backoff_max, jitter ◀──────────── Max-Age + grace
+        └──▶ register again
+
+The decisions are small pure objects, tested without sockets: `ObserveOrder` (is this
+notification newer than the last one accepted?), `backoff_delay` (how long to wait before
+registration attempt n) and `Freshness` (when is the value stale, when is the observation
+silent). The timing uses one `asyncio.Timeout` per followed observation, moved only by a single
+timer that re-arms itself lazily at most once per Max-Age: a notification only records the
+time it arrived, so there is no task and no timer operation per notification.
+
+Registrations and polls are NON requests: the registration timeout and the backoff are their
+retransmission. A CON that the gateway gave up on would stay in aiocoap's retransmission
+(aiocoap cannot cancel it), hold back every later CON to the same sensor (NSTART = 1), reach
+the sensor long after as a registration nobody listens to, and fail every other request to
+that sensor when its retransmissions run out. Block fetches and client commands stay CON.
+
+Stopping an observation deregisters it at the sensor (a CON GET with Observe = 1 and the
+observation's token, RFC 7641 §3.6) so that a sensor notifying with NON stops at once rather
+than talking to a gateway that ignores it. An observation given up for silence is
+deregistered with NON, once at once and once more after the next successful registration.
 """
 
 from __future__ import annotations
@@ -13,21 +42,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
+import random
+from dataclasses import dataclass, replace
+from typing import Any, Final, Literal, Protocol
 
 import aiocoap
 from aiocoap import error as coap_error
 from aiocoap.numbers.codes import Code
 from aiocoap.tokenmanager import TokenManager
 
+from .config import SupervisionConfig
+
 log = logging.getLogger(__name__)
 
-REGISTRATION_TIMEOUT: Final = 10.0
-"""A registration (the first GET with Observe = 0) unanswered for this long has failed."""
 DEREGISTRATION_TIMEOUT: Final = 2.0
 """How long a stop waits for the sensor to confirm the deregistration before dropping it."""
 DISCOVERY_TIMEOUT: Final = 5.0
+DEFAULT_MAX_AGE: Final = 60
+"""RFC 7252 §5.10.5: a response without Max-Age is fresh for 60 seconds."""
+MAX_GRACE: Final = 10.0
+"""The default grace is the smaller of this and `GRACE_SHARE` of Max-Age."""
+GRACE_SHARE: Final = 0.1
+JITTER: Final = 0.2
+"""A backoff delay is shortened by a random share of up to this much, so that many
+observations failing together do not register again in lockstep."""
+MAX_BLOCK_RESTARTS: Final = 2
+"""A block-wise fetch whose representation changed under it (another ETag) starts over from
+block 0 at most this many times before it gives up and waits for the next notification."""
+
+OBSERVE_MODULUS: Final = 1 << 24
+"""Observe option values are 24-bit sequence numbers (RFC 7641 §3.4)."""
+OBSERVE_WINDOW: Final = 1 << 23
+OBSERVATION_RESET_TIME: Final = 128.0
+"""RFC 7641 §3.4: a notification this many seconds after the newest one is newer, whatever
+its sequence number says."""
 
 _METHOD_CODES: Final = {
     "GET": Code.GET,
@@ -42,13 +90,16 @@ _METHOD_CODES: Final = {
 
 @dataclass(frozen=True, slots=True)
 class CoapAnswer:
-    """One CoAP response or notification, as plain values."""
+    """One CoAP response or notification, as plain values (block-wise ones reassembled)."""
 
     code: str
     cf: int | None
     payload: bytes
     max_age: int | None
     observe: int | None
+    observable: bool | None = None
+    """On the answer to a registration: whether the sensor accepted the observation (the
+    answer carried Observe). None on notifications and poll answers: they do not say."""
 
 
 class UpstreamError(Exception):
@@ -56,11 +107,25 @@ class UpstreamError(Exception):
 
 
 class ObservationListener(Protocol):
+    """What the supervised observations report, one call per event, in order per URI."""
+
+    def registering(self, uri: str) -> None:
+        """A registration (GET with Observe = 0) for `uri` is being sent."""
+
     def answer(self, uri: str, answer: CoapAnswer) -> None:
-        """A response or notification arrived on the observation of `uri`."""
+        """The sensor answered on the observation of `uri`: the registration's answer, a
+        notification (newer than every one reported before), or a poll answer that differs
+        from the previous one. 4.xx and 5.xx answers are reported here too."""
+
+    def unchanged(self, uri: str) -> None:
+        """A poll of `uri` (not observable) got the same answer as before."""
+
+    def stale(self, uri: str, reason: str) -> None:
+        """Max-Age of the last notification of `uri` passed without a new one."""
 
     def failed(self, uri: str, reason: str) -> None:
-        """The observation of `uri` got no answer or ended without one; it is not running."""
+        """A registration or poll of `uri` failed, or its observation broke; a new
+        registration follows after a backoff delay."""
 
 
 def _code_text(code: Any) -> str:
@@ -83,21 +148,181 @@ def _describe(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-class _Observation:
-    """The bookkeeping of one upstream observation (its task and its aiocoap request)."""
+# ---------------------------------------------------------------------------------------------
+# Pure decisions
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self, uri: str) -> None:
+
+def observe_is_newer(v1: int, v2: int) -> bool:
+    """RFC 7641 §3.4: is sequence number `v2` newer than `v1` (24-bit, 2^23 window)?"""
+    v1, v2 = v1 % OBSERVE_MODULUS, v2 % OBSERVE_MODULUS
+    return (v1 < v2 and v2 - v1 < OBSERVE_WINDOW) or (v1 > v2 and v1 - v2 > OBSERVE_WINDOW)
+
+
+class ObserveOrder:
+    """Which notifications of one registration may be forwarded (RFC 7641 §3.4).
+
+    A notification is forwarded when it is newer than the newest one forwarded so far: its
+    sequence number is ahead within the 2^23 window, or more than 128 s have passed since
+    (the sensor may have restarted its numbering). Anything else arrived late and is dropped.
+    A fresh registration starts with a fresh `ObserveOrder` (or `reset()`): its numbering has
+    nothing to do with the previous one's. `now` is any monotonic clock in seconds.
+    """
+
+    __slots__ = ("_at", "_newest")
+
+    def __init__(self) -> None:
+        self._newest: int | None = None
+        self._at = 0.0
+
+    def reset(self) -> None:
+        self._newest = None
+
+    def accept(self, observe: int, now: float) -> bool:
+        """True (and remember it as the newest) when `observe` may be forwarded."""
+        if (
+            self._newest is None
+            or observe_is_newer(self._newest, observe)
+            or now > self._at + OBSERVATION_RESET_TIME
+        ):
+            self._newest, self._at = observe % OBSERVE_MODULUS, now
+            return True
+        return False
+
+
+def backoff_delay(attempt: int, minimum: float, maximum: float, jitter: float) -> float:
+    """Seconds to wait before registration attempt `attempt` (0 = the first retry).
+
+    `minimum` doubling per attempt, capped at `maximum`, then shortened by `jitter` (a number
+    in [0, 1), usually random) times `JITTER`: attempt 0 waits between 0.8 and 1 times
+    `minimum`, and no wait is ever longer than `maximum`.
+    """
+    base = min(maximum, minimum * 2.0 ** min(attempt, 64))
+    return base * (1.0 - JITTER * min(max(jitter, 0.0), 1.0))
+
+
+def default_grace(max_age: float) -> float:
+    """The smaller of 10 s and 10 % of Max-Age."""
+    return min(MAX_GRACE, GRACE_SHARE * max_age)
+
+
+Verdict = Literal["fresh", "stale", "silent"]
+
+
+class Freshness:
+    """When the last notification of an observation goes stale, and when it is silent.
+
+    `heard()` records a notification (its time and Max-Age); `check(now)` says:
+
+    - ``fresh`` until Max-Age has passed since;
+    - ``stale`` once, when Max-Age has passed without another notification;
+    - ``silent`` once Max-Age plus the grace has passed, and after ``stale``: time to
+      register again.
+
+    A Max-Age of 0 ("do not cache") promises nothing about when the next notification comes:
+    it is never reported stale, and silence is judged by the 60 s default instead.
+    """
+
+    __slots__ = ("grace", "heard_at", "max_age", "stale")
+
+    def __init__(self, grace: float | None = None) -> None:
+        self.grace = grace
+        self.heard_at = 0.0
+        self.max_age = DEFAULT_MAX_AGE
+        self.stale = False
+
+    def heard(self, now: float, max_age: int | None) -> None:
+        self.heard_at = now
+        self.max_age = DEFAULT_MAX_AGE if max_age is None else max_age
+        self.stale = False
+
+    @property
+    def stale_at(self) -> float:
+        return self.heard_at + self.max_age
+
+    @property
+    def silent_at(self) -> float:
+        horizon = self.max_age if self.max_age > 0 else DEFAULT_MAX_AGE
+        grace = default_grace(horizon) if self.grace is None else self.grace
+        return self.heard_at + horizon + grace
+
+    @property
+    def next_check(self) -> float:
+        """When `check` can next give another answer than ``fresh``."""
+        if self.stale or self.max_age <= 0:
+            return self.silent_at
+        return self.stale_at
+
+    def check(self, now: float) -> Verdict:
+        # Stale comes first even when the check runs late, past the silence too: a client
+        # always hears that its value went stale before the observation is renewed.
+        if not self.stale and self.max_age > 0 and now >= self.stale_at:
+            self.stale = True
+            return "stale"
+        if now >= self.silent_at:
+            return "silent"
+        return "fresh"
+
+
+def poll_interval(max_age: int | None, poll_min: float) -> float:
+    """A resource without Observe is polled at the larger of its Max-Age and `poll_min`."""
+    return max(float(DEFAULT_MAX_AGE if max_age is None else max_age), poll_min)
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O
+# ---------------------------------------------------------------------------------------------
+
+
+class _Observation:
+    """The bookkeeping of one supervised upstream observation."""
+
+    def __init__(self, uri: str, grace: float | None) -> None:
         self.uri = uri
         self.task: asyncio.Task[None] | None = None
-        self.first: aiocoap.Message | None = None
         self.stopping = False
+        self.first: aiocoap.Message | None = None
+        """The first response of the registration being followed (it carried Observe)."""
+        self.fetch: asyncio.Task[None] | None = None
+        """The block-wise completion of the newest partial notification, if one is running."""
+        self.freshness = Freshness(grace)
+        self.orphan: aiocoap.Message | None = None
+        """The first response of a registration given up for silence, to deregister once the
+        sensor answers again."""
+        self.silence: asyncio.Timeout | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+def _forget(request: Any) -> None:
+    """Free an aiocoap request's token and stop its retransmissions, whatever its state."""
+    if not request.response.done():
+        request.response.cancel()  # also ends the request's interest (and retransmissions)
+        return
+    observation = request.observation
+    if observation is not None and not observation.cancelled:
+        observation.cancel()
+    # aiocoap acts on a cancelled observation only when its next notification arrives; a
+    # silent sensor never sends one, so the token would stay registered for good.
+    stop_interest = getattr(request, "_stop_interest", None)
+    if callable(stop_interest):
+        stop_interest()
 
 
 class CoapSide:
     """The aiocoap client context and everything that runs on it."""
 
-    def __init__(self, listener: ObservationListener) -> None:
+    def __init__(
+        self,
+        listener: ObservationListener,
+        supervision: SupervisionConfig | None = None,
+        *,
+        max_representation: int = 1_048_576,
+        rng: random.Random | None = None,
+    ) -> None:
         self._listener = listener
+        self.supervision = supervision or SupervisionConfig()
+        self.max_representation = max_representation
+        self._rng = rng or random.Random()
         self._context: aiocoap.Context | None = None
         self._observations: dict[str, _Observation] = {}
         self._stopping: set[asyncio.Task[None]] = set()
@@ -125,19 +350,26 @@ class CoapSide:
 
     @property
     def observed(self) -> tuple[str, ...]:
+        """The URIs with a supervised observation (registered, registering or waiting)."""
         return tuple(self._observations)
 
-    # -- observations ------------------------------------------------------------------------
+    @property
+    def busy(self) -> int:
+        """Observation tasks still running, deregistrations included."""
+        running = sum(1 for o in self._observations.values() if o.task and not o.task.done())
+        return running + len(self._stopping)
+
+    # -- observations: lifecycle -------------------------------------------------------------
 
     def start_observation(self, uri: str) -> None:
-        """Start observing `uri` unless an observation of it is already running."""
+        """Observe `uri`, supervised, until `stop_observation` (no-op when already running)."""
         current = self._observations.get(uri)
         if current is not None and not current.stopping:
             return
-        observation = _Observation(uri)
+        observation = _Observation(uri, self.supervision.grace)
         self._observations[uri] = observation
         observation.task = asyncio.create_task(
-            self._observe(observation), name=f"observe {uri}"
+            self._supervise(observation), name=f"observe {uri}"
         )
 
     def stop_observation(self, uri: str) -> None:
@@ -149,49 +381,11 @@ class CoapSide:
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
-    async def _observe(self, observation: _Observation) -> None:
-        uri = observation.uri
-        listener = self._listener
-        request = self.context.request(aiocoap.Message(code=Code.GET, uri=uri, observe=0))
-        try:
-            try:
-                async with asyncio.timeout(REGISTRATION_TIMEOUT):
-                    first = await request.response
-            except TimeoutError:
-                listener.failed(uri, f"no answer within {REGISTRATION_TIMEOUT:g} s")
-                return
-            observation.first = first
-            listener.answer(uri, to_answer(first))
-            if request.observation is None or first.opt.observe is None:
-                return  # not observable: the one answer is all there is
-            async for notification in request.observation:
-                if observation.stopping:
-                    return  # the answer to our own deregistration, not an update
-                listener.answer(uri, to_answer(notification))
-            if not observation.stopping:
-                listener.failed(uri, "the sensor ended the observation")
-        except asyncio.CancelledError:
-            raise
-        except coap_error.Error as exc:
-            if not observation.stopping:
-                listener.failed(uri, _describe(exc))
-        except Exception as exc:  # a bug here must not kill the gateway; say it loudly
-            log.exception("observation of %s failed", uri)
-            if not observation.stopping:
-                listener.failed(uri, _describe(exc))
-        finally:
-            # Without this aiocoap would keep the token and go on acknowledging
-            # notifications of an observation nobody reads.
-            if request.observation is not None and not request.observation.cancelled:
-                request.observation.cancel()
-            if self._observations.get(uri) is observation:
-                del self._observations[uri]
-
     async def _stop(self, observation: _Observation) -> None:
         task = observation.task
         if task is None or task.done():
             return
-        if observation.first is not None and observation.first.opt.observe is not None:
+        if observation.first is not None:
             self._send_deregistration(observation.first)
             # The sensor's answer to the deregistration ends aiocoap's observation, and
             # with it the task.
@@ -202,27 +396,324 @@ class CoapSide:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _send_deregistration(self, first: aiocoap.Message) -> None:
+    # -- observations: reports (never after a stop) ------------------------------------------
+
+    def _answer(self, observation: _Observation, answer: CoapAnswer) -> None:
+        if not observation.stopping:
+            self._listener.answer(observation.uri, answer)
+
+    def _failed(self, observation: _Observation, reason: str) -> None:
+        if not observation.stopping:
+            log.info("observation of %s: %s", observation.uri, reason)
+            self._listener.failed(observation.uri, reason)
+
+    # -- observations: the supervision loop --------------------------------------------------
+
+    async def _supervise(self, observation: _Observation) -> None:
+        attempt = 0
+        try:
+            while not observation.stopping:
+                try:
+                    established = await self._register_and_follow(observation)
+                except Exception:  # a bug here must not end the supervision; say it loudly
+                    log.exception("observation of %s failed", observation.uri)
+                    self._failed(observation, "internal error in the gateway")
+                    established = False
+                if observation.stopping:
+                    return
+                if established:
+                    attempt = 0
+                delay = backoff_delay(
+                    attempt,
+                    self.supervision.backoff_min,
+                    self.supervision.backoff_max,
+                    self._rng.random(),
+                )
+                attempt += 1
+                log.debug("observation of %s: registering again in %.2f s", observation.uri,
+                          delay)
+                await asyncio.sleep(delay)
+        finally:
+            if self._observations.get(observation.uri) is observation:
+                del self._observations[observation.uri]
+
+    async def _register_and_follow(self, observation: _Observation) -> bool:
+        """One registration and what follows it; True when the sensor accepted it."""
+        uri = observation.uri
+        if observation.stopping:
+            return False
+        self._listener.registering(uri)
+        timeout = self.supervision.registration_timeout
+        request = self.context.request(
+            aiocoap.Message(
+                code=Code.GET, uri=uri, observe=0, transport_tuning=aiocoap.Unreliable()
+            ),
+            handle_blockwise=False,
+        )
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    first = await request.response
+            except TimeoutError:
+                self._failed(observation, f"no answer within {timeout:g} s")
+                return False
+            except (coap_error.Error, OSError) as exc:
+                self._failed(observation, _describe(exc))
+                return False
+            if observation.stopping:
+                return True
+            if not first.code.is_successful():
+                self._answer(observation, to_answer(first))
+                return False
+            if first.opt.observe is None or request.observation is None:
+                return await self._poll(observation, first)
+            observation.first = first
+            if observation.orphan is not None:
+                # The sensor is reachable again: now the deregistration of the observation
+                # given up for silence can arrive (if it still exists there).
+                self._send_deregistration(observation.orphan, confirmable=False)
+                observation.orphan = None
+            await self._follow(observation, request, first)
+            return True
+        finally:
+            observation.first = None
+            self._cancel_fetch(observation)
+            _forget(request)
+
+    async def _follow(self, observation: _Observation, request: Any, first: Any) -> None:
+        """Forward the notifications of one registration until it ends or goes silent."""
+        loop = asyncio.get_running_loop()
+        order = ObserveOrder()
+        order.accept(first.opt.observe, loop.time())
+        observation.freshness.heard(loop.time(), first.opt.max_age)
+        self._take(observation, first, observable=True)
+        try:
+            async with asyncio.timeout(None) as silence:
+                observation.silence = silence
+                self._arm(observation)
+                async for notification in request.observation:
+                    if observation.stopping:
+                        return  # the answer to our own deregistration, not an update
+                    now = loop.time()
+                    number = notification.opt.observe
+                    if number is not None and not order.accept(number, now):
+                        log.debug("observation of %s: dropped notification %d, older than"
+                                  " one already forwarded", observation.uri, number)
+                        continue
+                    observation.freshness.heard(now, notification.opt.max_age)
+                    timer = observation.timer
+                    if timer is None or observation.freshness.next_check < timer.when():
+                        self._arm(observation)
+                    self._take(observation, notification)
+            if not observation.stopping:
+                log.info("observation of %s ended by the sensor; registering again",
+                         observation.uri)
+        except TimeoutError:
+            if observation.stopping:
+                return
+            log.info("observation of %s silent for Max-Age + grace; registering again",
+                     observation.uri)
+            # End the old observation at the sensor too, or it may go on sending NON
+            # notifications nobody reads: now, in case the sensor hears us, and again after
+            # the next successful registration. NON, because a CON would hold back the
+            # re-registrations behind its retransmissions (aiocoap keeps NSTART = 1).
+            self._send_deregistration(first, confirmable=False)
+            observation.orphan = first
+        except (coap_error.Error, OSError) as exc:
+            self._failed(observation, _describe(exc))
+        finally:
+            observation.silence = None
+            if observation.timer is not None:
+                observation.timer.cancel()
+                observation.timer = None
+
+    def _arm(self, observation: _Observation) -> None:
+        if observation.timer is not None:
+            observation.timer.cancel()
+        observation.timer = asyncio.get_running_loop().call_at(
+            observation.freshness.next_check, self._check_freshness, observation
+        )
+
+    def _check_freshness(self, observation: _Observation) -> None:
+        observation.timer = None
+        silence = observation.silence
+        if silence is None or observation.stopping:
+            return
+        now = asyncio.get_running_loop().time()
+        verdict = observation.freshness.check(now)
+        if verdict == "silent":
+            silence.reschedule(now)  # ends the `async for` with TimeoutError
+            return
+        if verdict == "stale":
+            max_age = observation.freshness.max_age
+            reason = f"no notification within Max-Age ({max_age} s)"
+            log.info("observation of %s: %s", observation.uri, reason)
+            self._listener.stale(observation.uri, reason)
+        self._arm(observation)
+
+    # -- observations: block-wise notifications (RFC 7959 §2.6) ------------------------------
+
+    def _take(
+        self, observation: _Observation, message: Any, observable: bool | None = None
+    ) -> None:
+        """Forward a response or notification that passed the order check: at once when it
+        is whole, else after fetching its other blocks. Either way it supersedes a fetch
+        still running for an older notification."""
+        self._cancel_fetch(observation)
+        block2 = message.opt.block2
+        if block2 is None or not block2.more:
+            self._answer(observation, replace(to_answer(message), observable=observable))
+            return
+        observation.fetch = asyncio.create_task(
+            self._fetch_rest(observation, message, observable), name=f"blocks {observation.uri}"
+        )
+
+    def _cancel_fetch(self, observation: _Observation) -> None:
+        fetch, observation.fetch = observation.fetch, None
+        if fetch is not None and not fetch.done():
+            log.debug("observation of %s: a newer notification supersedes a block-wise fetch",
+                      observation.uri)
+            fetch.cancel()
+
+    async def _fetch_rest(
+        self, observation: _Observation, first_block: Any, observable: bool | None
+    ) -> None:
+        try:
+            answer = await self._complete(observation.uri, first_block)
+        except (TimeoutError, coap_error.Error, OSError, UpstreamError) as exc:
+            log.info("observation of %s: block-wise notification dropped: %s",
+                     observation.uri, _describe(exc))
+            return
+        except Exception:  # a bug: say it loudly; the observation goes on
+            log.exception("observation of %s: block-wise fetch failed", observation.uri)
+            return
+        if answer is not None and observation.fetch is asyncio.current_task():
+            observation.fetch = None
+            self._answer(observation, replace(answer, observable=observable))
+
+    async def _complete(self, uri: str, first_block: Any) -> CoapAnswer | None:
+        """The whole representation whose first block is `first_block`, fetched block by block
+        with fresh tokens (GET with Block2 and no Observe) and checked against its ETag.
+
+        When a later block carries another ETag the representation changed under us: start
+        over from block 0, a few times at most. None when it keeps changing.
+        """
+        head = first_block
+        for _ in range(MAX_BLOCK_RESTARTS + 1):
+            payload = bytearray(head.payload)
+            etag = head.opt.etag
+            block2 = head.opt.block2
+            while block2 is not None and block2.more:
+                if len(payload) > self.max_representation:
+                    raise UpstreamError(
+                        f"representation larger than {self.max_representation} bytes"
+                    )
+                size_exponent = min(block2.size_exponent, 6)
+                number = len(payload) // (1 << (size_exponent + 4))
+                block = await self._get_block(uri, number, size_exponent)
+                if not block.code.is_successful():
+                    raise UpstreamError(f"block {number} answered {_code_text(block.code)}")
+                block2 = block.opt.block2
+                if block2 is None:  # the sensor sent the whole thing after all
+                    return to_answer(block)
+                if block.opt.etag != etag:
+                    log.debug("%s changed during a block-wise fetch; starting over", uri)
+                    head = await self._get_block(uri, 0, size_exponent)
+                    if not head.code.is_successful():
+                        raise UpstreamError(f"block 0 answered {_code_text(head.code)}")
+                    break
+                if block2.start != len(payload):
+                    raise UpstreamError(f"block {block2.block_number} is not the one asked for")
+                payload += block.payload
+            else:
+                return CoapAnswer(
+                    code=_code_text(head.code),
+                    cf=None if head.opt.content_format is None else int(head.opt.content_format),
+                    payload=bytes(payload),
+                    max_age=head.opt.max_age,
+                    observe=first_block.opt.observe,
+                )
+        log.info("%s keeps changing during block-wise fetches; waiting for the next one", uri)
+        return None
+
+    async def _get_block(self, uri: str, number: int, size_exponent: int) -> Any:
+        """GET one block (a fresh token, no Observe); a timeout counts as a registration's."""
+        message = aiocoap.Message(code=Code.GET, uri=uri, block2=(number, False, size_exponent))
+        pending = self.context.request(message, handle_blockwise=False)
+        try:
+            async with asyncio.timeout(self.supervision.registration_timeout):
+                return await pending.response
+        finally:
+            if not pending.response.done():
+                pending.response.cancel()
+
+    # -- observations: polling resources without Observe -------------------------------------
+
+    async def _poll(self, observation: _Observation, first: Any) -> bool:
+        """Report the registration's answer, then poll until a poll fails. True when the
+        first answer could be taken whole."""
+        try:
+            answer = await self._complete(observation.uri, first)
+        except (TimeoutError, coap_error.Error, OSError, UpstreamError) as exc:
+            self._failed(observation, f"block-wise answer incomplete: {_describe(exc)}")
+            return False
+        if answer is None:
+            return False
+        self._answer(observation, replace(answer, observable=False))
+        log.info("%s does not support Observe; polling it", observation.uri)
+        timeout = self.supervision.registration_timeout
+        while not observation.stopping:
+            await asyncio.sleep(poll_interval(answer.max_age, self.supervision.poll_min))
+            try:
+                fresh = await self._send(
+                    aiocoap.Message(
+                        code=Code.GET, uri=observation.uri, transport_tuning=aiocoap.Unreliable()
+                    ),
+                    timeout,
+                )
+            except TimeoutError:
+                self._failed(observation, f"no answer within {timeout:g} s")
+                return True
+            except UpstreamError as exc:
+                self._failed(observation, str(exc))
+                return True
+            if not fresh.code.startswith("2."):
+                self._answer(observation, fresh)
+                return True
+            if (fresh.code, fresh.cf, fresh.payload) != (answer.code, answer.cf, answer.payload):
+                self._answer(observation, fresh)
+            elif not observation.stopping:
+                self._listener.unchanged(observation.uri)
+            answer = fresh
+        return True
+
+    # -- deregistration ----------------------------------------------------------------------
+
+    def _send_deregistration(self, first: aiocoap.Message, *, confirmable: bool = True) -> None:
         """Send GET with Observe = 1 under the observation's own token (RFC 7641 §3.6).
 
         aiocoap's public request API always picks a fresh token, so this goes one layer
-        down, to the token manager's message layer, which matches the sensor's answer
-        to the still-open observation.
+        down, to the token manager's message layer. While the observation is still open
+        here, the sensor's answer ends it; otherwise the answer is ignored.
         """
         request = getattr(first, "request", None)
         if request is None or request.remote is None:
             return
         key = (request.token, request.remote)
-        for interface in self.context.request_interfaces:
-            if isinstance(interface, TokenManager) and key in interface.outgoing_requests:
-                message = request.copy(observe=1, mid=None)
-                message.token = request.token
-                message.remote = request.remote
-                try:
-                    interface.token_interface.send_message(message, lambda: None)
-                except Exception:  # the fallback (cancel) still happens in _stop
-                    log.debug("deregistration of %s not sent", request.remote, exc_info=True)
-                return
+        managers = [i for i in self.context.request_interfaces if isinstance(i, TokenManager)]
+        holding = [m for m in managers if key in m.outgoing_requests]
+        for manager in holding or managers[:1]:
+            message = request.copy(observe=1, mid=None)
+            message.token = request.token
+            message.remote = request.remote
+            if not confirmable:
+                message.mtype = None
+                message.transport_tuning = aiocoap.Unreliable()
+            try:
+                manager.token_interface.send_message(message, lambda: None)
+            except Exception:  # the fallback (cancel) still happens in _stop
+                log.debug("deregistration of %s not sent", request.remote, exc_info=True)
+            return
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -242,7 +733,7 @@ class CoapSide:
             code=_METHOD_CODES[method],
             uri=uri,
             payload=payload,
-            transport_tuning=aiocoap.Reliable if confirmable else aiocoap.Unreliable,
+            transport_tuning=aiocoap.Reliable() if confirmable else aiocoap.Unreliable(),
         )
         if cf is not None:
             message.opt.content_format = cf
@@ -258,6 +749,9 @@ class CoapSide:
         except TimeoutError:
             pending.response.cancel()  # stops aiocoap's retransmissions
             raise
+        except asyncio.CancelledError:
+            pending.response.cancel()
+            raise
         except coap_error.Error as exc:
             raise UpstreamError(_describe(exc)) from exc
         except OSError as exc:
@@ -272,4 +766,3 @@ class CoapSide:
         if not answer.code.startswith("2."):
             raise UpstreamError(f"/.well-known/core answered {answer.code}")
         return answer.payload.decode("utf-8", errors="replace")
-

@@ -93,7 +93,9 @@ class Gateway:
             sensors={s.name: s.uri for s in config.sensors},
             pinned=[s.uri for s in config.sensors if s.observe],
         )
-        self.coap = CoapSide(self)
+        self.coap = CoapSide(
+            self, config.supervision, max_representation=config.limits.max_upstream_bytes
+        )
         limits = config.limits
         self.ws = WebSocketServer(
             self,
@@ -203,6 +205,9 @@ class Gateway:
 
     # -- the CoAP side's events (ObservationListener) ----------------------------------------
 
+    def registering(self, uri: str) -> None:
+        self._execute(self.hub.upstream_registering(uri))
+
     def answer(self, uri: str, answer: CoapAnswer) -> None:
         self._execute(
             self.hub.upstream_response(
@@ -211,12 +216,18 @@ class Gateway:
                 cf=answer.cf,
                 payload=answer.payload,
                 max_age=answer.max_age,
-                observe=answer.observe is not None,
+                observe=answer.observable,
             )
         )
 
+    def unchanged(self, uri: str) -> None:
+        self._execute(self.hub.upstream_unchanged(uri))
+
+    def stale(self, uri: str, reason: str) -> None:
+        self._execute(self.hub.upstream_stale(uri, reason))
+
     def failed(self, uri: str, reason: str) -> None:
-        self._execute(self.hub.upstream_status(uri, "offline", reason))
+        self._execute(self.hub.upstream_failed(uri, reason))
 
     # -- the WebSocket side's events (MessageHandler) ----------------------------------------
 

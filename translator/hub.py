@@ -10,9 +10,14 @@ linger timer fired) and returns *commands* for the I/O layers to carry out:
                                        + StartObservation when not already observed
     unsubscribe / disconnect (last)    StopObservation, or StartLinger when linger > 0
     linger_expired (still unwatched)   StopObservation
+    upstream_registering               (counts the registration)
     upstream_response 2.xx             [Deliver(status online)] + Deliver(notify, everyone)
     upstream_response 4.xx/5.xx        Deliver(status offline with code) when it changed
-    upstream_status                    Deliver(status) when it changed
+    upstream_unchanged (a poll)        [Deliver(status online)]
+    upstream_stale / upstream_failed   Deliver(status stale / offline) when it changed
+
+The upstream state of a resource (online / stale / offline) follows one table,
+`TRANSITIONS`, in the style of h11's `_state.py`; see there for the rule.
 
 There is exactly one upstream observation per resource however many connections watch it.
 A notification is decoded once and serialized once; `Deliver.text` is the same `str` object
@@ -24,7 +29,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Final, Generic, Literal, TypeVar
 
 from .codecs import decode_payload, parse_link_format
 from .frames import (
@@ -86,6 +91,52 @@ Command = Deliver[C] | StartObservation | StopObservation | StartLinger
 
 
 # ---------------------------------------------------------------------------------------------
+# The upstream state of a resource
+# ---------------------------------------------------------------------------------------------
+
+Event = Literal["answered", "expired", "failed"]
+"""What the CoAP side saw: a 2.xx answer (registration, notification or poll), Max-Age
+passing without a notification, or a failure (no answer, RST, ICMP, a 4.xx/5.xx code)."""
+
+FROM_EVENT: Final = "<the event's reason>"
+
+# The rule: a 2.xx answer means online; only a fresh value can go stale; any failure means
+# offline until the next 2.xx answer. The first answer of an observation says nothing more
+# than that (no reason); every later change says why. A missing (state, event) pair is no
+# change: an offline or never-answered resource does not go stale, a stale one does not go
+# stale again.
+#
+#   (state,     event)       -> (new state, reason)
+TRANSITIONS: Final[dict[tuple[State | None, Event], tuple[State, str | None]]] = {
+    (None, "answered"): ("online", None),
+    ("online", "answered"): ("online", None),
+    ("stale", "answered"): ("online", "updates resumed"),
+    ("offline", "answered"): ("online", "the sensor answers again"),
+    ("online", "expired"): ("stale", FROM_EVENT),
+    (None, "failed"): ("offline", FROM_EVENT),
+    ("online", "failed"): ("offline", FROM_EVENT),
+    ("stale", "failed"): ("offline", FROM_EVENT),
+    ("offline", "failed"): ("offline", FROM_EVENT),
+}
+
+
+_EVENT_LEADING_TO: Final[dict[State, Event]] = {
+    "online": "answered", "stale": "expired", "offline": "failed",
+}
+
+
+def transition(
+    state: State | None, event: Event, reason: str | None = None
+) -> tuple[State, str | None] | None:
+    """The new (state, reason) after `event`, or None when the state does not change."""
+    found = TRANSITIONS.get((state, event))
+    if found is None:
+        return None
+    new_state, new_reason = found
+    return new_state, reason if new_reason is FROM_EVENT else new_reason
+
+
+# ---------------------------------------------------------------------------------------------
 # State
 # ---------------------------------------------------------------------------------------------
 
@@ -124,6 +175,11 @@ class Resource(Generic[C]):
     last_status: str | None = None
     observable: bool | None = None
     notifications: int = 0
+    """2.xx representations accepted (each gave a notify)."""
+    registrations: int = 0
+    """Upstream registrations (GET with Observe = 0) made for this resource."""
+    last_update: float | None = None
+    """When the sensor last confirmed the current value: a notification, or a poll answer."""
 
 
 def _first_int(text: str | None) -> int | None:
@@ -314,6 +370,13 @@ class Hub(Generic[C]):
 
     # -- upstream events ---------------------------------------------------------------------
 
+    def upstream_registering(self, uri: str) -> list[Command[C]]:
+        """A registration for `uri` is being sent upstream."""
+        resource = self._resources.get(uri)
+        if resource is not None and resource.observing:
+            resource.registrations += 1
+        return []
+
     def upstream_response(
         self,
         uri: str,
@@ -325,15 +388,18 @@ class Hub(Generic[C]):
         observe: bool | None = None,
         now: float | None = None,
     ) -> list[Command[C]]:
-        """The sensor answered (first response or notification) on an observation."""
+        """The sensor answered on an observation: the answer to a registration, a
+        notification or a changed poll answer. `observe` says, for the answer to a
+        registration, whether it carried Observe (None: this answer does not say)."""
         resource = self._resources.get(uri)
         if resource is None or not resource.observing:
             return []  # a late answer after the observation was stopped
-        if observe is not None and resource.observable is None:
-            resource.observable = observe
         if not code.startswith("2."):
-            return self._set_state(resource, "offline", f"the sensor answered {code}", code)
+            return self._event(resource, "failed", f"the sensor answered {code}", code)
+        if observe is not None:
+            resource.observable = observe
         ts = self.clock() if now is None else now
+        resource.last_update = ts
         resource.seq += 1
         resource.notifications += 1
         body = decode_payload(cf, payload, ts=ts, advertised_cf=self.advertised_cf(uri))
@@ -348,24 +414,54 @@ class Hub(Generic[C]):
             max_age=DEFAULT_MAX_AGE if max_age is None else max_age,
         ).serialize()
         resource.last_notify, resource.last_body, resource.last_ts = text, body, ts
-        commands = self._set_state(resource, "online", None, None)
+        commands = self._event(resource, "answered")
         if resource.subscribers:
             commands.append(Deliver(tuple(resource.subscribers), text, resource.sub))
         return commands
 
-    def upstream_status(
-        self, uri: str, state: State, reason: str | None, code: str | None = None
-    ) -> list[Command[C]]:
-        """The upstream observation changed state (no answer, reset, ended...)."""
+    def upstream_unchanged(self, uri: str, now: float | None = None) -> list[Command[C]]:
+        """A poll of `uri` got the same answer as the last one: alive, nothing to forward."""
         resource = self._resources.get(uri)
         if resource is None or not resource.observing:
             return []
-        return self._set_state(resource, state, reason, code)
+        resource.last_update = self.clock() if now is None else now
+        return self._event(resource, "answered")
 
-    def _set_state(
-        self, resource: Resource[C], state: State, reason: str | None, code: str | None
+    def upstream_stale(self, uri: str, reason: str) -> list[Command[C]]:
+        """Max-Age of the last notification passed without a new one."""
+        return self.upstream_event(uri, "expired", reason)
+
+    def upstream_failed(self, uri: str, reason: str, code: str | None = None) -> list[Command[C]]:
+        """A registration or poll failed, or the observation broke (it is being renewed)."""
+        return self.upstream_event(uri, "failed", reason, code)
+
+    def upstream_event(
+        self, uri: str, event: Event, reason: str | None, code: str | None = None
     ) -> list[Command[C]]:
-        if (resource.state, resource.state_reason, resource.state_code) == (state, reason, code):
+        resource = self._resources.get(uri)
+        if resource is None or not resource.observing:
+            return []
+        return self._event(resource, event, reason, code)
+
+    def upstream_status(
+        self, uri: str, state: State, reason: str | None, code: str | None = None
+    ) -> list[Command[C]]:
+        """The same as the event that leads to `state` (offline: failed, stale: expired)."""
+        return self.upstream_event(uri, _EVENT_LEADING_TO[state], reason, code)
+
+    def _event(
+        self, resource: Resource[C], event: Event, reason: str | None = None,
+        code: str | None = None,
+    ) -> list[Command[C]]:
+        """Apply `TRANSITIONS`. A status frame goes out when the state changes, or when it
+        stays offline for another reason or code; never to repeat what clients know."""
+        found = transition(resource.state, event, reason)
+        if found is None:
+            return []
+        state, reason = found
+        if state == resource.state and (
+            state != "offline" or (resource.state_reason, resource.state_code) == (reason, code)
+        ):
             return []
         resource.state, resource.state_reason, resource.state_code = state, reason, code
         text = Status(
@@ -426,6 +522,8 @@ class Hub(Generic[C]):
                 entry["state"] = resource.state
                 entry["subscribers"] = len(resource.subscribers)
                 entry["notifications"] = resource.notifications
+                entry["registrations"] = resource.registrations
+                entry["last_update"] = resource.last_update
                 if resource.last_body is not None:
                     entry.update(resource.last_body)
                     entry["ts"] = resource.last_ts

@@ -1,0 +1,285 @@
+"""Unit tests of the CoAP side's pure decisions, without sockets.
+
+`ObserveOrder` (RFC 7641 §3.4), `backoff_delay`, `Freshness` (stale at Max-Age, silent at
+Max-Age + grace) and `poll_interval`; and the follow loop of `CoapSide` fed by a stand-in
+aiocoap observation, so the gateway's own ordering is tested apart from aiocoap's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiocoap
+import pytest
+from aiocoap.numbers.codes import Code
+from hypothesis import given
+from hypothesis import strategies as st
+
+from translator.coap_side import (
+    DEFAULT_MAX_AGE,
+    OBSERVATION_RESET_TIME,
+    OBSERVE_MODULUS,
+    OBSERVE_WINDOW,
+    CoapAnswer,
+    CoapSide,
+    Freshness,
+    ObserveOrder,
+    _Observation,
+    backoff_delay,
+    default_grace,
+    observe_is_newer,
+    poll_interval,
+)
+from translator.config import SupervisionConfig
+
+# --- ObserveOrder ---------------------------------------------------------------------------------
+
+
+def test_first_notification_is_always_accepted() -> None:
+    assert ObserveOrder().accept(12345, 0.0)
+
+
+def test_newer_accepted_older_and_equal_dropped() -> None:
+    order = ObserveOrder()
+    assert order.accept(5, 0.0)
+    assert order.accept(6, 0.1)
+    assert not order.accept(6, 0.2)  # the same number again
+    assert not order.accept(4, 0.3)
+    assert order.accept(100, 0.4)
+    assert not order.accept(99, 0.5)
+
+
+def test_window_edges_of_24_bit_numbers() -> None:
+    assert observe_is_newer(0, OBSERVE_WINDOW - 1)
+    assert not observe_is_newer(0, OBSERVE_WINDOW)  # exactly 2^23 ahead: older (wrapped)
+    assert observe_is_newer(OBSERVE_MODULUS - 1, 0)  # wraps around
+    assert observe_is_newer(OBSERVE_MODULUS - 10, 5)
+    assert not observe_is_newer(5, OBSERVE_MODULUS - 10)
+    assert not observe_is_newer(7, 7)
+
+
+def test_wraparound_in_a_stream() -> None:
+    order = ObserveOrder()
+    numbers = [OBSERVE_MODULUS - 2, OBSERVE_MODULUS - 1, 0, 1, 2]
+    assert all(order.accept(n, 0.0) for n in numbers)
+    assert not order.accept(OBSERVE_MODULUS - 1, 0.0)
+
+
+def test_128_second_rule() -> None:
+    order = ObserveOrder()
+    assert order.accept(1000, 0.0)
+    assert not order.accept(3, OBSERVATION_RESET_TIME)  # not *more* than 128 s yet
+    assert order.accept(3, OBSERVATION_RESET_TIME + 0.001)  # the sensor restarted its counter
+    assert order.accept(4, OBSERVATION_RESET_TIME + 1)
+
+
+def test_reset_starts_over() -> None:
+    order = ObserveOrder()
+    assert order.accept(1000, 0.0)
+    assert not order.accept(0, 1.0)
+    order.reset()  # a fresh registration: the sensor's numbering starts again
+    assert order.accept(0, 1.0)
+    assert order.accept(1, 1.1)
+
+
+@given(
+    st.lists(st.integers(1, 1000), min_size=1, max_size=60),
+    st.integers(0, OBSERVE_MODULUS - 1),
+    st.randoms(use_true_random=False),
+)
+def test_any_arrival_order_forwards_an_increasing_run_ending_at_the_newest(
+    steps: list[int], start: int, rng: Any
+) -> None:
+    """Notifications numbered in order (with gaps, wrapping at 2^24) arrive shuffled within
+    128 s: what is accepted is in sending order, and the newest one is always accepted."""
+    sent = []
+    counter = start
+    for index, step in enumerate(steps):
+        counter = (counter + step) % OBSERVE_MODULUS
+        sent.append((index, counter))
+    arrival = list(sent)
+    rng.shuffle(arrival)
+    order = ObserveOrder()
+    accepted = [index for index, number in arrival if order.accept(number, 1.0)]
+    assert accepted == sorted(accepted)
+    assert accepted[-1] == len(sent) - 1
+
+
+# --- backoff --------------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_from_min_to_max() -> None:
+    delays = [backoff_delay(n, 1.0, 60.0, 0.0) for n in range(9)]
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
+def test_backoff_jitter_only_shortens_and_by_at_most_a_fifth() -> None:
+    assert backoff_delay(0, 1.0, 60.0, 0.999) == pytest.approx(0.8, abs=0.001)
+    assert backoff_delay(10, 1.0, 60.0, 0.5) == pytest.approx(54.0)
+    for jitter in (0.0, 0.3, 0.99):
+        assert 0.8 * 60 <= backoff_delay(50, 1.0, 60.0, jitter) <= 60
+
+
+def test_backoff_huge_attempt_numbers_do_not_overflow() -> None:
+    assert backoff_delay(10_000, 1.0, 60.0, 0.0) == 60.0
+    assert backoff_delay(3, 0.0, 0.0, 0.5) == 0.0
+
+
+@given(st.integers(0, 200), st.floats(0, 100), st.floats(0, 1000), st.floats(0, 1))
+def test_backoff_never_exceeds_max(attempt: int, low: float, high: float, jitter: float) -> None:
+    high = max(low, high)
+    assert 0.0 <= backoff_delay(attempt, low, high, jitter) <= high
+
+
+# --- Freshness ------------------------------------------------------------------------------------
+
+
+def test_default_grace_is_the_smaller_of_10_s_and_a_tenth() -> None:
+    assert default_grace(60) == 6.0
+    assert default_grace(1000) == 10.0
+    assert default_grace(1) == pytest.approx(0.1)
+
+
+def test_stale_at_max_age_then_silent_after_grace() -> None:
+    freshness = Freshness()
+    freshness.heard(100.0, 10)
+    assert (freshness.stale_at, freshness.silent_at) == (110.0, 111.0)
+    assert freshness.next_check == 110.0
+    assert freshness.check(109.9) == "fresh"
+    assert freshness.check(110.0) == "stale"
+    assert freshness.next_check == 111.0
+    assert freshness.check(110.5) == "fresh"  # stale is said once
+    assert freshness.check(111.0) == "silent"
+
+
+def test_stale_is_said_before_silent_even_when_checked_late() -> None:
+    freshness = Freshness()
+    freshness.heard(100.0, 10)
+    assert freshness.check(200.0) == "stale"
+    assert freshness.next_check == 111.0  # already due: the caller checks again at once
+    assert freshness.check(200.0) == "silent"
+
+
+def test_a_notification_makes_it_fresh_again() -> None:
+    freshness = Freshness()
+    freshness.heard(0.0, 10)
+    assert freshness.check(10.0) == "stale"
+    freshness.heard(10.5, 5)
+    assert freshness.check(11.0) == "fresh"
+    assert freshness.next_check == 15.5
+    assert freshness.check(15.5) == "stale"
+
+
+def test_configured_grace_and_default_max_age() -> None:
+    freshness = Freshness(grace=0.25)
+    freshness.heard(0.0, None)  # no Max-Age option: 60 s (RFC 7252 §5.10.5)
+    assert (freshness.stale_at, freshness.silent_at) == (DEFAULT_MAX_AGE, DEFAULT_MAX_AGE + 0.25)
+
+
+def test_max_age_zero_is_never_stale_and_silent_after_the_default() -> None:
+    freshness = Freshness()
+    freshness.heard(0.0, 0)
+    assert freshness.check(0.0) == "fresh"
+    assert freshness.next_check == 66.0
+    assert freshness.check(65.9) == "fresh"
+    assert freshness.check(66.0) == "silent"
+
+
+def test_poll_interval() -> None:
+    assert poll_interval(None, 5.0) == 60.0
+    assert poll_interval(0, 5.0) == 5.0
+    assert poll_interval(30, 5.0) == 30.0
+
+
+# --- the follow loop with a stand-in observation --------------------------------------------------
+
+
+class Recorder:
+    """An ObservationListener that records what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.changed = asyncio.Event()
+
+    def _add(self, kind: str, value: Any) -> None:
+        self.events.append((kind, value))
+        self.changed.set()
+
+    def registering(self, uri: str) -> None:
+        self._add("registering", uri)
+
+    def answer(self, uri: str, answer: CoapAnswer) -> None:
+        self._add("answer", answer)
+
+    def unchanged(self, uri: str) -> None:
+        self._add("unchanged", uri)
+
+    def stale(self, uri: str, reason: str) -> None:
+        self._add("stale", reason)
+
+    def failed(self, uri: str, reason: str) -> None:
+        self._add("failed", reason)
+
+    def payloads(self) -> list[bytes]:
+        return [value.payload for kind, value in self.events if kind == "answer"]
+
+
+def notification(observe: int | None, payload: bytes, max_age: int | None = None) -> Any:
+    message = aiocoap.Message(code=Code.CONTENT, payload=payload, observe=observe)
+    if max_age is not None:
+        message.opt.max_age = max_age
+    return message
+
+
+class StandInRequest:
+    """What `_follow` uses of an aiocoap request: an async-iterable `observation`. Unlike
+    aiocoap's, it does not filter anything, so the gateway's own ordering is on its own."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self._items = items
+        self.release = asyncio.Event()
+
+    @property
+    def observation(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        for item in self._items:
+            yield item
+        await self.release.wait()
+
+
+async def test_follow_forwards_only_newer_notifications() -> None:
+    recorder = Recorder()
+    side = CoapSide(recorder, SupervisionConfig())
+    observation = _Observation("coap://h:5683/x", None)
+    request = StandInRequest([
+        notification(3, b"3"), notification(2, b"late 2"), notification(5, b"5"),
+        notification(4, b"late 4"), notification(5, b"again 5"), notification(6, b"6"),
+    ])
+    task = asyncio.create_task(side._follow(observation, request, notification(1, b"1")))
+    async with asyncio.timeout(5):
+        while recorder.payloads()[-1:] != [b"6"]:
+            recorder.changed.clear()
+            await recorder.changed.wait()
+    request.release.set()
+    await task
+    assert recorder.payloads() == [b"1", b"3", b"5", b"6"]
+
+
+async def test_follow_reports_stale_then_ends_when_silent() -> None:
+    recorder = Recorder()
+    side = CoapSide(recorder, SupervisionConfig(grace=0.05))
+    observation = _Observation("coap://h:5683/x", 0.05)
+    request = StandInRequest([])  # no notification after the first: silence
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(5):
+        # Max-Age 1 s: stale after 1 s, silent (the follow loop returns) after 1.05 s.
+        await side._follow(observation, request, notification(0, b"0", max_age=1))
+    assert loop.time() - started >= 1.05
+    assert [kind for kind, _ in recorder.events] == ["answer", "stale"]
+    assert recorder.events[1][1] == "no notification within Max-Age (1 s)"
+    assert observation.timer is None and observation.silence is None
