@@ -99,6 +99,11 @@ name = "b"
 uri = "coaps://[::1]/b"
 observe = false
 
+[[credentials]]
+match = "coaps://[::1]"
+dtls_identity = "gw"
+dtls_psk = "key"
+
 [policy]
 allow = ["*"]
 
@@ -113,6 +118,7 @@ max_queue = 16
     assert config.server == ServerConfig(host="0.0.0.0", port=0, linger=0.0)
     assert [s.uri for s in config.sensors] == ["coap://sensor.lan:5683/a", "coaps://[::1]:5684/b"]
     assert [s.observe for s in config.sensors] == [False, False]
+    assert [c.match for c in config.credentials] == ["coaps://[::1]:5684/*"]
     assert config.limits == LimitsConfig(
         max_frame_bytes=1024, max_subscriptions=8, max_inflight=4, max_queue=16
     )

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 import tomllib
 import types
 import typing
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from translator.policy import PatternError, Policy, compile_pattern
-from translator.uris import UriError, parse_coap_uri
+from translator.uris import UriError, normalize_escapes, parse_coap_uri
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -33,6 +34,7 @@ __all__ = [
     "LOG_LEVELS",
     "AuthConfig",
     "ConfigError",
+    "CredentialConfig",
     "GatewayConfig",
     "LimitsConfig",
     "PolicyConfig",
@@ -231,6 +233,141 @@ class SupervisionConfig:
             raise ConfigError("backoff_max", "must be at least backoff_min")
 
 
+DTLS_PSK_MAX_BYTES: Final = 16
+"""Longest DTLS pre-shared key the gateway's DTLS stack (tinydtls, through DTLSSocket) takes.
+Its buffer is this size and a longer key would overrun it, so the limit is checked here."""
+DTLS_IDENTITY_MAX_BYTES: Final = 32
+"""Longest PSK identity tinydtls sends."""
+
+
+@dataclass(frozen=True)
+class CredentialConfig:
+    """One ``[[credentials]]`` entry: how the gateway proves itself to the CoAP servers whose
+    URIs match a pattern, and protects what it exchanges with them.
+
+    Each entry is one kind: DTLS with a pre-shared key (``dtls_identity`` with ``dtls_psk`` or
+    ``dtls_psk_hex``) for ``coaps://`` URIs, or an OSCORE security context
+    (``oscore_context``, RFC 8613) for ``coap://`` URIs. When several patterns match a URI,
+    the longest one applies. See :mod:`translator.credentials`.
+    """
+
+    match: str = _required(nonempty=True)
+    """The URIs this entry is for: ``coaps://192.0.2.7/*``. ``*`` is the only wildcard; the
+    scheme is written out. Without a path (``coaps://192.0.2.7``) it means every resource of
+    that server. A ``scheme://host:port`` part without ``*`` is normalized like a URI (lower
+    case, default port made explicit); with one, write it as normalized URIs look
+    (``coaps://10.0.0.*/*`` covers any port)."""
+    dtls_identity: str | None = _setting(None)
+    """DTLS: the PSK identity the gateway presents (text; sent in the clear; at most 32 bytes
+    of UTF-8)."""
+    dtls_psk: str | None = _setting(None)
+    """DTLS: the pre-shared key as text (its UTF-8 bytes, at most 16)."""
+    dtls_psk_hex: str | None = _setting(None)
+    """DTLS: the pre-shared key as hex digits (at most 16 bytes), instead of ``dtls_psk``."""
+    oscore_context: str | None = _setting(None)
+    """OSCORE: directory of a security context in aiocoap's format (``settings.json`` and/or
+    ``secret.json`` with ``sender-id``, ``recipient-id``, ``secret``, optional ``salt``,
+    ``algorithm``, ...). The gateway locks it and writes its sequence numbers there
+    (``sequence.json``), so it must be writable and used by one process only."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        object.__setattr__(self, "match", _normalize_match(self.match))
+        dtls = (self.dtls_identity, self.dtls_psk, self.dtls_psk_hex)
+        if self.oscore_context is not None:
+            if any(value is not None for value in dtls):
+                raise ConfigError(
+                    "oscore_context", "an entry is either OSCORE or DTLS: remove the dtls_* keys"
+                )
+            if not self.oscore_context:
+                raise ConfigError("oscore_context", "must be a directory, got ''")
+            if not self.match.startswith("coap://"):
+                raise ConfigError(
+                    "match", f"OSCORE credentials are for coap:// URIs, got {self.match!r}"
+                )
+            return
+        if all(value is None for value in dtls):
+            raise ConfigError(
+                "match",
+                "no credentials: give dtls_identity and dtls_psk (or dtls_psk_hex) for DTLS, "
+                "or oscore_context for OSCORE",
+            )
+        if not self.match.startswith("coaps://"):
+            raise ConfigError(
+                "match", f"DTLS credentials are for coaps:// URIs, got {self.match!r}"
+            )
+        if self.dtls_identity is None:
+            raise ConfigError("dtls_identity", "required with dtls_psk / dtls_psk_hex")
+        identity = self.dtls_identity.encode()
+        if not 0 < len(identity) <= DTLS_IDENTITY_MAX_BYTES:
+            raise ConfigError(
+                "dtls_identity",
+                f"must be 1 to {DTLS_IDENTITY_MAX_BYTES} bytes, got {len(identity)}",
+            )
+        if (self.dtls_psk is None) == (self.dtls_psk_hex is None):
+            raise ConfigError("dtls_psk", "give exactly one of dtls_psk and dtls_psk_hex")
+        key = "dtls_psk" if self.dtls_psk is not None else "dtls_psk_hex"
+        if not 0 < len(self.psk) <= DTLS_PSK_MAX_BYTES:
+            raise ConfigError(key, f"must be 1 to {DTLS_PSK_MAX_BYTES} bytes, "
+                                   f"got {len(self.psk)}")
+
+    @property
+    def kind(self) -> str:
+        """``"dtls"`` or ``"oscore"``."""
+        return "oscore" if self.oscore_context is not None else "dtls"
+
+    @property
+    def psk(self) -> bytes:
+        """The DTLS pre-shared key as bytes (empty for an OSCORE entry)."""
+        if self.dtls_psk is not None:
+            return self.dtls_psk.encode()
+        if self.dtls_psk_hex is None:
+            return b""
+        try:
+            return bytes.fromhex(self.dtls_psk_hex.replace(":", "").replace(" ", ""))
+        except ValueError:
+            raise ConfigError("dtls_psk_hex", "must be hex digits (pairs, optionally "
+                                              "separated by ':' or spaces)") from None
+
+    def matches(self, uri: str) -> bool:
+        """Whether this entry applies to the normalized URI `uri` (as aiocoap decides it)."""
+        return _match_regex(self.match).fullmatch(uri) is not None
+
+    def __repr__(self) -> str:  # keep keys out of tracebacks and logs
+        what = (f"oscore_context={self.oscore_context!r}" if self.kind == "oscore"
+                else f"dtls_identity={self.dtls_identity!r}, dtls_psk=<hidden>")
+        return f"CredentialConfig(match={self.match!r}, {what})"
+
+
+def _normalize_match(pattern: str) -> str:
+    """The spelling of a credentials pattern that the gateway's normalized URIs can match."""
+    scheme, separator, rest = pattern.partition("://")
+    if not separator or scheme.lower() not in ("coap", "coaps"):
+        raise ConfigError("match", f"must start with coap:// or coaps://, got {pattern!r}")
+    if any(char in pattern for char in "?#") or any(
+        ord(char) <= 0x20 or ord(char) == 0x7F or not char.isascii() for char in pattern
+    ):
+        raise ConfigError(
+            "match",
+            f"{pattern!r}: only '*' is a wildcard, and no '?', '#', space, control or "
+            "non-ASCII character may appear",
+        )
+    authority, slash, path = rest.partition("/")
+    if "*" in authority:
+        return f"{scheme.lower()}://{rest}"
+    try:
+        origin = parse_coap_uri(f"{scheme}://{authority}/").origin
+    except UriError as error:
+        raise ConfigError("match", str(error)) from None
+    return origin + ("/" + normalize_escapes(path) if slash else "/*")
+
+
+@functools.cache
+def _match_regex(pattern: str) -> "re.Pattern[str]":
+    # aiocoap's rule (credentials.CredentialsMap._wildcard_match): '*' is '.*', all else literal.
+    return re.compile(re.escape(pattern).replace("\\*", ".*"), re.DOTALL)
+
+
 AUTH_MODES: Final = ("auto", "none")
 SCOPES: Final = ("read", "write")
 
@@ -290,6 +427,8 @@ class GatewayConfig:
     """``[supervision]``."""
     auth: AuthConfig = field(default_factory=AuthConfig)
     """``[auth]``."""
+    credentials: tuple[CredentialConfig, ...] = _setting(())
+    """``[[credentials]]``: DTLS keys and OSCORE contexts for protected sensors."""
     log_level: str = _setting("info", choices=LOG_LEVELS)
     """Logging threshold."""
 
@@ -304,6 +443,24 @@ class GatewayConfig:
                     f"(already used by sensors[{first_index[sensor.name]}])",
                 )
             first_index[sensor.name] = index
+        patterns: dict[str, int] = {}
+        for index, entry in enumerate(self.credentials):
+            if entry.match in patterns:
+                raise ConfigError(
+                    f"credentials[{index}].match",
+                    f"duplicate pattern {entry.match!r} "
+                    f"(already used by credentials[{patterns[entry.match]}])",
+                )
+            patterns[entry.match] = index
+        for index, sensor in enumerate(self.sensors):
+            if sensor.uri.startswith("coaps://") and not any(
+                entry.kind == "dtls" and entry.matches(sensor.uri) for entry in self.credentials
+            ):
+                raise ConfigError(
+                    f"sensors[{index}].uri",
+                    f"{sensor.uri} needs DTLS credentials: add a [[credentials]] entry whose "
+                    "match covers it, with dtls_identity and dtls_psk",
+                )
 
 
 # --- public entry points -----------------------------------------------------------------
