@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, Protocol
 
@@ -51,6 +52,7 @@ from aiocoap import error as coap_error
 from aiocoap.numbers.codes import Code
 from aiocoap.tokenmanager import TokenManager
 
+from .coap_security import client_context, close_client_context
 from .config import SupervisionConfig
 
 log = logging.getLogger(__name__)
@@ -318,19 +320,22 @@ class CoapSide:
         *,
         max_representation: int = 1_048_576,
         rng: random.Random | None = None,
+        credentials: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self._listener = listener
         self.supervision = supervision or SupervisionConfig()
         self.max_representation = max_representation
         self._rng = rng or random.Random()
+        self._credentials = dict(credentials or {})
+        """aiocoap client credentials (`translator.credentials.client_credentials`)."""
         self._context: aiocoap.Context | None = None
         self._observations: dict[str, _Observation] = {}
         self._stopping: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        # Only UDP: the defaults would also open TCP/WebSocket/TLS client transports the
-        # gateway does not use.
-        self._context = await aiocoap.Context.create_client_context(transports=["udp6"])
+        # UDP, plus DTLS and OSCORE when credentials ask for them: the defaults would also
+        # open TCP/WebSocket/TLS client transports the gateway does not use.
+        self._context = await client_context(self._credentials)
 
     async def shutdown(self) -> None:
         """Deregister every observation at its sensor, then close the context."""
@@ -339,7 +344,7 @@ class CoapSide:
         if self._stopping:
             await asyncio.wait(self._stopping, timeout=DEREGISTRATION_TIMEOUT + 1)
         if self._context is not None:
-            await self._context.shutdown()
+            await close_client_context(self._context)
             self._context = None
 
     @property

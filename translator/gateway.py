@@ -27,6 +27,7 @@ from .auth import ANONYMOUS, READ, Principal, TokenStore, scope_for_method, star
 from .coap_side import CoapAnswer, CoapSide, UpstreamError
 from .codecs import UnsupportedValue, decode_payload, encode_value
 from .config import ConfigError, GatewayConfig, policy_for
+from .credentials import client_credentials
 from .frames import FrameError, FrameId
 from .hub import Command, Deliver, Hub, StartLinger, StartObservation, StopObservation
 from .policy import Decision
@@ -94,7 +95,10 @@ class Gateway:
             pinned=[s.uri for s in config.sensors if s.observe],
         )
         self.coap = CoapSide(
-            self, config.supervision, max_representation=config.limits.max_upstream_bytes
+            self,
+            config.supervision,
+            max_representation=config.limits.max_upstream_bytes,
+            credentials=client_credentials(config.credentials),
         )
         limits = config.limits
         self.ws = WebSocketServer(
