@@ -486,12 +486,6 @@ def test_authenticate_never_raises(header: str, query: str) -> None:
 # --- at the handshake (end to end) ------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway.admit/ws_side._check_origin call Headers.get(), which raises "
-    "MultipleValuesError on a repeated header: the handshake fails with HTTP 500 and an "
-    "ERROR traceback in the log instead of 400/401/403",
-)
 @pytest.mark.parametrize(
     "headers",
     [

@@ -239,8 +239,13 @@ class Gateway:
         """The handshake's authentication (Gatekeeper): who the client is, or HTTP 401."""
         if not self.authenticating:
             return ANONYMOUS
-        principal = self.tokens.authenticate(headers.get("Authorization"),
-                                             path.partition("?")[2])
+        presented = headers.get_all("Authorization")
+        principal = (
+            # Two Authorization headers are ambiguous: refuse rather than pick one.
+            self.tokens.authenticate(presented[0] if presented else None, path.partition("?")[2])
+            if len(presented) <= 1
+            else None
+        )
         if principal is None:
             return Refusal(
                 http.HTTPStatus.UNAUTHORIZED,

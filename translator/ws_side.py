@@ -342,12 +342,16 @@ class WebSocketServer:
 
     def _check_origin(self, headers: Headers) -> Refusal | None:
         """Browsers say where a page came from; refuse pages from other sites (CSWSH)."""
-        origin = headers.get("Origin")
-        if origin is None:
+        origins = headers.get_all("Origin")
+        if not origins:
             return None  # not a browser: nothing to protect against
+        if len(origins) > 1:
+            return Refusal(http.HTTPStatus.FORBIDDEN, "more than one Origin header")
+        origin = origins[0]
         allowed = self.settings.allowed_origins
         if allowed is None:
-            host = headers.get("Host", "")
+            hosts = headers.get_all("Host")
+            host = hosts[0] if len(hosts) == 1 else ""
             allowed = (f"http://{host}", f"https://{host}")
         if origin.lower().rstrip("/") in {o.lower().rstrip("/") for o in allowed}:
             return None
