@@ -567,7 +567,10 @@ class CoapSide:
         self._cancel_fetch(observation)
         block2 = message.opt.block2
         if block2 is None or not block2.more:
-            self._answer(observation, replace(to_answer(message), observable=observable))
+            answer = to_answer(message)
+            if observable is not None:
+                answer = replace(answer, observable=observable)
+            self._answer(observation, answer)
             return
         observation.fetch = asyncio.create_task(
             self._fetch_rest(observation, message, observable), name=f"blocks {observation.uri}"
@@ -706,8 +709,14 @@ class CoapSide:
             return
         key = (request.token, request.remote)
         managers = [i for i in self.context.request_interfaces if isinstance(i, TokenManager)]
-        holding = [m for m in managers if key in m.outgoing_requests]
-        for manager in holding or managers[:1]:
+        # The token manager still holding the observation, else (for an observation already
+        # given up) the one whose transport the sensor's address belongs to.
+        holding = [m for m in managers if key in m.outgoing_requests] or [
+            m for m in managers
+            if getattr(m.token_interface, "message_interface", None)
+            is getattr(request.remote, "interface", object())
+        ]
+        for manager in holding:
             message = request.copy(observe=1, mid=None)
             message.token = request.token
             message.remote = request.remote
@@ -752,7 +761,9 @@ class CoapSide:
             async with asyncio.timeout(timeout):
                 response = await pending.response
         except TimeoutError:
-            pending.response.cancel()  # stops aiocoap's retransmissions
+            # Frees the token. (A CON goes on being retransmitted below: aiocoap's UDP
+            # message layer cannot cancel one.)
+            pending.response.cancel()
             raise
         except asyncio.CancelledError:
             pending.response.cancel()
