@@ -442,7 +442,9 @@ async def main_async(args: argparse.Namespace) -> None:
             case "close":
                 return await gen.close_all()
             case "count":
-                return {"clients": len(gen.clients), "closed": gen.closed}
+                return {"clients": len(gen.clients), "closed": gen.closed,
+                        "notified": sum(r.notified for r in gen.fast)
+                        + sum(gen.notified.values())}
         return {"ok": False, "error": f"unknown command {command.get('cmd')!r}"}
 
     try:

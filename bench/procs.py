@@ -53,12 +53,13 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * PAGE_SIZE
 
 
-def machine_busy_seconds() -> float:
-    """CPU time spent by the whole machine so far, all cores (seconds), from /proc/stat."""
+def machine_busy_seconds() -> tuple[float, float]:
+    """CPU time spent by the whole machine so far, all cores (seconds), from /proc/stat, and
+    the part of it in softirq (mostly network processing, e.g. loopback TCP delivery)."""
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values[:8]) - idle) / CLOCK_TICKS
+    return (sum(values[:8]) - idle) / CLOCK_TICKS, values[6] / CLOCK_TICKS
 
 
 def udp_counters() -> dict[str, int]:
