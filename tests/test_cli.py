@@ -247,3 +247,21 @@ def test_example_config_loads() -> None:
     assert [s.name for s in config.sensors] == ["kitchen/temperature", "kitchen/humidity",
                                                 "hall/led"]
     assert config.sensors[0].observe is True
+
+
+def test_every_toml_example_in_the_readme_is_a_valid_configuration() -> None:
+    import re
+    import tomllib
+
+    from translator.config import config_from_mapping
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    examples = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert len(examples) >= 3
+    for example in examples:
+        data = tomllib.loads(example)
+        # Examples name files that exist only on a real deployment.
+        data.get("auth", {}).pop("token_file", None)
+        if "credentials" in data:
+            data["credentials"] = [e for e in data["credentials"] if "oscore_context" not in e]
+        config_from_mapping(data)
