@@ -50,6 +50,7 @@ from aiocoap import error as coap_error
 
 from .config import ConfigError
 from .credentials import transports_for
+from .udp_batch import batch_reads
 
 __all__ = [
     "DTLS_HANDSHAKE_TIMEOUT",
@@ -97,6 +98,7 @@ async def client_context(credentials: Mapping[str, Mapping[str, Any]]) -> Any:
     except BaseException:
         await close_client_context(context)
         raise
+    batch_reads(context)
     for interface in _dtls_interfaces(context):
         _adapt_dtls(interface)
     for interface in _oscore_transports(context):

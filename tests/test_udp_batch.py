@@ -1,0 +1,83 @@
+"""Batched UDP reads: a backlog of notifications reaches clients as its newest value."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import aiocoap
+import cbor2
+from aiocoap.numbers.codes import Code
+from aiocoap.numbers.types import Type
+
+from .conftest import WAIT
+
+
+class RawSensor:
+    """One observable resource on a plain UDP socket, so the test decides when every
+    notification is sent (aiocoap's own server would pace and coalesce them)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port: int = self.sock.getsockname()[1]
+        self.token = b""
+        self.peer: Any = None
+        self.observe = 0
+
+    async def accept_registration(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(WAIT):
+            while True:
+                data, self.peer = await loop.sock_recvfrom(self.sock, 2048)
+                request = aiocoap.Message.decode(data)
+                if request.opt.observe == 0:
+                    break
+        self.token = request.token
+        self.send(0, mtype=Type.ACK, mid=request.mid)
+
+    def send(self, value: int, *, mtype: Type = Type.NON, mid: int | None = None) -> None:
+        self.observe += 1
+        message = aiocoap.Message(
+            code=Code.CONTENT, payload=cbor2.dumps(value), content_format=60,
+            observe=self.observe,
+        )
+        message.mtype = mtype
+        message.mid = mid if mid is not None else 1000 + self.observe
+        message.token = self.token
+        self.sock.sendto(message.encode(), self.peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_a_backlog_reaches_clients_as_its_newest_value(
+    make_gateway: Any, make_client: Any
+) -> None:
+    sensor = RawSensor()
+    try:
+        uri = f"coap://127.0.0.1:{sensor.port}/burst"
+        gateway = await make_gateway({"server": {"port": 0}, "policy": {"allow": [uri]}})
+        client = await make_client(gateway.url)
+        sub = (await client.subscribe(uri=uri))["sub"]
+        await sensor.accept_registration()
+        first = await client.next_notify(sub)
+        assert first["value"] == 0
+
+        # 200 notifications land in the gateway's socket before its loop runs again.
+        for value in range(1, 201):
+            sensor.send(value)
+        await client.wait_for(lambda f: f.get("value") == 200)
+        forwarded = [f for f in client.seen if f["type"] == "notify"]
+        # Read in one go, the backlog collapses to (nearly) one update; one by one, every
+        # notification would be forwarded.
+        assert len(forwarded) <= 5, [f["value"] for f in forwarded]
+
+        # Once caught up, every notification is forwarded again.
+        for value in (201, 202, 203):
+            sensor.send(value)
+            assert (await client.next_notify(sub))["value"] == value
+    finally:
+        sensor.close()
