@@ -70,9 +70,7 @@ def udp_counters() -> dict[str, int]:
     return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:], strict=True)}
 
 
-def udp_drops(pid: int) -> int:
-    """Datagrams dropped so far at the UDP sockets of process `pid` (a full receive buffer):
-    the "drops" column of /proc/net/udp and udp6 for the sockets among its descriptors."""
+def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -81,16 +79,40 @@ def udp_drops(pid: int) -> int:
                 if target.startswith("socket:["):
                     inodes.add(target[8:-1])
     except OSError:
-        return 0
-    drops = 0
-    for table in ("/proc/net/udp", "/proc/net/udp6"):
-        with contextlib.suppress(OSError), open(table) as f:
+        pass
+    return inodes
+
+
+def socket_queues(pid: int) -> dict[str, int]:
+    """What sits in the kernel for the sockets of process `pid` right now, and the drops so
+    far: from /proc/net/{tcp,tcp6,udp,udp6} (columns tx_queue:rx_queue, inode, drops).
+
+    `tcp_tx`: bytes written but not yet acknowledged by the peer (for a server: what its
+    clients have not read yet); `tcp_rx`: bytes received but not yet read by the process;
+    `udp_rx`: datagram bytes waiting to be read; `udp_drops`: datagrams dropped because the
+    receive buffer was full."""
+    inodes = _socket_inodes(pid)
+    out = {"tcp_tx": 0, "tcp_rx": 0, "udp_rx": 0, "udp_drops": 0}
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        with contextlib.suppress(OSError), open(f"/proc/net/{table}") as f:
             next(f)
             for line in f:
                 fields = line.split()
-                if len(fields) > 12 and fields[9] in inodes:
-                    drops += int(fields[-1])
-    return drops
+                if len(fields) < 10 or fields[9] not in inodes:
+                    continue
+                tx, _, rx = fields[4].partition(":")
+                if table.startswith("tcp"):
+                    out["tcp_tx"] += int(tx, 16)
+                    out["tcp_rx"] += int(rx, 16)
+                else:
+                    out["udp_rx"] += int(rx, 16)
+                    out["udp_drops"] += int(fields[-1])
+    return out
+
+
+def udp_drops(pid: int) -> int:
+    """Datagrams dropped so far at the UDP sockets of process `pid` (a full receive buffer)."""
+    return socket_queues(pid)["udp_drops"]
 
 
 class Child:
@@ -181,6 +203,9 @@ class Child:
 
     def udp_drops(self) -> int:
         return udp_drops(self.pid)
+
+    def queues(self) -> dict[str, int]:
+        return socket_queues(self.pid)
 
     async def stop(self, grace: float = 6.0) -> int | None:
         """SIGTERM (or `quit` for a command-channel child), then SIGKILL after `grace`."""

@@ -263,6 +263,11 @@ async def measure_window(
         extra, _ = await asyncio.gather(during(), asyncio.sleep(window))
     else:
         await asyncio.sleep(window)
+    # Where undelivered data sits at the end of the window: in the server's UDP receive
+    # buffer, in TCP send buffers toward the clients, or read by the clients' kernels but not
+    # yet by the clients (then the load generator is the bottleneck, not the server).
+    server_q = probe.server.queues()
+    client_rx = sum(c.queues()["tcp_rx"] for c in probe.loadgens)
     stops = await call_all(counters, {"cmd": "stop"}, 30)
     after = probe.read()
     offered1 = await offered_updates(source)
@@ -287,6 +292,9 @@ async def measure_window(
         "cpu_us_per_delivery": round(1e6 * usage["server_cpu"] / frames, 2) if frames else None,
         "server_udp_drops": usage["server_udp_drops"],
         "machine_udp_rcvbuf_errors": usage["udp_rcvbuf_errors"],
+        "end_server_udp_rx_kib": round(server_q["udp_rx"] / 1024, 1),
+        "end_server_tcp_tx_kib": round(server_q["tcp_tx"] / 1024, 1),
+        "end_clients_tcp_rx_kib": round(client_rx / 1024, 1),
         **extra,
     }
     return result
@@ -924,13 +932,14 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
         parts.append(head("Fan-out, every window (one resource, N clients)") + table(
             ["system", "N", "phase", "#", "offered/s", "deliv/s", "share", "p50 ms", "p99 ms",
              "srv CPU%", "µs/deliv", "sensor%", "loadgen%", "softirq%", "other%", "drops",
-             "closed"],
+             "UDP q KiB", "TCP q KiB", "client q KiB", "closed"],
             [[r["system"], r["n"], r["phase"], r.get("round"), r["offered_per_s"],
               r["deliveries_per_s"],
               r.get("share"), r["p50_ms"], r["p99_ms"], r["server_cpu_pct"],
               r["cpu_us_per_delivery"], r["sensor_cpu_pct"], r["loadgen_cpu_pct"],
               r.get("softirq_cpu_pct"), r["other_cpu_pct"], r.get("server_udp_drops"),
-              r["closed_clients"]]
+              r.get("end_server_udp_rx_kib"), r.get("end_server_tcp_tx_kib"),
+              r.get("end_clients_tcp_rx_kib"), r["closed_clients"]]
              for r in fan]))
         means = result["summary"]["fanout_means"]
         parts.append(head("Fan-out, mean of the rounds") + table(
