@@ -25,7 +25,7 @@ from aiocoap.credentials import CredentialsMap
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress, TransportOSCORE
 
-from translator import coap_security
+from translator import coap_security, coap_side
 from translator.config import ConfigError, CredentialConfig, config_from_mapping
 from translator.credentials import client_credentials, transports_for
 from translator.gateway import Gateway
@@ -286,6 +286,36 @@ async def test_cancelled_oscore_observation_ends_underneath_too(
     assert unmatched()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING
                 and r.name.startswith("coap")], caplog.text
+
+
+async def test_oscore_unsubscribe_and_stop_do_not_wait_for_a_deregistration(
+    oscore_sensor: Sensor, gateway_context: str, make_client: Any
+) -> None:
+    # An OSCORE observation cannot be deregistered with its own token (aiocoap cannot send
+    # a protected deregistration), so nothing is sent, and nothing is waited for: stopping
+    # it is immediate, not DEREGISTRATION_TIMEOUT (2 s) per observation.
+    config = config_from_mapping(_config(oscore_sensor, _oscore(oscore_sensor, gateway_context)))
+    loop = asyncio.get_running_loop()
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        client = await make_client(gateway.url)
+        sub = (await client.subscribe(name="temp"))["sub"]
+        await client.next_notify(sub)
+        started = loop.time()
+        await client.call({"type": "unsubscribe", "sub": sub})
+        stopping = [t for t in asyncio.all_tasks() if t.get_name().startswith("deregister ")]
+        await asyncio.wait_for(asyncio.gather(*stopping), WAIT)
+        assert loop.time() - started < coap_side.DEREGISTRATION_TIMEOUT / 4
+        assert gateway.coap.busy == 0
+
+        # The same at shutdown, for an observation still running.
+        sub = (await client.subscribe(name="temp"))["sub"]
+        await client.wait_for(lambda f: f["type"] == "notify" and f["seq"] > 1)
+    finally:
+        started = loop.time()
+        await gateway.stop()
+    assert loop.time() - started < coap_side.DEREGISTRATION_TIMEOUT / 2
 
 
 async def test_oscore_sensor_refuses_unprotected_requests(

@@ -35,6 +35,7 @@ Stopping an observation deregisters it at the sensor (a CON GET with Observe = 1
 observation's token, RFC 7641 §3.6) so that a sensor notifying with NON stops at once rather
 than talking to a gateway that ignores it. An observation given up for silence is
 deregistered with NON, once at once and once more after the next successful registration.
+(An OSCORE observation cannot be deregistered that way; it is dropped at once.)
 """
 
 from __future__ import annotations
@@ -390,10 +391,9 @@ class CoapSide:
         task = observation.task
         if task is None or task.done():
             return
-        if observation.first is not None:
-            self._send_deregistration(observation.first)
+        if observation.first is not None and self._send_deregistration(observation.first):
             # The sensor's answer to the deregistration ends aiocoap's observation, and
-            # with it the task.
+            # with it the task. (Nothing to wait for when none could be sent, as for OSCORE.)
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), DEREGISTRATION_TIMEOUT)
         if not task.done():
@@ -697,16 +697,19 @@ class CoapSide:
 
     # -- deregistration ----------------------------------------------------------------------
 
-    def _send_deregistration(self, first: aiocoap.Message, *, confirmable: bool = True) -> None:
-        """Send GET with Observe = 1 under the observation's own token (RFC 7641 §3.6).
+    def _send_deregistration(self, first: aiocoap.Message, *, confirmable: bool = True) -> bool:
+        """Send GET with Observe = 1 under the observation's own token (RFC 7641 §3.6);
+        True when it was sent.
 
         aiocoap's public request API always picks a fresh token, so this goes one layer
         down, to the token manager's message layer. While the observation is still open
-        here, the sensor's answer ends it; otherwise the answer is ignored.
+        here, the sensor's answer ends it; otherwise the answer is ignored. Nothing is sent
+        for an observation that no token manager can reach: an OSCORE one (its requests are
+        protected by the OSCORE transport, above the token managers).
         """
         request = getattr(first, "request", None)
         if request is None or request.remote is None:
-            return
+            return False
         key = (request.token, request.remote)
         managers = [i for i in self.context.request_interfaces if isinstance(i, TokenManager)]
         # The token manager still holding the observation, else (for an observation already
@@ -727,7 +730,9 @@ class CoapSide:
                 manager.token_interface.send_message(message, lambda: None)
             except Exception:  # the fallback (cancel) still happens in _stop
                 log.debug("deregistration of %s not sent", request.remote, exc_info=True)
-            return
+                return False
+            return True
+        return False
 
     # -- requests ----------------------------------------------------------------------------
 
