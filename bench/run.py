@@ -52,9 +52,10 @@ SATURATING_DELIVERIES = 200_000
 Python process on one core can deliver, so the run measures capacity."""
 MAX_SENSOR_RATE = 20_000
 SUBSCRIBE_BATCH = 10
-"""Subscriptions a client sends before waiting for their first notifies. With 10 clients,
-100 registrations are in flight; a burst of several hundred overflows the gateway's UDP
-receive buffer (see docs/performance.md) and each lost answer costs a registration timeout."""
+"""Subscriptions a client sends before waiting for their first notifies (with 10 clients, 100
+registrations in flight). Before the gateway read its UDP socket in batches with a 1 MiB
+buffer, a burst of several hundred lost answers there and each cost a registration timeout
+(docs/performance.md); pacing keeps the setup time out of the measurement either way."""
 
 
 @dataclass
