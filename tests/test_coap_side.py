@@ -1,8 +1,9 @@
 """Unit tests of the CoAP side's pure decisions, without sockets.
 
 `ObserveOrder` (RFC 7641 §3.4), `backoff_delay`, `Freshness` (stale at Max-Age, silent at
-Max-Age + grace) and `poll_interval`; and the follow loop of `CoapSide` fed by a stand-in
-aiocoap observation, so the gateway's own ordering is tested apart from aiocoap's.
+Max-Age + grace) and `poll_interval`; the follow loop of `CoapSide` fed by a stand-in
+aiocoap observation, so the gateway's own ordering is tested apart from aiocoap's; and the
+bounded block-wise fetcher (`_complete`) fed by a stand-in sensor.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from translator.coap_side import (
     CoapSide,
     Freshness,
     ObserveOrder,
+    RepresentationTooLarge,
+    UpstreamError,
     _Observation,
     backoff_delay,
     default_grace,
@@ -283,3 +286,107 @@ async def test_follow_reports_stale_then_ends_when_silent() -> None:
     assert [kind for kind, _ in recorder.events] == ["answer", "stale"]
     assert recorder.events[1][1] == "no notification within Max-Age (1 s)"
     assert observation.timer is None and observation.silence is None
+
+
+# --- the bounded block-wise fetcher ---------------------------------------------------------------
+
+
+class Blocks:
+    """A stand-in sensor for `_complete`: serves blocks of 1024 bytes of `data` (ETag
+    `etag`, Size2 `size2` when given) and records the block numbers asked for."""
+
+    def __init__(self, data: bytes, *, size2: int | None = None, etag: bytes = b"1") -> None:
+        self.data = data
+        self.size2 = size2
+        self.etag = etag
+        self.asked: list[int] = []
+
+    def block(self, number: int, size_exponent: int = 6) -> Any:
+        size = 1 << (size_exponent + 4)
+        more = (number + 1) * size < len(self.data)
+        message = aiocoap.Message(
+            code=Code.CONTENT, payload=self.data[number * size:(number + 1) * size],
+            block2=(number, more, size_exponent), etag=self.etag, content_format=112,
+            max_age=30,
+        )
+        if self.size2 is not None:
+            message.opt.size2 = self.size2
+        return message
+
+    async def fetch(self, number: int, size_exponent: int) -> Any:
+        self.asked.append(number)
+        return self.block(number, size_exponent)
+
+
+def side_with_limit(limit: int) -> CoapSide:
+    return CoapSide(Recorder(), SupervisionConfig(), max_representation=limit)
+
+
+async def test_blocks_up_to_the_limit_are_taken_whole() -> None:
+    sensor = Blocks(bytes(range(250)) * 12)  # 3000 bytes: blocks 0, 1, 2
+    answer = await side_with_limit(3000)._complete("coap://h/x", sensor.block(0), sensor.fetch)
+    assert answer is not None and answer.payload == sensor.data
+    assert (answer.code, answer.cf, answer.max_age) == ("2.05", 112, 30)
+    assert sensor.asked == [1, 2]
+
+
+async def test_fetching_stops_at_the_first_block_past_the_limit() -> None:
+    sensor = Blocks(b"x" * 10_000)
+    with pytest.raises(RepresentationTooLarge) as raised:
+        await side_with_limit(2048)._complete("coap://h/x", sensor.block(0), sensor.fetch)
+    assert sensor.asked == [1, 2]  # 2048 bytes are within the limit, 3072 are not
+    assert raised.value.size == 3072
+    assert str(raised.value) == (
+        "representation larger than max_upstream_bytes (2048 bytes): "
+        "3072 bytes received before stopping"
+    )
+
+
+@pytest.mark.parametrize("announced_in", [0, 1])
+async def test_a_size2_beyond_the_limit_stops_the_fetch_at_once(announced_in: int) -> None:
+    sensor = Blocks(b"x" * 10_000)
+    first = sensor.block(0)
+    if announced_in == 0:
+        first.opt.size2 = 10_000
+    else:
+        sensor.size2 = 10_000  # only the blocks fetched later announce it
+    with pytest.raises(RepresentationTooLarge) as raised:
+        await side_with_limit(4096)._complete("coap://h/x", first, sensor.fetch)
+    assert sensor.asked == [1][:announced_in]
+    assert raised.value.size == 10_000 and "10000 bytes announced in Size2" in str(raised.value)
+
+
+async def test_a_size2_within_the_limit_or_on_the_last_block_is_no_reason_to_stop() -> None:
+    sensor = Blocks(b"x" * 3000, size2=3000)
+    answer = await side_with_limit(3000)._complete("coap://h/x", sensor.block(0), sensor.fetch)
+    assert answer is not None and len(answer.payload) == 3000
+    whole = Blocks(b"y" * 100, size2=1_000_000).block(0)  # whole: Size2 says nothing more
+    answer = await side_with_limit(3000)._complete("coap://h/x", whole, Blocks(b"").fetch)
+    assert answer is not None and answer.payload == b"y" * 100
+
+
+async def test_a_whole_answer_larger_than_the_limit_is_refused_too() -> None:
+    whole = aiocoap.Message(code=Code.CONTENT, payload=b"z" * 1500)
+    with pytest.raises(RepresentationTooLarge):
+        await side_with_limit(1000)._complete("coap://h/x", whole, Blocks(b"").fetch)
+
+
+async def test_a_first_block_that_is_not_block_0_is_an_upstream_error() -> None:
+    sensor = Blocks(b"x" * 3000)
+    with pytest.raises(UpstreamError, match="block 1, not 0"):
+        await side_with_limit(5000)._complete("coap://h/x", sensor.block(1), sensor.fetch)
+    assert sensor.asked == []
+
+
+async def test_a_changed_etag_starts_over_only_when_restarts_are_allowed() -> None:
+    sensor = Blocks(b"a" * 3000, etag=b"1")
+    first = sensor.block(0)
+    sensor.data, sensor.etag = b"b" * 3000, b"2"  # changes after the first block
+    assert await side_with_limit(5000)._complete(
+        "coap://h/x", first, sensor.fetch, restarts=0
+    ) is None
+    assert sensor.asked == [1]
+    sensor.asked.clear()
+    answer = await side_with_limit(5000)._complete("coap://h/x", first, sensor.fetch)
+    assert answer is not None and answer.payload == b"b" * 3000
+    assert sensor.asked == [1, 0, 1, 2]

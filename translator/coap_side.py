@@ -36,6 +36,15 @@ observation's token, RFC 7641 §3.6) so that a sensor notifying with NON stops a
 than talking to a gateway that ignores it. An observation given up for silence is
 deregistered with NON, once at once and once more after the next successful registration.
 (An OSCORE observation cannot be deregistered that way; it is dropped at once.)
+
+Block-wise representations (RFC 7959), of notifications, poll answers and client requests
+alike, are completed by one fetcher, `_complete`, bounded by ``max_representation``
+(``[limits] max_upstream_bytes``): it stops at the first block that takes the representation
+past the limit, or before fetching anything when the sensor's Size2 announces more (every
+request asks for Size2). Client requests keep aiocoap's Block1 handling for request payloads
+larger than one message (`_Block1Request`), which hands over the response's first block.
+A representation over the limit is an `upstream_error` for a request; a notification over it
+is dropped with a log line.
 """
 
 from __future__ import annotations
@@ -44,13 +53,14 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, Protocol
 
 import aiocoap
 from aiocoap import error as coap_error
 from aiocoap.numbers.codes import Code
+from aiocoap.protocol import BlockwiseRequest
 from aiocoap.tokenmanager import TokenManager
 
 from .coap_security import client_context, close_client_context
@@ -107,6 +117,43 @@ class CoapAnswer:
 
 class UpstreamError(Exception):
     """A request's sensor is unreachable or reset it (protocol error `upstream_error`)."""
+
+
+class RepresentationTooLarge(UpstreamError):
+    """A representation exceeded the limit (``[limits] max_upstream_bytes``).
+
+    `size` is what was known when the gateway stopped: the bytes received, or the size the
+    sensor announced in Size2.
+    """
+
+    def __init__(self, limit: int, size: int, announced: bool) -> None:
+        how = "announced in Size2" if announced else "received before stopping"
+        super().__init__(
+            f"representation larger than max_upstream_bytes ({limit} bytes): "
+            f"{size} bytes {how}"
+        )
+        self.limit = limit
+        self.size = size
+
+
+BlockFetcher = Callable[[int, int], Awaitable[Any]]
+"""Fetches block `number` of a representation with block size 2 ** (`size_exponent` + 4)
+and returns the sensor's response (an aiocoap message)."""
+
+
+class _Block1Request(BlockwiseRequest):  # type: ignore[misc]  # aiocoap is untyped
+    """aiocoap's block-wise client request, for its Block1 half only.
+
+    aiocoap sends a request payload larger than one message in Block1 blocks (RFC 7959 §2.5)
+    and then would assemble a block-wise response whole, whatever its size. Here it stops
+    after the first response block, which the caller completes with its bounded fetcher.
+    """
+
+    @classmethod
+    async def _complete_by_requesting_block2(
+        cls, protocol: Any, request_to_repeat: Any, initial_response: Any, log: Any
+    ) -> Any:
+        return initial_response
 
 
 class ObservationListener(Protocol):
@@ -451,7 +498,8 @@ class CoapSide:
         timeout = self.supervision.registration_timeout
         request = self.context.request(
             aiocoap.Message(
-                code=Code.GET, uri=uri, observe=0, transport_tuning=aiocoap.Unreliable()
+                code=Code.GET, uri=uri, observe=0, size2=0,
+                transport_tuning=aiocoap.Unreliable(),
             ),
             handle_blockwise=False,
         )
@@ -587,7 +635,9 @@ class CoapSide:
         self, observation: _Observation, first_block: Any, observable: bool | None
     ) -> None:
         try:
-            answer = await self._complete(observation.uri, first_block)
+            answer = await self._complete(
+                observation.uri, first_block, self._observed_blocks(observation.uri)
+            )
         except (TimeoutError, coap_error.Error, OSError, UpstreamError) as exc:
             log.info("observation of %s: block-wise notification dropped: %s",
                      observation.uri, _describe(exc))
@@ -599,40 +649,72 @@ class CoapSide:
             observation.fetch = None
             self._answer(observation, replace(answer, observable=observable))
 
-    async def _complete(self, uri: str, first_block: Any) -> CoapAnswer | None:
-        """The whole representation whose first block is `first_block`, fetched block by block
-        with fresh tokens (GET with Block2 and no Observe) and checked against its ETag.
+    def _observed_blocks(self, uri: str) -> BlockFetcher:
+        """The later blocks of an observed resource's representation: GETs with a fresh token
+        and no Observe (RFC 7959 §2.6), each timed out like a registration."""
 
-        When a later block carries another ETag the representation changed under us: start
-        over from block 0, a few times at most. None when it keeps changing.
+        def fetch(number: int, size_exponent: int) -> Awaitable[Any]:
+            message = aiocoap.Message(
+                code=Code.GET, uri=uri, block2=(number, False, size_exponent), size2=0
+            )
+            return self._get_block(message, self.supervision.registration_timeout)
+
+        return fetch
+
+    def _check_size(self, message: Any, size: int) -> None:
+        """Raise RepresentationTooLarge when `size` bytes of the representation are more than
+        the limit, or when `message` (a block with more to come) announces more in Size2."""
+        limit = self.max_representation
+        if size > limit:
+            raise RepresentationTooLarge(limit, size, False)
+        block2 = message.opt.block2
+        announced = message.opt.size2
+        if block2 is not None and block2.more and announced is not None and announced > limit:
+            raise RepresentationTooLarge(limit, int(announced), True)
+
+    async def _complete(
+        self, uri: str, first_block: Any, fetch: BlockFetcher,
+        restarts: int = MAX_BLOCK_RESTARTS,
+    ) -> CoapAnswer | None:
+        """The whole representation whose first block is `first_block` (itself when it is
+        whole), its other blocks fetched one by one with `fetch` and checked against its ETag.
+
+        Raises RepresentationTooLarge as soon as the blocks received, or the size the sensor
+        announces (Size2), exceed ``max_representation``: at most one block past the limit
+        is fetched. When a later block carries another ETag the representation changed
+        under us: start over from block 0, `restarts` times at most. None when it keeps
+        changing.
         """
         head = first_block
-        for _ in range(MAX_BLOCK_RESTARTS + 1):
+        for attempt in range(restarts + 1):
             payload = bytearray(head.payload)
+            self._check_size(head, len(payload))
             etag = head.opt.etag
             block2 = head.opt.block2
+            if block2 is not None and block2.more and block2.block_number != 0:
+                raise UpstreamError(f"the first block is block {block2.block_number}, not 0")
             while block2 is not None and block2.more:
-                if len(payload) > self.max_representation:
-                    raise UpstreamError(
-                        f"representation larger than {self.max_representation} bytes"
-                    )
                 size_exponent = min(block2.size_exponent, 6)
                 number = len(payload) // (1 << (size_exponent + 4))
-                block = await self._get_block(uri, number, size_exponent)
+                block = await fetch(number, size_exponent)
                 if not block.code.is_successful():
                     raise UpstreamError(f"block {number} answered {_code_text(block.code)}")
                 block2 = block.opt.block2
                 if block2 is None:  # the sensor sent the whole thing after all
+                    self._check_size(block, len(block.payload))
                     return to_answer(block)
                 if block.opt.etag != etag:
-                    log.debug("%s changed during a block-wise fetch; starting over", uri)
-                    head = await self._get_block(uri, 0, size_exponent)
+                    log.debug("%s changed during a block-wise transfer", uri)
+                    if attempt == restarts:
+                        break
+                    head = await fetch(0, size_exponent)
                     if not head.code.is_successful():
                         raise UpstreamError(f"block 0 answered {_code_text(head.code)}")
                     break
                 if block2.start != len(payload):
                     raise UpstreamError(f"block {block2.block_number} is not the one asked for")
                 payload += block.payload
+                self._check_size(block, len(payload))
             else:
                 return CoapAnswer(
                     code=_code_text(head.code),
@@ -641,15 +723,14 @@ class CoapSide:
                     max_age=head.opt.max_age,
                     observe=first_block.opt.observe,
                 )
-        log.info("%s keeps changing during block-wise fetches; waiting for the next one", uri)
+        log.info("%s keeps changing during block-wise transfers", uri)
         return None
 
-    async def _get_block(self, uri: str, number: int, size_exponent: int) -> Any:
-        """GET one block (a fresh token, no Observe); a timeout counts as a registration's."""
-        message = aiocoap.Message(code=Code.GET, uri=uri, block2=(number, False, size_exponent))
+    async def _get_block(self, message: aiocoap.Message, timeout: float | None) -> Any:
+        """Send one block request (a fresh token, no Observe, no aiocoap block-wise)."""
         pending = self.context.request(message, handle_blockwise=False)
         try:
-            async with asyncio.timeout(self.supervision.registration_timeout):
+            async with asyncio.timeout(timeout):
                 return await pending.response
         finally:
             if not pending.response.done():
@@ -661,7 +742,9 @@ class CoapSide:
         """Report the registration's answer, then poll until a poll fails. True when the
         first answer could be taken whole."""
         try:
-            answer = await self._complete(observation.uri, first)
+            answer = await self._complete(
+                observation.uri, first, self._observed_blocks(observation.uri)
+            )
         except (TimeoutError, coap_error.Error, OSError, UpstreamError) as exc:
             self._failed(observation, f"block-wise answer incomplete: {_describe(exc)}")
             return False
@@ -675,7 +758,8 @@ class CoapSide:
             try:
                 fresh = await self._send(
                     aiocoap.Message(
-                        code=Code.GET, uri=observation.uri, transport_tuning=aiocoap.Unreliable()
+                        code=Code.GET, uri=observation.uri, size2=0,
+                        transport_tuning=aiocoap.Unreliable(),
                     ),
                     timeout,
                 )
@@ -747,11 +831,13 @@ class CoapSide:
         confirmable: bool = True,
         timeout: float = 10.0,
     ) -> CoapAnswer:
-        """One CoAP request; raises TimeoutError or UpstreamError."""
+        """One CoAP request; raises TimeoutError or UpstreamError (RepresentationTooLarge
+        for an answer larger than ``max_representation``)."""
         message = aiocoap.Message(
             code=_METHOD_CODES[method],
             uri=uri,
             payload=payload,
+            size2=0,  # the sensor may announce a block-wise answer's size
             transport_tuning=aiocoap.Reliable() if confirmable else aiocoap.Unreliable(),
         )
         if cf is not None:
@@ -761,10 +847,18 @@ class CoapSide:
         return await self._send(message, timeout)
 
     async def _send(self, message: aiocoap.Message, timeout: float) -> CoapAnswer:
-        pending = self.context.request(message)
+        """Send `message` (in Block1 blocks when its payload needs them) and complete a
+        block-wise answer with the bounded fetcher, all within `timeout`."""
+        uri = message.get_request_uri()
+        pending = _Block1Request(self.context, message)
         try:
             async with asyncio.timeout(timeout):
-                response = await pending.response
+                first = await pending.response
+                # Only a GET may start over when the representation changes under it.
+                restarts = MAX_BLOCK_RESTARTS if message.code == Code.GET else 0
+                answer = await self._complete(
+                    uri, first, self._repeated_blocks(message), restarts
+                )
         except TimeoutError:
             # Frees the token. (A CON goes on being retransmitted below: aiocoap's UDP
             # message layer cannot cancel one.)
@@ -777,7 +871,23 @@ class CoapSide:
             raise UpstreamError(_describe(exc)) from exc
         except OSError as exc:
             raise UpstreamError(_describe(exc)) from exc
-        return to_answer(response)
+        if answer is None:
+            raise UpstreamError("the representation changed during the block-wise transfer")
+        return answer
+
+    def _repeated_blocks(self, request: aiocoap.Message) -> BlockFetcher:
+        """The later blocks of the answer to `request`: the request again with Block2 and a
+        fresh token, without its payload (as aiocoap does; RFC 7959 §3.3), to the endpoint
+        that answered."""
+
+        def fetch(number: int, size_exponent: int) -> Awaitable[Any]:
+            message = request.copy(
+                payload=b"", mid=None, token=None, block1=None, observe=None,
+                block2=(number, False, size_exponent),
+            )
+            return self._get_block(message, None)
+
+        return fetch
 
     async def discover(self, origin: str) -> str:
         """GET `origin`/.well-known/core; returns the link-format text (UpstreamError)."""
