@@ -92,9 +92,9 @@ class Settings:
         elif args.quick:
             # Under a minute: fan-out at 1 and 1000 only, shorter windows, no admission
             # phase, memory at 1000 only.
-            s = cls(mode="quick", fanout_ns=(1, 1000), window=1.2, warmup=0.5,
-                    overload_warmup=0.8, rounds=1, quiet_limit=3.0, ingest_rates=(2000,),
-                    ingest_window=1.0, settle=0.3, command_seconds=0.5,
+            s = cls(mode="quick", fanout_ns=(1, 1000), window=1.0, warmup=0.5,
+                    overload_warmup=0.8, rounds=1, quiet_limit=2.5, ingest_rates=(2000,),
+                    ingest_window=1.0, settle=0.3, command_seconds=0.4,
                     idle_connections=(1000,), observed_resources=(1000,), admission_clients=0,
                     budget=90.0)
         else:
