@@ -6,15 +6,18 @@ A test-local aiocoap sensor on loopback, behind a gateway whose limit is 2048 by
 - ``/sink`` takes a PUT payload in Block1 blocks itself, and records the blocks;
 - ``/echo`` answers a POST with its payload reversed (aiocoap's own server assembles the
   Block1 request and serves the answer in Block2 blocks);
-- ``/announced`` is a 3000-byte representation served block-wise, which announces
+- ``/announced`` is an observable 3000-byte representation served block-wise, which announces
   its size in Size2 when the request asks for it (Size2 = 0), as RFC 7959 §4 has it;
-- ``/flipping`` (2000 bytes) changes once while its blocks are fetched.
+- ``/flipping`` (2000 bytes) changes once while its blocks are fetched;
+- ``/unobservable`` is a 3000-byte representation without Observe and with Max-Age 0 (the
+  gateway polls it every ``poll_min``).
 
 Every wait is on a frame or an event, with generous bounds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from typing import Any
@@ -89,7 +92,7 @@ class Echo(resource.Resource):  # type: ignore[misc]
                                content_format=42)
 
 
-class Announced(resource.Resource):  # type: ignore[misc]
+class Announced(resource.ObservableResource):  # type: ignore[misc]
     """3000 bytes, block-wise, with Size2 in every block when the request asks for it."""
 
     DATA = b"a" * 3000
@@ -142,6 +145,29 @@ class Flipping(resource.Resource):  # type: ignore[misc]
         return self._serve(request, Code.CHANGED)
 
 
+class Unobservable(resource.Resource):  # type: ignore[misc]
+    """3000 bytes without Observe; `first_blocks` counts the requests for block 0."""
+
+    DATA = b"u" * 3000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first_blocks = 0
+        self.served_first = asyncio.Event()
+
+    async def needs_blockwise_assembly(self, request: Any) -> bool:
+        return False
+
+    async def render_get(self, request: Any) -> Any:
+        block2 = request.opt.block2
+        if block2 is None or block2.block_number == 0:
+            self.first_blocks += 1
+            self.served_first.set()
+        message = serve_block(request, self.DATA, b"u1")
+        message.opt.max_age = 0  # polled every poll_min
+        return message
+
+
 class Sensor:
     def __init__(self, context: Any, port: int) -> None:
         self.context = context
@@ -150,6 +176,7 @@ class Sensor:
         self.echo = Echo()
         self.announced = Announced()
         self.flipping = Flipping()
+        self.unobservable = Unobservable()
 
 
 @pytest_asyncio.fixture
@@ -159,7 +186,7 @@ async def sensor() -> AsyncIterator[Sensor]:
         site, bind=("127.0.0.1", 0), transports=["udp6"]
     )
     made = Sensor(context, _bound_port(context))
-    for path in ("sink", "echo", "announced", "flipping"):
+    for path in ("sink", "echo", "announced", "flipping", "unobservable"):
         site.add_resource([path], getattr(made, path))
     try:
         yield made
@@ -173,6 +200,7 @@ async def client(sensor: Sensor, make_gateway: Any, make_client: Any) -> Client:
         "server": {"host": "127.0.0.1", "port": 0, "linger": 0},
         "policy": {"allow": [f"{sensor.base}/*"]},
         "limits": {"max_upstream_bytes": LIMIT},
+        "supervision": {"poll_min": 0.05, "backoff_min": 0.05, "registration_timeout": 2.0},
     })
     made: Client = await make_client(gateway.url)
     return made
@@ -220,8 +248,17 @@ async def test_a_size2_beyond_the_limit_is_refused_before_fetching_more_blocks(
         f"{uri}: representation larger than max_upstream_bytes ({LIMIT} bytes): "
         "3000 bytes announced in Size2"
     )
+    # A subscriber is told in a notify, without payload.
+    sub = (await client.subscribe(uri=uri))["sub"]
+    notify = await client.next_notify(sub)
+    assert "payload_b64" not in notify and "value" not in notify
+    assert notify["decode_error"] == (
+        f"representation larger than max_upstream_bytes ({LIMIT} bytes): "
+        "3000 bytes or more; dropped"
+    )
+    assert notify["cf"] == 42 and notify["seq"] == 1
     # The gateway asked for the size and believed it: no block after the first was fetched.
-    assert sensor.announced.size_asked >= 1
+    assert sensor.announced.size_asked >= 2
     assert sensor.announced.later_blocks == []
 
 
@@ -238,3 +275,26 @@ async def test_a_changing_representation_restarts_a_get_but_fails_a_post(
     reply = await request(client, "POST", uri)
     assert reply["type"] == "error" and reply["error"] == "upstream_error", reply
     assert "changed during the block-wise transfer" in reply["message"]
+
+
+async def test_a_polled_representation_beyond_the_limit_is_told_once(
+    sensor: Sensor, client: Client
+) -> None:
+    resource_ = sensor.unobservable
+    sub = (await client.subscribe(uri=f"{sensor.base}/unobservable"))["sub"]
+    notify = await client.next_notify(sub)
+    assert "3000 bytes or more; dropped" in notify["decode_error"]
+    assert "payload_b64" not in notify
+    # Two more polls, each too large again: the same answer, so no second notify. (The
+    # third request for block 0 is made only after the second poll was taken in.)
+    async with asyncio.timeout(WAIT):
+        while resource_.first_blocks < 3:
+            resource_.served_first.clear()
+            await resource_.served_first.wait()
+    assert (await client.call({"type": "ping"}))["type"] == "pong"
+    frames = [f for f in client.seen if f.get("sub") == sub]
+    assert [f["type"] for f in frames] == ["subscribed", "status", "notify"], frames
+    entry = next(e for e in (await client.call({"type": "list"}))["resources"]
+                 if e.get("sub") == sub)
+    assert entry["state"] == "online" and entry["notifications"] == 1
+    assert entry["registrations"] == 1

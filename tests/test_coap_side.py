@@ -326,7 +326,7 @@ async def test_blocks_up_to_the_limit_are_taken_whole() -> None:
     sensor = Blocks(bytes(range(250)) * 12)  # 3000 bytes: blocks 0, 1, 2
     answer = await side_with_limit(3000)._complete("coap://h/x", sensor.block(0), sensor.fetch)
     assert answer is not None and answer.payload == sensor.data
-    assert (answer.code, answer.cf, answer.max_age) == ("2.05", 112, 30)
+    assert (answer.code, answer.cf, answer.max_age, answer.too_large) == ("2.05", 112, 30, None)
     assert sensor.asked == [1, 2]
 
 
@@ -339,6 +339,10 @@ async def test_fetching_stops_at_the_first_block_past_the_limit() -> None:
     assert str(raised.value) == (
         "representation larger than max_upstream_bytes (2048 bytes): "
         "3072 bytes received before stopping"
+    )
+    # What an observation reports instead: the first block's code, cf and Max-Age, no payload.
+    assert raised.value.answer == CoapAnswer(
+        code="2.05", cf=112, payload=b"", max_age=30, observe=None, too_large=3072
     )
 
 
@@ -369,6 +373,19 @@ async def test_a_whole_answer_larger_than_the_limit_is_refused_too() -> None:
     whole = aiocoap.Message(code=Code.CONTENT, payload=b"z" * 1500)
     with pytest.raises(RepresentationTooLarge):
         await side_with_limit(1000)._complete("coap://h/x", whole, Blocks(b"").fetch)
+
+
+def test_a_whole_notification_larger_than_the_limit_is_reported_without_payload() -> None:
+    recorder = Recorder()
+    side = CoapSide(recorder, SupervisionConfig(), max_representation=1000)
+    observation = _Observation("coap://h:5683/x", None)
+    side._take(observation, notification(7, b"z" * 1001), observable=True)
+    side._take(observation, notification(8, b"z" * 1000))
+    assert [kind for kind, _ in recorder.events] == ["answer", "answer"]
+    (_, big), (_, fits) = recorder.events
+    assert big == CoapAnswer(code="2.05", cf=None, payload=b"", max_age=None, observe=7,
+                             observable=True, too_large=1001)
+    assert fits.payload == b"z" * 1000 and fits.too_large is None
 
 
 async def test_a_first_block_that_is_not_block_0_is_an_upstream_error() -> None:

@@ -8,8 +8,10 @@ that the gateway stays up, that its subscriber is told what happened (a ``notify
 sensor is unaffected (its updates keep coming, ``ping`` is answered) and that memory stays
 bounded (the RSS of this process, which hosts the gateway, before and after).
 
-Tests marked ``xfail(strict=True)`` stand for gaps the issue asks to close; when a gap is
-closed, its test passes, strict xfail turns that into a failure, and the marker is removed.
+A 3 MB SenML pack (a million records) is larger than ``[limits] max_upstream_bytes``: the
+gateway stops fetching its blocks at the first one past the limit, answers a request for it
+with ``upstream_error`` naming the limit, and tells a subscriber with a ``notify`` whose
+``decode_error`` says so (no payload).
 """
 
 from __future__ import annotations
@@ -441,9 +443,6 @@ async def test_a_million_record_senml_request_is_refused_by_size(setup: Setup) -
     await setup.assert_unaffected()
 
 
-@pytest.mark.xfail(strict=True, reason="no status tells the subscriber that a notification "
-                   "exceeded max_upstream_bytes: it is delivered whole (3 MB as payload_b64) "
-                   "or, once the CoAP side stops at the limit, dropped with only a log line")
 async def test_a_million_record_senml_notification_is_refused_by_size(setup: Setup) -> None:
     res = setup.hostile.resources["senml-million"]
     sub = (await setup.victim.subscribe(uri=setup.hostile.uri("senml-million")))["sub"]
@@ -451,11 +450,27 @@ async def test_a_million_record_senml_notification_is_refused_by_size(setup: Set
     # promptly (not after the rest of the 3 MB).
     async with asyncio.timeout(WAIT):
         await res.served_past_limit.wait()
-    update = await setup.victim.wait_for(is_update(sub), timeout=5)
-    # Not the 3 MB: a status (or a notify without the payload) saying it is too large.
+    # The sensor answers: status online (the first answer of an observation), then the
+    # notify for the representation.
+    update = await setup.victim.wait_for(
+        lambda f: is_update(sub)(f) and not (f["type"] == "status" and f["state"] == "online"),
+        timeout=5,
+    )
+    # Not the 3 MB: a notify without the payload saying it is too large.
     assert "payload_b64" not in update, {k: str(v)[:80] for k, v in update.items()}
     text = update.get("reason", "") + update.get("decode_error", "")
     assert "larger than" in text or "too large" in text, update
+    assert update["type"] == "notify" and "value" not in update, update
+    assert str(LIMIT) in update["decode_error"] and update["cf"] == CF_SENML_CBOR
+    assert res.bytes_served <= LIMIT + BLOCK_SIZE
+    # A client that subscribes later gets the same explanation as the cached value.
+    late = Client(await connect(setup.gateway.url, compression=None, open_timeout=WAIT))
+    try:
+        await late.subscribe(uri=setup.hostile.uri("senml-million"))
+        cached = await late.next_notify(sub)
+        assert cached["seq"] == update["seq"] and cached["decode_error"] == update["decode_error"]
+    finally:
+        await late.close()
     await setup.assert_unaffected()
 
 

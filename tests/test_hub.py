@@ -902,3 +902,50 @@ def test_supervision_events_after_stop_are_ignored() -> None:
     assert hub.upstream_registering(TEMP) == []
     (entry,) = [e for e in hub.list_entries(lambda uri: True) if e["uri"] == TEMP]
     assert entry["state"] is None and entry["registrations"] == 0
+
+
+# --- representations larger than max_upstream_bytes --------------------------------------------
+
+
+def test_too_large_representation_is_a_notify_saying_so_once_for_everyone() -> None:
+    hub = make_hub(max_upstream_bytes=2048)
+    sub = sub_of(hub, "a", TEMP)
+    hub.subscribe("b", TEMP)
+    ok(hub, TEMP)  # seq 1
+    commands = hub.upstream_too_large(TEMP, 3072, code="2.05", cf=112, max_age=30, now=1234.5)
+    (deliver,) = delivers(commands)  # one text for both subscribers, replacing older notifies
+    assert set(deliver.targets) == {"a", "b"} and deliver.replaces == sub
+    notify = json.loads(deliver.text)
+    assert notify == {
+        "type": "notify", "sub": sub, "uri": TEMP, "seq": 2, "code": "2.05", "cf": 112,
+        "decode_error": "representation larger than max_upstream_bytes (2048 bytes): "
+                        "3072 bytes or more; dropped",
+        "ts": 1234.5, "max_age": 30,
+    }
+    # The explanation is the cached value: a late joiner gets it, and so does the listing.
+    assert frames_to(hub.subscribe("c", TEMP), "c")[1] == notify
+    (entry,) = hub.list_entries(lambda uri: True)
+    assert entry["decode_error"] == notify["decode_error"] and "value" not in entry
+    assert entry["notifications"] == 2 and entry["state"] == "online"
+
+
+def test_too_large_first_answer_goes_online_and_error_codes_stay_status() -> None:
+    hub = make_hub()
+    hub.subscribe("a", TEMP)
+    first = hub.upstream_too_large(TEMP, 2_000_000, observe=True)
+    assert types_to(first, "a") == ["status", "notify"]
+    assert "1048576 bytes" in frames_to(first, "a")[1]["decode_error"]
+    assert hub.list_entries(lambda uri: True)[0]["observable"] is True
+    # Not a 2.xx: no notify, the resource goes offline as for any error answer.
+    failed = hub.upstream_too_large(TEMP, 2_000_000, code="5.03")
+    assert frames_to(failed, "a") == [{
+        "type": "status", "sub": frames_to(first, "a")[1]["sub"], "uri": TEMP,
+        "state": "offline", "reason": "the sensor answered 5.03", "code": "5.03",
+    }]
+
+
+def test_too_large_after_stop_is_ignored() -> None:
+    hub = make_hub(linger=0)
+    sub = sub_of(hub, "a", TEMP)
+    hub.unsubscribe("a", sub)
+    assert hub.upstream_too_large(TEMP, 5000) == []

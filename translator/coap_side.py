@@ -43,8 +43,8 @@ alike, are completed by one fetcher, `_complete`, bounded by ``max_representatio
 past the limit, or before fetching anything when the sensor's Size2 announces more (every
 request asks for Size2). Client requests keep aiocoap's Block1 handling for request payloads
 larger than one message (`_Block1Request`), which hands over the response's first block.
-A representation over the limit is an `upstream_error` for a request; a notification over it
-is dropped with a log line.
+A representation over the limit is an `upstream_error` for a request, and for an observation
+an answer without payload that says how large it was (`CoapAnswer.too_large`).
 """
 
 from __future__ import annotations
@@ -113,6 +113,10 @@ class CoapAnswer:
     observable: bool | None = None
     """On the answer to a registration: whether the sensor accepted the observation (the
     answer carried Observe). None on notifications and poll answers: they do not say."""
+    too_large: int | None = None
+    """Set when the representation exceeded ``max_representation`` and was dropped (then
+    `payload` is empty): the bytes received before the gateway stopped, or the size the
+    sensor announced in Size2."""
 
 
 class UpstreamError(Exception):
@@ -123,10 +127,11 @@ class RepresentationTooLarge(UpstreamError):
     """A representation exceeded the limit (``[limits] max_upstream_bytes``).
 
     `size` is what was known when the gateway stopped: the bytes received, or the size the
-    sensor announced in Size2.
+    sensor announced in Size2. `answer` is the representation's answer without its payload
+    (code, Content-Format, Max-Age, Observe of its first block), with `too_large` set.
     """
 
-    def __init__(self, limit: int, size: int, announced: bool) -> None:
+    def __init__(self, limit: int, size: int, announced: bool, head: Any) -> None:
         how = "announced in Size2" if announced else "received before stopping"
         super().__init__(
             f"representation larger than max_upstream_bytes ({limit} bytes): "
@@ -134,6 +139,7 @@ class RepresentationTooLarge(UpstreamError):
         )
         self.limit = limit
         self.size = size
+        self.answer = replace(to_answer(head, with_payload=False), too_large=size)
 
 
 BlockFetcher = Callable[[int, int], Awaitable[Any]]
@@ -165,7 +171,8 @@ class ObservationListener(Protocol):
     def answer(self, uri: str, answer: CoapAnswer) -> None:
         """The sensor answered on the observation of `uri`: the registration's answer, a
         notification (newer than every one reported before), or a poll answer that differs
-        from the previous one. 4.xx and 5.xx answers are reported here too."""
+        from the previous one. 4.xx and 5.xx answers are reported here too, and so are
+        representations larger than the limit: without payload, with `too_large` set."""
 
     def unchanged(self, uri: str) -> None:
         """A poll of `uri` (not observable) got the same answer as before."""
@@ -182,12 +189,12 @@ def _code_text(code: Any) -> str:
     return str(code.dotted)  # "2.05"
 
 
-def to_answer(message: aiocoap.Message) -> CoapAnswer:
+def to_answer(message: aiocoap.Message, *, with_payload: bool = True) -> CoapAnswer:
     cf = message.opt.content_format
     return CoapAnswer(
         code=_code_text(message.code),
         cf=None if cf is None else int(cf),
-        payload=bytes(message.payload),
+        payload=bytes(message.payload) if with_payload else b"",
         max_age=message.opt.max_age,
         observe=message.opt.observe,
     )
@@ -615,7 +622,12 @@ class CoapSide:
         self._cancel_fetch(observation)
         block2 = message.opt.block2
         if block2 is None or not block2.more:
-            answer = to_answer(message)
+            try:
+                self._check_size(message, message, len(message.payload))
+                answer = to_answer(message)
+            except RepresentationTooLarge as exc:
+                log.info("observation of %s: %s", observation.uri, exc)
+                answer = exc.answer
             if observable is not None:
                 answer = replace(answer, observable=observable)
             self._answer(observation, answer)
@@ -638,6 +650,10 @@ class CoapSide:
             answer = await self._complete(
                 observation.uri, first_block, self._observed_blocks(observation.uri)
             )
+        except RepresentationTooLarge as exc:
+            # Subscribers are told (a notify without the payload), not left guessing.
+            log.info("observation of %s: %s", observation.uri, exc)
+            answer = exc.answer
         except (TimeoutError, coap_error.Error, OSError, UpstreamError) as exc:
             log.info("observation of %s: block-wise notification dropped: %s",
                      observation.uri, _describe(exc))
@@ -661,16 +677,17 @@ class CoapSide:
 
         return fetch
 
-    def _check_size(self, message: Any, size: int) -> None:
-        """Raise RepresentationTooLarge when `size` bytes of the representation are more than
-        the limit, or when `message` (a block with more to come) announces more in Size2."""
+    def _check_size(self, message: Any, head: Any, size: int) -> None:
+        """Raise RepresentationTooLarge when `size` bytes of the representation that starts
+        with `head` are more than the limit, or when `message` (a block with more to come)
+        announces more in Size2."""
         limit = self.max_representation
         if size > limit:
-            raise RepresentationTooLarge(limit, size, False)
+            raise RepresentationTooLarge(limit, size, False, head)
         block2 = message.opt.block2
         announced = message.opt.size2
         if block2 is not None and block2.more and announced is not None and announced > limit:
-            raise RepresentationTooLarge(limit, int(announced), True)
+            raise RepresentationTooLarge(limit, int(announced), True, head)
 
     async def _complete(
         self, uri: str, first_block: Any, fetch: BlockFetcher,
@@ -688,7 +705,7 @@ class CoapSide:
         head = first_block
         for attempt in range(restarts + 1):
             payload = bytearray(head.payload)
-            self._check_size(head, len(payload))
+            self._check_size(head, head, len(payload))
             etag = head.opt.etag
             block2 = head.opt.block2
             if block2 is not None and block2.more and block2.block_number != 0:
@@ -701,7 +718,7 @@ class CoapSide:
                     raise UpstreamError(f"block {number} answered {_code_text(block.code)}")
                 block2 = block.opt.block2
                 if block2 is None:  # the sensor sent the whole thing after all
-                    self._check_size(block, len(block.payload))
+                    self._check_size(block, block, len(block.payload))
                     return to_answer(block)
                 if block.opt.etag != etag:
                     log.debug("%s changed during a block-wise transfer", uri)
@@ -714,7 +731,7 @@ class CoapSide:
                 if block2.start != len(payload):
                     raise UpstreamError(f"block {block2.block_number} is not the one asked for")
                 payload += block.payload
-                self._check_size(block, len(payload))
+                self._check_size(block, head, len(payload))
             else:
                 return CoapAnswer(
                     code=_code_text(head.code),
@@ -740,11 +757,14 @@ class CoapSide:
 
     async def _poll(self, observation: _Observation, first: Any) -> bool:
         """Report the registration's answer, then poll until a poll fails. True when the
-        first answer could be taken whole."""
+        first answer could be taken whole (or was too large, which is reported too)."""
         try:
             answer = await self._complete(
                 observation.uri, first, self._observed_blocks(observation.uri)
             )
+        except RepresentationTooLarge as exc:
+            log.info("%s: %s", observation.uri, exc)
+            answer = exc.answer
         except (TimeoutError, coap_error.Error, OSError, UpstreamError) as exc:
             self._failed(observation, f"block-wise answer incomplete: {_describe(exc)}")
             return False
@@ -766,13 +786,17 @@ class CoapSide:
             except TimeoutError:
                 self._failed(observation, f"no answer within {timeout:g} s")
                 return True
+            except RepresentationTooLarge as exc:
+                fresh = exc.answer
             except UpstreamError as exc:
                 self._failed(observation, str(exc))
                 return True
             if not fresh.code.startswith("2."):
                 self._answer(observation, fresh)
                 return True
-            if (fresh.code, fresh.cf, fresh.payload) != (answer.code, answer.cf, answer.payload):
+            if (fresh.code, fresh.cf, fresh.payload, fresh.too_large) != (
+                answer.code, answer.cf, answer.payload, answer.too_large
+            ):
                 self._answer(observation, fresh)
             elif not observation.stopping:
                 self._listener.unchanged(observation.uri)

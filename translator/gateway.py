@@ -93,6 +93,7 @@ class Gateway:
             max_subscriptions=config.limits.max_subscriptions,
             sensors={s.name: s.uri for s in config.sensors},
             pinned=[s.uri for s in config.sensors if s.observe],
+            max_upstream_bytes=config.limits.max_upstream_bytes,
         )
         self.coap = CoapSide(
             self,
@@ -213,6 +214,18 @@ class Gateway:
         self._execute(self.hub.upstream_registering(uri))
 
     def answer(self, uri: str, answer: CoapAnswer) -> None:
+        if answer.too_large is not None:
+            self._execute(
+                self.hub.upstream_too_large(
+                    uri,
+                    answer.too_large,
+                    code=answer.code,
+                    cf=answer.cf,
+                    max_age=answer.max_age,
+                    observe=answer.observable,
+                )
+            )
+            return
         self._execute(
             self.hub.upstream_response(
                 uri,

@@ -13,6 +13,8 @@ linger timer fired) and returns *commands* for the I/O layers to carry out:
     upstream_registering               (counts the registration)
     upstream_response 2.xx             [Deliver(status online)] + Deliver(notify, everyone)
     upstream_response 4.xx/5.xx        Deliver(status offline with code) when it changed
+    upstream_too_large 2.xx            as upstream_response 2.xx, the notify without payload
+                                       and with a decode_error saying it was too large
     upstream_unchanged (a poll)        [Deliver(status online)]
     upstream_stale / upstream_failed   Deliver(status stale / offline) when it changed
 
@@ -220,13 +222,16 @@ class Hub(Generic[C]):
         pinned: Iterable[str] = (),
         clock: Callable[[], float] | None = None,
         max_idle_resources: int = 10_000,
+        max_upstream_bytes: int = 1_048_576,
     ) -> None:
         """`sensors` maps configured names to normalized URIs; `pinned` lists the URIs
-        configured with `observe = true`."""
+        configured with `observe = true`; `max_upstream_bytes` is the limit the CoAP side
+        applies to representations (named in the notify of one that exceeded it)."""
         import time
 
         self.linger = linger
         self.max_subscriptions = max_subscriptions
+        self.max_upstream_bytes = max_upstream_bytes
         self.clock = clock or time.time
         self.sensor_uris: dict[str, str] = dict(sensors or {})
         self._resources: dict[str, Resource[C]] = {}
@@ -391,6 +396,43 @@ class Hub(Generic[C]):
         """The sensor answered on an observation: the answer to a registration, a
         notification or a changed poll answer. `observe` says, for the answer to a
         registration, whether it carried Observe (None: this answer does not say)."""
+        return self._update(
+            uri, code, cf, max_age, observe, now,
+            lambda ts: decode_payload(cf, payload, ts=ts, advertised_cf=self.advertised_cf(uri)),
+        )
+
+    def upstream_too_large(
+        self,
+        uri: str,
+        size: int,
+        *,
+        code: str = "2.05",
+        cf: int | None = None,
+        max_age: int | None = None,
+        observe: bool | None = None,
+        now: float | None = None,
+    ) -> list[Command[C]]:
+        """Like `upstream_response`, for a representation the CoAP side dropped because it
+        exceeded `max_upstream_bytes` (`size`: the bytes received, or announced, when it
+        stopped). Subscribers get a notify that says so in `decode_error`, without payload."""
+        body: dict[str, JSONValue] = {"decode_error": (
+            f"representation larger than max_upstream_bytes ({self.max_upstream_bytes} "
+            f"bytes): {size} bytes or more; dropped"
+        )}
+        return self._update(uri, code, cf, max_age, observe, now, lambda ts: body)
+
+    def _update(
+        self,
+        uri: str,
+        code: str,
+        cf: int | None,
+        max_age: int | None,
+        observe: bool | None,
+        now: float | None,
+        body_at: Callable[[float], dict[str, JSONValue]],
+    ) -> list[Command[C]]:
+        """An answer on an observation: a 2.xx one is the next update (seq + 1), its notify
+        fields from `body_at(receive time)`; any other code is a failure."""
         resource = self._resources.get(uri)
         if resource is None or not resource.observing:
             return []  # a late answer after the observation was stopped
@@ -402,7 +444,7 @@ class Hub(Generic[C]):
         resource.last_update = ts
         resource.seq += 1
         resource.notifications += 1
-        body = decode_payload(cf, payload, ts=ts, advertised_cf=self.advertised_cf(uri))
+        body = body_at(ts)
         text = Notify(
             sub=resource.sub,
             uri=uri,
