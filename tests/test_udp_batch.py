@@ -81,3 +81,24 @@ async def test_a_backlog_reaches_clients_as_its_newest_value(
             assert (await client.next_notify(sub))["value"] == value
     finally:
         sensor.close()
+
+
+def raw(mtype: Type, token: bytes, code: Code = Code.CONTENT, observe: int = 1) -> bytes:
+    message = aiocoap.Message(code=code, payload=b"x", observe=observe)
+    message.mtype, message.mid, message.token = mtype, observe, token
+    return bytes(message.encode())
+
+
+def test_superseded_keeps_the_newest_non_notification_per_remote_and_token() -> None:
+    from translator.udp_batch import superseded
+
+    a, b = ("127.0.0.1", 1), ("127.0.0.1", 2)
+    batch = [
+        (raw(Type.NON, b"t1", observe=1), [], 0, a),   # moot: t1 from a comes again
+        (raw(Type.NON, b"t1", observe=1), [], 0, b),   # another sensor, same token: kept
+        (raw(Type.CON, b"t1", observe=2), [], 0, a),   # CON: must be acknowledged, kept
+        (raw(Type.NON, b"t2", code=Code.NOT_FOUND), [], 0, a),  # an error, kept
+        (raw(Type.NON, b"t1", observe=3), [], 0, a),   # the newest of t1 from a
+        (b"\x40", [], 0, a),                           # too short to judge: kept
+    ]
+    assert superseded(batch) == [True, False, False, False, False, False]
