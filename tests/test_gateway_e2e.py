@@ -375,7 +375,7 @@ async def test_slow_consumer_is_closed_after_max_lag_and_others_are_served(
     assert dropped.outbox.replaced > 0
     closed_at = loop.time()
     async with asyncio.timeout(WAIT):
-        await dropped.finished.wait()
+        await dropped.finished
     assert loop.time() - closed_at < 3  # close handshake bounded, then TCP dropped
     sent = dropped.ws.protocol.close_sent  # the client never read it, so check what was sent
     assert sent is not None and (sent.code, sent.reason) == (1008, "slow consumer")
@@ -469,7 +469,7 @@ async def test_dead_peer_is_found_by_keepalive_and_cleaned_up(
     await sensors.wait_observers("/temperature", 1)
     (conn,) = gateway.ws.connections
     async with asyncio.timeout(WAIT):
-        await conn.finished.wait()
+        await conn.finished
     assert gateway.hub.connection_count == 0
     await sensors.wait_observers("/temperature", 0)
     writer.close()

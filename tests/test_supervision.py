@@ -552,7 +552,7 @@ async def test_500_connect_subscribe_disconnect_cycles_leave_nothing_behind(
         """Every connection gone, the linger over, the observation ended everywhere."""
         async with asyncio.timeout(WAIT):
             for conn in list(gateway.ws.connections):
-                await conn.finished.wait()
+                await conn.finished
         await sensors.wait_observers("/temperature", 0, timeout=WAIT)
         async with asyncio.timeout(WAIT):
             for task in [t for t in asyncio.all_tasks() if t.get_name().startswith("deregister")]:

@@ -62,7 +62,26 @@ class MessageHandler(Protocol):
 
 
 class Connection:
-    """One WebSocket client: its outbox (bounded, see `outbox.py`) and the writer draining it."""
+    """One WebSocket client: its outbox (bounded, see `outbox.py`) and the writer draining it.
+
+    Most frames go straight to the transport (`send`); a writer task exists only while
+    frames wait in the outbox, so an idle connection costs no task.
+    """
+
+    __slots__ = (
+        "_closer",
+        "_loop",
+        "_on_slow",
+        "_transport",
+        "_writer",
+        "_writing",
+        "closing",
+        "finished",
+        "grant",
+        "id",
+        "outbox",
+        "ws",
+    )
 
     _ids = itertools.count(1)
 
@@ -79,15 +98,14 @@ class Connection:
         )
         self._on_slow = on_slow
         self._loop = asyncio.get_running_loop()
-        self._wakeup = asyncio.Event()
         self._transport = ws.transport
+        self._writer: asyncio.Task[None] | None = None
         self._writing = False
         self._closer: asyncio.Task[None] | None = None
-        self.finished = asyncio.Event()
-        """Set once the connection is gone and the gateway has forgotten it."""
+        self.finished: asyncio.Future[None] = self._loop.create_future()
+        """Done once the connection is gone and the gateway has forgotten it."""
         self.grant: object = None
         """What the gatekeeper granted at the handshake (for the gateway: who this is)."""
-        self.writer = asyncio.create_task(self._write(), name=f"ws writer #{self.id}")
 
     def __repr__(self) -> str:
         return f"<Connection #{self.id} {self.remote}>"
@@ -114,7 +132,8 @@ class Connection:
         if overflow is not None:
             self.drop_slow(overflow)
             return
-        self._wakeup.set()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write(), name=f"ws writer #{self.id}")
 
     def drop_slow(self, why: str) -> None:
         log.warning("%r: slow consumer (%s), closing", self, why)
@@ -127,7 +146,8 @@ class Connection:
             return
         self.closing = True
         self.outbox.clear()
-        self.writer.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
         self._closer = asyncio.create_task(self._close(code, reason), name=f"ws close #{self.id}")
 
     async def _close(self, code: int, reason: str) -> None:
@@ -156,28 +176,28 @@ class Connection:
         )
 
     async def _write(self) -> None:
-        outbox, wakeup, ws = self.outbox, self._wakeup, self.ws
+        """Drain the outbox with websockets' send() (which waits while the transport is over
+        its high-water mark), then end: `send` starts a new writer when frames wait again."""
+        outbox, ws = self.outbox, self.ws
         try:
-            while True:
-                text = outbox.pop()
-                if text is None:
-                    wakeup.clear()
-                    await wakeup.wait()
-                    continue
+            while (text := outbox.pop()) is not None:
                 self._writing = True
                 try:
-                    await ws.send(text)  # waits while the transport is over its high-water mark
+                    await ws.send(text)
                 finally:
                     self._writing = False
                 outbox.written()
         except ConnectionClosed:
             pass
+        finally:
+            self._writer = None
 
     async def finish(self) -> None:
         """Stop the writer once the connection is gone."""
         self.closing = True
-        self.writer.cancel()
-        tasks = [t for t in (self.writer, self._closer) if t is not None]
+        tasks = [t for t in (self._writer, self._closer) if t is not None]
+        if self._writer is not None:
+            self._writer.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
@@ -375,7 +395,7 @@ class WebSocketServer:
             self.connections.discard(conn)
             self.handler.disconnected(conn)
             await conn.finish()
-            conn.finished.set()
+            conn.finished.set_result(None)
             log.info("%r disconnected (%s)", conn, ws.close_code)
 
 
