@@ -198,33 +198,33 @@ async def test_requests_run_concurrently_and_match_by_id(
     assert all(r["cf"] == 0 and isinstance(r["value"], str) for r in replies)
 
 
-async def test_silent_sensor_gives_timeout(
-    sensors: SimulatedSensors, make_gateway: Any, make_client: Any, silent_udp_port: int
+@pytest.mark.parametrize(
+    ("port_fixture", "timeout", "error"),
+    [
+        ("silent_udp_port", 0.5, "timeout"),  # a sensor that is up but never answers
+        ("closed_udp_port", 5, "upstream_error"),  # nothing there: ICMP port unreachable
+    ],
+)
+async def test_a_sensor_that_does_not_answer_gives_an_error(
+    sensors: SimulatedSensors,
+    make_gateway: Any,
+    make_client: Any,
+    request: pytest.FixtureRequest,
+    port_fixture: str,
+    timeout: float,
+    error: str,
 ) -> None:
+    port = request.getfixturevalue(port_fixture)
     config = gateway_config(sensors)
-    config["policy"]["allow"].append(f"coap://127.0.0.1:{silent_udp_port}/*")
+    config["policy"]["allow"].append(f"coap://127.0.0.1:{port}/*")
     gateway = await make_gateway(config)
     client = await make_client(gateway.url)
     reply = await client.call({
-        "type": "request", "method": "GET", "timeout": 0.5,
-        "uri": f"coap://127.0.0.1:{silent_udp_port}/x",
+        "type": "request", "method": "GET", "timeout": timeout,
+        "uri": f"coap://127.0.0.1:{port}/x",
     })
-    assert reply["type"] == "error" and reply["error"] == "timeout"
+    assert reply["type"] == "error" and reply["error"] == error, reply
     assert (await client.call({"type": "ping"}))["type"] == "pong"
-
-
-async def test_unreachable_sensor_gives_upstream_error(
-    sensors: SimulatedSensors, make_gateway: Any, make_client: Any, closed_udp_port: int
-) -> None:
-    config = gateway_config(sensors)
-    config["policy"]["allow"].append(f"coap://127.0.0.1:{closed_udp_port}/*")
-    gateway = await make_gateway(config)
-    client = await make_client(gateway.url)
-    reply = await client.call({
-        "type": "request", "method": "GET", "timeout": 5,
-        "uri": f"coap://127.0.0.1:{closed_udp_port}/x",
-    })
-    assert reply["type"] == "error" and reply["error"] == "upstream_error", reply
 
 
 async def test_disconnect_removes_subscriptions(
