@@ -64,7 +64,7 @@ def _tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
     return context
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Session:
     """What the gateway keeps per connection besides its subscriptions (held by the hub)."""
 

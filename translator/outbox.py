@@ -53,7 +53,9 @@ class Outbox:
         self.max_pending_bytes = max_pending_bytes
         self.max_frames = max_frames
         self.max_lag = max_lag
-        self._queue: collections.deque[_Entry] = collections.deque()
+        # Created on first use: most connections never queue a frame (the WebSocket side
+        # writes straight to the socket while it takes them), and an empty deque is ~600 B.
+        self._queue: collections.deque[_Entry] | None = None
         self._latest: dict[str, _Entry] = {}
         self.pending_bytes = 0
         self.frames = 0
@@ -78,6 +80,8 @@ class Outbox:
                 self.replaced += 1
                 older.text = None  # left in place; pop() skips it
         entry = _Entry(text, key)
+        if self._queue is None:
+            self._queue = collections.deque()
         self._queue.append(entry)
         if key is not None:
             self._latest[key] = entry
@@ -94,7 +98,7 @@ class Outbox:
     def pop(self) -> str | None:
         """The next frame to write, or None when nothing waits."""
         queue = self._queue
-        while queue:
+        while queue:  # None or empty: nothing waits
             entry = queue.popleft()
             text = entry.text
             if text is None:
@@ -112,14 +116,14 @@ class Outbox:
         if not self.frames:
             self.behind_since = None
             # Only replaced (dead) entries can be left; drop them with their index.
-            self._queue.clear()
+            self._queue = None
             self._latest.clear()
 
     def lagging(self, now: float) -> bool:
         return self.behind_since is not None and now - self.behind_since > self.max_lag
 
     def clear(self) -> None:
-        self._queue.clear()
+        self._queue = None
         self._latest.clear()
         self.pending_bytes = self.frames = 0
         self.behind_since = None
