@@ -9,7 +9,6 @@ order live here too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import http
 import logging
@@ -17,8 +16,9 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from websockets.datastructures import Headers
 
@@ -124,7 +124,7 @@ class Gateway:
             gatekeeper=self,
         )
         self.tokens = TokenStore.from_config(
-            config.auth, sensors={s.name: s.uri for s in config.sensors}, env=os.environ
+            config.auth, sensors=self.hub.sensor_uris, env=os.environ
         )
         self._sessions: dict[Connection, Session] = {}
         self._lingers: dict[str, asyncio.TimerHandle] = {}
@@ -171,8 +171,8 @@ class Gateway:
             await asyncio.wait(pending, timeout=2)
         await self.coap.shutdown()
 
-    def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -483,8 +483,9 @@ class Gateway:
         if self.config.sensors and stale and (self._discovery is None or self._discovery.done()):
             self._discovery = self._spawn(self._discover(), "discovery")
         if self._discovery is not None and not self._discovery.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._discovery)
+            # wait() neither cancels the shared discovery with this frame's task nor raises
+            # when the discovery itself is cancelled (at shutdown).
+            await asyncio.wait([self._discovery])
         entries = self.hub.list_entries(
             lambda uri: self.policy.allows(uri) and principal.allows(uri, self.hub.sensor_uris)
         )
