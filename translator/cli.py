@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from .config import ConfigError, GatewayConfig, apply_overrides, config_from_mapping, load_config
 
@@ -352,6 +352,3 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "request": _cmd_request,
 }
 
-
-def _fail(message: str) -> NoReturn:
-    raise UsageError(message)
