@@ -647,13 +647,7 @@ class CoapSide:
         self, observation: _Observation, first_block: Any, observable: bool | None
     ) -> None:
         try:
-            answer = await self._complete(
-                observation.uri, first_block, self._observed_blocks(observation.uri)
-            )
-        except RepresentationTooLarge as exc:
-            # Subscribers are told (a notify without the payload), not left guessing.
-            log.info("observation of %s: %s", observation.uri, exc)
-            answer = exc.answer
+            answer = await self._complete_observed(observation, first_block)
         except (TimeoutError, coap_error.Error, OSError, UpstreamError) as exc:
             log.info("observation of %s: block-wise notification dropped: %s",
                      observation.uri, _describe(exc))
@@ -664,6 +658,20 @@ class CoapSide:
         if answer is not None and observation.fetch is asyncio.current_task():
             observation.fetch = None
             self._answer(observation, replace(answer, observable=observable))
+
+    async def _complete_observed(
+        self, observation: _Observation, first: Any
+    ) -> CoapAnswer | None:
+        """The whole representation that `first` starts, fetching its other blocks; one too
+        large comes back as its size-only answer, so that subscribers are told (a notify
+        without the payload) rather than left guessing. Other failures raise."""
+        try:
+            return await self._complete(
+                observation.uri, first, self._observed_blocks(observation.uri)
+            )
+        except RepresentationTooLarge as exc:
+            log.info("observation of %s: %s", observation.uri, exc)
+            return exc.answer
 
     def _observed_blocks(self, uri: str) -> BlockFetcher:
         """The later blocks of an observed resource's representation: GETs with a fresh token
@@ -759,12 +767,7 @@ class CoapSide:
         """Report the registration's answer, then poll until a poll fails. True when the
         first answer could be taken whole (or was too large, which is reported too)."""
         try:
-            answer = await self._complete(
-                observation.uri, first, self._observed_blocks(observation.uri)
-            )
-        except RepresentationTooLarge as exc:
-            log.info("%s: %s", observation.uri, exc)
-            answer = exc.answer
+            answer = await self._complete_observed(observation, first)
         except (TimeoutError, coap_error.Error, OSError, UpstreamError) as exc:
             self._failed(observation, f"block-wise answer incomplete: {_describe(exc)}")
             return False
