@@ -236,28 +236,48 @@ def notification(observe: int | None, payload: bytes, max_age: int | None = None
     return message
 
 
-class StandInRequest:
-    """What `_follow` uses of an aiocoap request: an async-iterable `observation`. Unlike
-    aiocoap's, it does not filter anything, so the gateway's own ordering is on its own."""
+class StandInObservation:
+    """What `_follow` uses of aiocoap's `ClientObservation`: async iteration, `cancelled`,
+    and `error()`, which ends the iteration with that exception. Unlike aiocoap's, it does
+    not filter anything, so the gateway's own ordering is on its own."""
 
     def __init__(self, items: list[Any]) -> None:
         self._items = items
-        self.release = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._error: BaseException | None = None
+        self.cancelled = False
 
-    @property
-    def observation(self) -> AsyncIterator[Any]:
+    def end(self) -> None:
+        """The sensor ends the observation (the iteration stops)."""
+        self._ended.set()
+
+    def error(self, exception: BaseException) -> None:
+        self.cancelled = True
+        self._error = exception
+        self._ended.set()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Any]:
         for item in self._items:
             yield item
-        await self.release.wait()
+        await self._ended.wait()
+        if self._error is not None:
+            raise self._error
+
+
+class StandInRequest:
+    """What `_follow` uses of an aiocoap request: its `observation`."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.observation = StandInObservation(items)
 
 
 async def test_follow_forwards_only_newer_notifications() -> None:
     recorder = Recorder()
     side = CoapSide(recorder, SupervisionConfig())
-    observation = _Observation("coap://h:5683/x", None)
+    observation = _Observation("coap://h:5683/x", None, side)
     request = StandInRequest([
         notification(3, b"3"), notification(2, b"late 2"), notification(5, b"5"),
         notification(4, b"late 4"), notification(5, b"again 5"), notification(6, b"6"),
@@ -267,7 +287,7 @@ async def test_follow_forwards_only_newer_notifications() -> None:
         while recorder.payloads()[-1:] != [b"6"]:
             recorder.changed.clear()
             await recorder.changed.wait()
-    request.release.set()
+    request.observation.end()
     await task
     assert recorder.payloads() == [b"1", b"3", b"5", b"6"]
 
@@ -275,7 +295,7 @@ async def test_follow_forwards_only_newer_notifications() -> None:
 async def test_follow_reports_stale_then_ends_when_silent() -> None:
     recorder = Recorder()
     side = CoapSide(recorder, SupervisionConfig(grace=0.05))
-    observation = _Observation("coap://h:5683/x", 0.05)
+    observation = _Observation("coap://h:5683/x", 0.05, side)
     request = StandInRequest([])  # no notification after the first: silence
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -285,7 +305,8 @@ async def test_follow_reports_stale_then_ends_when_silent() -> None:
     assert loop.time() - started >= 1.05
     assert [kind for kind, _ in recorder.events] == ["answer", "stale"]
     assert recorder.events[1][1] == "no notification within Max-Age (1 s)"
-    assert observation.timer is None and observation.silence is None
+    assert observation.timer is None and observation.following is None
+    assert request.observation.cancelled  # aiocoap's observation ended with the silence
 
 
 # --- the bounded block-wise fetcher ---------------------------------------------------------------
@@ -378,7 +399,7 @@ async def test_a_whole_answer_larger_than_the_limit_is_refused_too() -> None:
 def test_a_whole_notification_larger_than_the_limit_is_reported_without_payload() -> None:
     recorder = Recorder()
     side = CoapSide(recorder, SupervisionConfig(), max_representation=1000)
-    observation = _Observation("coap://h:5683/x", None)
+    observation = _Observation("coap://h:5683/x", None, side)
     side._take(observation, notification(7, b"z" * 1001), observable=True)
     side._take(observation, notification(8, b"z" * 1000))
     assert [kind for kind, _ in recorder.events] == ["answer", "answer"]

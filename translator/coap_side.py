@@ -21,9 +21,17 @@ hub stops it, that runs this loop for as long as it lives::
 The decisions are small pure objects, tested without sockets: `ObserveOrder` (is this
 notification newer than the last one accepted?), `backoff_delay` (how long to wait before
 registration attempt n) and `Freshness` (when is the value stale, when is the observation
-silent). The timing uses one `asyncio.Timeout` per followed observation, moved only by a single
-timer that re-arms itself lazily at most once per Max-Age: a notification only records the
-time it arrived, so there is no task and no timer operation per notification.
+silent). The timing uses one timer per followed observation that re-arms itself lazily at most
+once per Max-Age: a notification only records the time it arrived, so there is no task and no
+timer operation per notification. When the observation is silent, the timer ends aiocoap's
+observation with an error (`_Silence`), which ends the `async for` over it.
+
+Memory. Everything above is held once per observed resource, next to aiocoap's own objects
+for the observation (its request, the first response, the request's state: ~5.5 KiB), so the
+gateway's share is kept small: the supervision task awaits the steps of a registration in
+turn rather than nested (a coroutine frame each), the task and its timer share one context,
+the bookkeeping has slots, and the address of a sensor is resolved once and shared by the
+registrations there (`_address`).
 
 Registrations and polls are NON requests: the registration timeout and the backoff are their
 retransmission. A CON that the gateway gave up on would stay in aiocoap's retransmission
@@ -51,8 +59,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, Protocol
@@ -65,6 +75,7 @@ from aiocoap.tokenmanager import TokenManager
 
 from .coap_security import client_context, close_client_context
 from .config import SupervisionConfig
+from .uris import UriError, parse_coap_uri
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +100,10 @@ OBSERVE_WINDOW: Final = 1 << 23
 OBSERVATION_RESET_TIME: Final = 128.0
 """RFC 7641 §3.4: a notification this many seconds after the newest one is newer, whatever
 its sequence number says."""
+
+_UNRELIABLE: Final = aiocoap.Unreliable()
+"""NON: registrations, polls and deregistrations after silence (see the module docstring).
+One instance for all of them: it only carries constants."""
 
 _METHOD_CODES: Final = {
     "GET": Code.GET,
@@ -332,22 +347,47 @@ def poll_interval(max_age: int | None, poll_min: float) -> float:
 
 
 class _Observation:
-    """The bookkeeping of one supervised upstream observation."""
+    """The bookkeeping of one supervised upstream observation (one per observed resource, so
+    with slots: a dict per instance would cost more than the fields)."""
 
-    def __init__(self, uri: str, grace: float | None) -> None:
+    __slots__ = (
+        "fetch", "following", "freshness", "orphan", "registration", "side", "stopping", "task",
+        "timer", "uri",
+    )
+
+    def __init__(self, uri: str, grace: float | None, side: CoapSide) -> None:
         self.uri = uri
+        self.side = side
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
-        self.first: aiocoap.Message | None = None
-        """The first response of the registration being followed (it carried Observe)."""
+        self.registration: aiocoap.Message | None = None
+        """The request of the registration being followed (its token and address identify
+        the observation at the sensor, for the deregistration)."""
         self.fetch: asyncio.Task[None] | None = None
         """The block-wise completion of the newest partial notification, if one is running."""
         self.freshness = Freshness(grace)
         self.orphan: aiocoap.Message | None = None
-        """The first response of a registration given up for silence, to deregister once the
-        sensor answers again."""
-        self.silence: asyncio.Timeout | None = None
+        """The request of a registration given up for silence, to deregister once the
+        sensor answers again. The request alone: its answer is not needed for that."""
+        self.following: Any = None
+        """aiocoap's observation (`ClientObservation`) that `_follow` iterates, while it
+        does: ending it ends the iteration."""
         self.timer: asyncio.TimerHandle | None = None
+        """The freshness check due next (`CoapSide._arm`)."""
+
+    def __call__(self) -> None:
+        # The timer calls the observation itself: a bound method and an argument tuple per
+        # armed timer would be ~110 bytes more per observation.
+        self.side._check_freshness(self)
+
+
+class _Silence(coap_error.NetworkError):  # type: ignore[misc]  # aiocoap is untyped
+    """Ends the iteration over an observation that stayed silent past Max-Age + grace.
+
+    It is raised into aiocoap's observation with `ClientObservation.error`, the way aiocoap
+    itself ends one that failed. A NetworkError because aiocoap's iterator, when dropped,
+    takes those as already reported rather than complaining about an unexpected exception.
+    """
 
 
 def _forget(request: Any) -> None:
@@ -386,6 +426,21 @@ class CoapSide:
         self._context: aiocoap.Context | None = None
         self._observations: dict[str, _Observation] = {}
         self._stopping: set[asyncio.Task[None]] = set()
+        self._shared = contextvars.copy_context()
+        """The context of every supervision task and freshness timer, instead of a copy
+        each (~60 bytes per observation for each): none of them sets a context variable
+        that would have to stay apart (aiocoap's UDP transport sets and clears one within
+        a single call)."""
+        self._remotes: weakref.WeakValueDictionary[str, Any] | None = (
+            None if any("oscore" in item for item in self._credentials.values())
+            else weakref.WeakValueDictionary()
+        )
+        """Sensor origin (``coap://`` with an IP literal) -> the address aiocoap resolved
+        for a registration there, while a registration still uses it; see `_address`.
+        None when OSCORE is configured: its transport must pick requests by their URI and
+        wrap the address itself."""
+        self._resolving: dict[str, asyncio.Future[Any]] = {}
+        """Origin -> the resolution of its address in progress (`_address`)."""
 
     async def start(self) -> None:
         # UDP, plus DTLS and OSCORE when credentials ask for them: the defaults would also
@@ -426,10 +481,12 @@ class CoapSide:
         current = self._observations.get(uri)
         if current is not None and not current.stopping:
             return
-        observation = _Observation(uri, self.supervision.grace)
+        observation = _Observation(uri, self.supervision.grace, self)
         self._observations[uri] = observation
+        # Named by its URI alone: that string is held anyway, "observe <uri>" would be
+        # another ~90 bytes per observation.
         observation.task = asyncio.create_task(
-            self._supervise(observation), name=f"observe {uri}"
+            self._supervise(observation), name=uri, context=self._shared
         )
 
     def stop_observation(self, uri: str) -> None:
@@ -445,7 +502,8 @@ class CoapSide:
         task = observation.task
         if task is None or task.done():
             return
-        if observation.first is not None and self._send_deregistration(observation.first):
+        registration = observation.registration
+        if registration is not None and self._send_deregistration(registration):
             # The sensor's answer to the deregistration ends aiocoap's observation, and
             # with it the task. (Nothing to wait for when none could be sent, as for OSCORE.)
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -469,15 +527,41 @@ class CoapSide:
     # -- observations: the supervision loop --------------------------------------------------
 
     async def _supervise(self, observation: _Observation) -> None:
+        """Register, follow (or poll) what the sensor accepts, wait after it ends or fails,
+        and again, until the observation is stopped.
+
+        The steps are awaited from here one after the other rather than from a coroutine
+        per registration: every coroutine on the stack keeps its frame (~300 bytes) for as
+        long as `_follow` runs, which is as long as the observation does."""
         attempt = 0
         try:
             while not observation.stopping:
+                request: Any = None
+                first: Any = None
                 try:
-                    established = await self._register_and_follow(observation)
+                    request = await self._register(observation)
+                    first = None if request is None else await self._registered(
+                        observation, request
+                    )
+                    if first is None:
+                        established = False
+                    elif first.opt.observe is None or request.observation is None:
+                        established = await self._poll(observation, first)
+                    else:
+                        self._accepted(observation, first.request)
+                        await self._follow(observation, request, first)
+                        established = True
                 except Exception:  # a bug here must not end the supervision; say it loudly
                     log.exception("observation of %s failed", observation.uri)
                     self._failed(observation, "internal error in the gateway")
                     established = False
+                finally:
+                    observation.registration = None
+                    self._cancel_fetch(observation)
+                    if request is not None:
+                        _forget(request)
+                    # Nothing of this registration is kept through the wait.
+                    request = first = None
                 if observation.stopping:
                     return
                 if established:
@@ -496,49 +580,90 @@ class CoapSide:
             if self._observations.get(observation.uri) is observation:
                 del self._observations[observation.uri]
 
-    async def _register_and_follow(self, observation: _Observation) -> bool:
-        """One registration and what follows it; True when the sensor accepted it."""
+    async def _register(self, observation: _Observation) -> Any:
+        """Send a registration (GET with Observe = 0) for the observation's URI; returns
+        aiocoap's request, or None when the sensor's address was not found (reported)."""
         uri = observation.uri
-        if observation.stopping:
-            return False
         self._listener.registering(uri)
-        timeout = self.supervision.registration_timeout
-        request = self.context.request(
-            aiocoap.Message(
-                code=Code.GET, uri=uri, observe=0, size2=0,
-                transport_tuning=aiocoap.Unreliable(),
-            ),
-            handle_blockwise=False,
+        message = aiocoap.Message(
+            code=Code.GET, uri=uri, observe=0, size2=0, transport_tuning=_UNRELIABLE
         )
-        try:
+        origin = self._origin(uri)
+        if origin is not None:
             try:
-                async with asyncio.timeout(timeout):
-                    first = await request.response
-            except TimeoutError:
-                self._failed(observation, f"no answer within {timeout:g} s")
-                return False
+                await self._address(origin, message)
             except (coap_error.Error, OSError) as exc:
                 self._failed(observation, _describe(exc))
-                return False
-            if observation.stopping:
-                return True
-            if not first.code.is_successful():
-                self._answer(observation, to_answer(first))
-                return False
-            if first.opt.observe is None or request.observation is None:
-                return await self._poll(observation, first)
-            observation.first = first
-            if observation.orphan is not None:
-                # The sensor is reachable again: now the deregistration of the observation
-                # given up for silence can arrive (if it still exists there).
-                self._send_deregistration(observation.orphan, confirmable=False)
-                observation.orphan = None
-            await self._follow(observation, request, first)
-            return True
+                return None
+        return self.context.request(message, handle_blockwise=False)
+
+    async def _address(self, origin: str, message: aiocoap.Message) -> None:
+        """Address `message` to the sensor at `origin` (see `_origin`), resolved once for
+        all the registrations there while any of them uses the address.
+
+        aiocoap would resolve the address for each request, in a thread of the default
+        executor (a burst of registrations starts a pool of threads, ~1 MiB), and keep a
+        copy of it with each (~270 bytes per observation). Here one registration at a
+        time resolves it, with aiocoap's own `find_remote_and_interface`, and the others
+        wait for that and share the result."""
+        assert self._remotes is not None
+        known = self._remotes.get(origin)
+        resolving = self._resolving.get(origin)
+        if known is None and resolving is not None:
+            await asyncio.wait([resolving])  # its failure is its own: then resolve here
+            known = self._remotes.get(origin)
+        if known is not None:
+            message.remote = known
+            return
+        resolution = asyncio.ensure_future(self.context.find_remote_and_interface(message))
+        self._resolving[origin] = resolution
+        try:
+            await resolution  # aiocoap sets `message.remote` to the address it found
         finally:
-            observation.first = None
-            self._cancel_fetch(observation)
-            _forget(request)
+            if self._resolving.get(origin) is resolution:
+                del self._resolving[origin]
+        self._remotes[origin] = message.remote
+
+    def _origin(self, uri: str) -> str | None:
+        """The key of `_remotes` for `uri`: its origin when it is ``coap://`` with an IP
+        literal; else None (a host name is resolved by aiocoap for every registration, so
+        that a change of its address is followed)."""
+        if self._remotes is None:
+            return None
+        try:
+            parsed = parse_coap_uri(uri)
+        except UriError:
+            return None
+        return parsed.origin if parsed.scheme == "coap" and parsed.is_ip_literal else None
+
+    async def _registered(self, observation: _Observation, request: Any) -> Any:
+        """The sensor's 2.xx answer to the registration, or None once a failure (no answer,
+        RST, ICMP, 4.xx/5.xx) is reported, or when the observation is being stopped."""
+        timeout = self.supervision.registration_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                first = await request.response
+        except TimeoutError:
+            self._failed(observation, f"no answer within {timeout:g} s")
+            return None
+        except (coap_error.Error, OSError) as exc:
+            self._failed(observation, _describe(exc))
+            return None
+        if observation.stopping:
+            return None
+        if not first.code.is_successful():
+            self._answer(observation, to_answer(first))
+            return None
+        return first
+
+    def _accepted(self, observation: _Observation, registration: aiocoap.Message) -> None:
+        """The sensor accepted the observation that `registration` (the request) asked for."""
+        observation.registration = registration
+        if observation.orphan is not None:
+            # The sensor is reachable again: now the deregistration of the observation
+            # given up for silence can arrive (if it still exists there).
+            self._send_deregistration(observation.orphan, confirmable=False)
+            observation.orphan = None
 
     async def _follow(self, observation: _Observation, request: Any, first: Any) -> None:
         """Forward the notifications of one registration until it ends or goes silent."""
@@ -547,28 +672,28 @@ class CoapSide:
         order.accept(first.opt.observe, loop.time())
         observation.freshness.heard(loop.time(), first.opt.max_age)
         self._take(observation, first, observable=True)
+        notifications = request.observation
+        observation.following = notifications
         try:
-            async with asyncio.timeout(None) as silence:
-                observation.silence = silence
-                self._arm(observation)
-                async for notification in request.observation:
-                    if observation.stopping:
-                        return  # the answer to our own deregistration, not an update
-                    now = loop.time()
-                    number = notification.opt.observe
-                    if number is not None and not order.accept(number, now):
-                        log.debug("observation of %s: dropped notification %d, older than"
-                                  " one already forwarded", observation.uri, number)
-                        continue
-                    observation.freshness.heard(now, notification.opt.max_age)
-                    timer = observation.timer
-                    if timer is None or observation.freshness.next_check < timer.when():
-                        self._arm(observation)
-                    self._take(observation, notification)
+            self._arm(observation)
+            async for notification in notifications:
+                if observation.stopping:
+                    return  # the answer to our own deregistration, not an update
+                now = loop.time()
+                number = notification.opt.observe
+                if number is not None and not order.accept(number, now):
+                    log.debug("observation of %s: dropped notification %d, older than"
+                              " one already forwarded", observation.uri, number)
+                    continue
+                observation.freshness.heard(now, notification.opt.max_age)
+                timer = observation.timer
+                if timer is None or observation.freshness.next_check < timer.when():
+                    self._arm(observation)
+                self._take(observation, notification)
             if not observation.stopping:
                 log.info("observation of %s ended by the sensor; registering again",
                          observation.uri)
-        except TimeoutError:
+        except _Silence:
             if observation.stopping:
                 return
             log.info("observation of %s silent for Max-Age + grace; registering again",
@@ -577,12 +702,14 @@ class CoapSide:
             # notifications nobody reads: now, in case the sensor hears us, and again after
             # the next successful registration. NON, because a CON would hold back the
             # re-registrations behind its retransmissions (aiocoap keeps NSTART = 1).
-            self._send_deregistration(first, confirmable=False)
-            observation.orphan = first
+            registration = observation.registration
+            if registration is not None:
+                self._send_deregistration(registration, confirmable=False)
+                observation.orphan = registration
         except (coap_error.Error, OSError) as exc:
             self._failed(observation, _describe(exc))
         finally:
-            observation.silence = None
+            observation.following = None
             if observation.timer is not None:
                 observation.timer.cancel()
                 observation.timer = None
@@ -591,18 +718,19 @@ class CoapSide:
         if observation.timer is not None:
             observation.timer.cancel()
         observation.timer = asyncio.get_running_loop().call_at(
-            observation.freshness.next_check, self._check_freshness, observation
+            observation.freshness.next_check, observation, context=self._shared
         )
 
     def _check_freshness(self, observation: _Observation) -> None:
         observation.timer = None
-        silence = observation.silence
-        if silence is None or observation.stopping:
+        following = observation.following
+        if following is None or observation.stopping:
             return
         now = asyncio.get_running_loop().time()
         verdict = observation.freshness.check(now)
         if verdict == "silent":
-            silence.reschedule(now)  # ends the `async for` with TimeoutError
+            if not following.cancelled:  # else its iteration is ending already
+                following.error(_Silence())  # ends the `async for` in `_follow`
             return
         if verdict == "stale":
             max_age = observation.freshness.max_age
@@ -782,7 +910,7 @@ class CoapSide:
                 fresh = await self._send(
                     aiocoap.Message(
                         code=Code.GET, uri=observation.uri, size2=0,
-                        transport_tuning=aiocoap.Unreliable(),
+                        transport_tuning=_UNRELIABLE,
                     ),
                     timeout,
                 )
@@ -808,9 +936,11 @@ class CoapSide:
 
     # -- deregistration ----------------------------------------------------------------------
 
-    def _send_deregistration(self, first: aiocoap.Message, *, confirmable: bool = True) -> bool:
-        """Send GET with Observe = 1 under the observation's own token (RFC 7641 §3.6);
-        True when it was sent.
+    def _send_deregistration(
+        self, request: aiocoap.Message, *, confirmable: bool = True
+    ) -> bool:
+        """Send GET with Observe = 1 under the token of the registration `request`
+        (RFC 7641 §3.6); True when it was sent.
 
         aiocoap's public request API always picks a fresh token, so this goes one layer
         down, to the token manager's message layer. While the observation is still open
@@ -818,8 +948,7 @@ class CoapSide:
         for an observation that no token manager can reach: an OSCORE one (its requests are
         protected by the OSCORE transport, above the token managers).
         """
-        request = getattr(first, "request", None)
-        if request is None or request.remote is None:
+        if request.remote is None:
             return False
         key = (request.token, request.remote)
         managers = [i for i in self.context.request_interfaces if isinstance(i, TokenManager)]
@@ -836,7 +965,7 @@ class CoapSide:
             message.remote = request.remote
             if not confirmable:
                 message.mtype = None
-                message.transport_tuning = aiocoap.Unreliable()
+                message.transport_tuning = _UNRELIABLE
             try:
                 manager.token_interface.send_message(message, lambda: None)
             except Exception:  # the fallback (cancel) still happens in _stop

@@ -29,8 +29,9 @@ for every subscriber. Connections are opaque hashable objects to the hub.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Generic, Literal, TypeVar
 
 from .codecs import decode_payload, parse_link_format
@@ -162,19 +163,25 @@ class Resource(Generic[C]):
     name: str | None = None
     pinned: bool = False
     """Configured `observe = true`: observed from startup, even with no subscriber."""
-    subscribers: dict[C, None] = field(default_factory=dict)
-    """Insertion-ordered set of the connections subscribed to this resource."""
+    subscribers: tuple[C, ...] = ()
+    """The connections subscribed to this resource, in the order they subscribed. A tuple
+    rather than a dict used as an ordered set: most resources have one subscriber (48 bytes
+    instead of 224), and a `Deliver` takes it as its targets without a copy. Adding and
+    removing a subscriber copies it, once per subscribe or unsubscribe."""
     observing: bool = False
     """The hub has asked for an upstream observation and not yet asked to stop it."""
     linger_generation: int = 0
     seq: int = 0
     last_notify: str | None = None
-    last_body: dict[str, JSONValue] | None = None
+    """The latest notify frame's text, for late joiners; `list_entries` reads the value
+    fields back from it rather than keeping them a second time as objects."""
     last_ts: float | None = None
     state: State | None = None
     state_reason: str | None = None
     state_code: str | None = None
     last_status: str | None = None
+    """The status frame's text for late joiners while the state is not online (an online
+    resource's status is what its notify already says, so that text is not kept)."""
     observable: bool | None = None
     notifications: int = 0
     """2.xx representations accepted (each gave a notify)."""
@@ -204,6 +211,17 @@ def _resolve_href(origin: str, href: str) -> str:
     if href.startswith("//"):
         return origin.partition(":")[0] + ":" + href
     return origin + (href if href.startswith("/") else "/" + href)
+
+
+_VALUE_FIELDS: Final = ("value", "payload_b64", "decode_error")
+"""The fields of a notify that describe its payload (`decode_payload`'s keys)."""
+
+
+def _value_fields(notify: str) -> dict[str, JSONValue]:
+    """The payload fields of a notify frame's text, as they were before serialization (the
+    text is JSON this process wrote: floats and integers read back exactly)."""
+    frame = json.loads(notify)
+    return {key: frame[key] for key in _VALUE_FIELDS if key in frame}
 
 
 def _attr_str(value: JSONValue) -> str | None:
@@ -307,8 +325,9 @@ class Hub(Generic[C]):
         resource = self._resource(uri)
         self._idle.pop(uri, None)
         commands: list[Command[C]] = []
-        subs[resource.sub] = resource
-        resource.subscribers[conn] = None
+        if not already:
+            subs[resource.sub] = resource
+            resource.subscribers += (conn,)
         resource.linger_generation += 1  # a pending linger timer no longer applies
         commands.append(
             Deliver((conn,), Subscribed(id=frame_id, sub=resource.sub, uri=uri).serialize())
@@ -341,7 +360,10 @@ class Hub(Generic[C]):
         return commands
 
     def _drop_subscriber(self, resource: Resource[C], conn: C) -> list[Command[C]]:
-        resource.subscribers.pop(conn, None)
+        subscribers = resource.subscribers
+        if conn in subscribers:
+            i = subscribers.index(conn)
+            resource.subscribers = subscribers[:i] + subscribers[i + 1:]
         if resource.subscribers or resource.pinned or not resource.observing:
             return []
         if self.linger <= 0:
@@ -455,10 +477,10 @@ class Hub(Generic[C]):
             ts=ts,
             max_age=DEFAULT_MAX_AGE if max_age is None else max_age,
         ).serialize()
-        resource.last_notify, resource.last_body, resource.last_ts = text, body, ts
+        resource.last_notify, resource.last_ts = text, ts
         commands = self._event(resource, "answered")
         if resource.subscribers:
-            commands.append(Deliver(tuple(resource.subscribers), text, resource.sub))
+            commands.append(Deliver(resource.subscribers, text, resource.sub))
         return commands
 
     def upstream_unchanged(self, uri: str, now: float | None = None) -> list[Command[C]]:
@@ -509,10 +531,10 @@ class Hub(Generic[C]):
         text = Status(
             sub=resource.sub, uri=resource.uri, state=state, reason=reason, code=code
         ).serialize()
-        resource.last_status = text
+        resource.last_status = None if state == "online" else text
         if not resource.subscribers:
             return []
-        return [Deliver(tuple(resource.subscribers), text)]
+        return [Deliver(resource.subscribers, text)]
 
     # -- discovery and listing ---------------------------------------------------------------
 
@@ -566,8 +588,8 @@ class Hub(Generic[C]):
                 entry["notifications"] = resource.notifications
                 entry["registrations"] = resource.registrations
                 entry["last_update"] = resource.last_update
-                if resource.last_body is not None:
-                    entry.update(resource.last_body)
+                if resource.last_notify is not None:
+                    entry.update(_value_fields(resource.last_notify))
                     entry["ts"] = resource.last_ts
             entries.append(entry)
         return entries
