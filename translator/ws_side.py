@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -278,6 +278,7 @@ class WebSocketServer:
             # JSON, and halves fan-out throughput.
             compression=None,
             close_timeout=CLOSE_TIMEOUT,
+            create_connection=_ServerConnection,
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,
             open_timeout=settings.handshake_timeout,
@@ -381,14 +382,17 @@ class WebSocketServer:
         self.slow_consumers_closed += 1
 
     async def _serve_connection(self, ws: ServerConnection) -> None:
+        _forget_handshake_headers(ws)
         conn = Connection(ws, self.settings.send_limits, self._count_slow_consumer)
         conn.grant = self._grants.pop(ws, None)
         self.connections.add(conn)
         log.info("%r connected", conn)
         try:
             self.handler.connected(conn)
-            async for message in ws:
-                self.handler.received(conn, message)
+            # recv() in a loop rather than `async for`: the async generator behind `async for`
+            # would stay alive (with its frame) for as long as the connection is open.
+            while True:
+                self.handler.received(conn, await ws.recv())
         except ConnectionClosed:
             pass
         finally:
@@ -397,6 +401,40 @@ class WebSocketServer:
             await conn.finish()
             conn.finished.set_result(None)
             log.info("%r disconnected (%s)", conn, ws.close_code)
+
+
+class _ServerConnection(ServerConnection):
+    """websockets' connection, with every attribute named when it is created.
+
+    CPython 3.11 lets a class's instances share one table of attribute names, which has
+    room for a few more names than the first instance sets, and each new instance takes
+    one of those spare places away. websockets sets `recv_messages` and `transport` only in
+    `connection_made()`, which runs after every connection accepted in the same loop turn
+    has been created: after a burst of five or more, the table has no room left for them,
+    and from then on every connection of the process carries a private `__dict__` (about
+    1.5 KiB more per connection). Naming them in `__init__` lets the first instance put
+    every name in the table.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Placeholders until connection_made() sets the real values.
+        self.recv_messages = None  # type: ignore[assignment]
+        self.transport = None  # type: ignore[assignment]
+
+
+def _forget_handshake_headers(ws: ServerConnection) -> None:
+    """Drop the opening handshake's headers once the connection is open.
+
+    websockets keeps the request and the response, headers included, for the connection's
+    lifetime (about 4 KiB with a short client request, more from a browser). The gateway
+    reads them only while deciding on the handshake (`_process_request`), so an open
+    connection keeps just the request's path and the response's status. It also means an
+    `Authorization` header does not stay in memory for as long as the client is connected.
+    """
+    for message in (ws.request, ws.response):
+        if message is not None:
+            message.headers.clear()
 
 
 class _RedactSecrets(logging.Filter):
