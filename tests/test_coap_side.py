@@ -1,8 +1,8 @@
 """Unit tests of the CoAP side's pure decisions, without sockets.
 
 `ObserveOrder` (RFC 7641 §3.4), `backoff_delay`, `Freshness` (stale at Max-Age, silent at
-Max-Age + grace) and `poll_interval`; the follow loop of `CoapSide` fed by a stand-in
-aiocoap observation, so the gateway's own ordering is tested apart from aiocoap's; and the
+Max-Age + grace) and `poll_interval`; the follow loop of `CoapSide`'s supervision fed by a
+stand-in aiocoap observation, so the gateway's own ordering is tested apart from aiocoap's; and the
 bounded block-wise fetcher (`_complete`) fed by a stand-in sensor.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
 
 import aiocoap
 import pytest
@@ -237,9 +237,9 @@ def notification(observe: int | None, payload: bytes, max_age: int | None = None
 
 
 class StandInObservation:
-    """What `_follow` uses of aiocoap's `ClientObservation`: async iteration, `cancelled`,
-    and `error()`, which ends the iteration with that exception. Unlike aiocoap's, it does
-    not filter anything, so the gateway's own ordering is on its own."""
+    """What the follow loop uses of aiocoap's `ClientObservation`: async iteration,
+    `cancelled`, and `error()`, which ends the iteration with that exception. Unlike
+    aiocoap's, it does not filter anything, so the gateway's own ordering is on its own."""
 
     def __init__(self, items: list[Any]) -> None:
         self._items = items
@@ -268,45 +268,82 @@ class StandInObservation:
 
 
 class StandInRequest:
-    """What `_follow` uses of an aiocoap request: its `observation`."""
+    """What the supervision uses of an aiocoap request once it is answered: its
+    `observation`, and its `response` (cancelled when the registration is forgotten)."""
 
     def __init__(self, items: list[Any]) -> None:
         self.observation = StandInObservation(items)
+        self.response: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+
+class StandInSide(CoapSide):
+    """A CoAP side whose first registration is answered by stand-ins instead of a sensor:
+    `first` (with Observe), then the notifications of `request`. Its next registration ends
+    the test: it stops the observation."""
+
+    def __init__(self, recorder: Recorder, supervision: SupervisionConfig,
+                 request: StandInRequest, first: Any) -> None:
+        super().__init__(recorder, supervision)
+        first.request = aiocoap.Message(code=Code.GET)  # no address: nothing to deregister
+        self.answers = [(request, first)]
+
+    async def _register(self, observation: _Observation) -> Any:
+        if not self.answers:
+            observation.stopping = True
+            return None
+        request, self.first = self.answers.pop()
+        return request
+
+    async def _registered(self, observation: _Observation, request: Any) -> Any:
+        return self.first
+
+
+def supervise(side: CoapSide, grace: float | None = None) -> tuple[_Observation, Any]:
+    observation = _Observation("coap://h:5683/x", grace, side)
+    return observation, side._supervise(observation)
+
+
+IMMEDIATE: Final = {"backoff_min": 0.0, "backoff_max": 0.0}
+"""A registration again at once after one ends (the stand-in's second one ends the test)."""
 
 
 async def test_follow_forwards_only_newer_notifications() -> None:
     recorder = Recorder()
-    side = CoapSide(recorder, SupervisionConfig())
-    observation = _Observation("coap://h:5683/x", None, side)
     request = StandInRequest([
         notification(3, b"3"), notification(2, b"late 2"), notification(5, b"5"),
         notification(4, b"late 4"), notification(5, b"again 5"), notification(6, b"6"),
     ])
-    task = asyncio.create_task(side._follow(observation, request, notification(1, b"1")))
+    side = StandInSide(recorder, SupervisionConfig(**IMMEDIATE), request, notification(1, b"1"))
+    _, supervision = supervise(side)
+    task = asyncio.create_task(supervision)
     async with asyncio.timeout(5):
         while recorder.payloads()[-1:] != [b"6"]:
             recorder.changed.clear()
             await recorder.changed.wait()
     request.observation.end()
-    await task
+    async with asyncio.timeout(5):
+        await task
     assert recorder.payloads() == [b"1", b"3", b"5", b"6"]
+    assert request.response.cancelled()  # the registration was forgotten
 
 
 async def test_follow_reports_stale_then_ends_when_silent() -> None:
     recorder = Recorder()
-    side = CoapSide(recorder, SupervisionConfig(grace=0.05))
-    observation = _Observation("coap://h:5683/x", 0.05, side)
     request = StandInRequest([])  # no notification after the first: silence
+    first = notification(0, b"0", max_age=1)
+    side = StandInSide(recorder, SupervisionConfig(grace=0.05, **IMMEDIATE), request, first)
+    observation, supervision = supervise(side, 0.05)
     loop = asyncio.get_running_loop()
     started = loop.time()
     async with asyncio.timeout(5):
-        # Max-Age 1 s: stale after 1 s, silent (the follow loop returns) after 1.05 s.
-        await side._follow(observation, request, notification(0, b"0", max_age=1))
+        # Max-Age 1 s: stale after 1 s, silent (the follow loop ends) after 1.05 s.
+        await supervision
     assert loop.time() - started >= 1.05
     assert [kind for kind, _ in recorder.events] == ["answer", "stale"]
     assert recorder.events[1][1] == "no notification within Max-Age (1 s)"
     assert observation.timer is None and observation.following is None
     assert request.observation.cancelled  # aiocoap's observation ended with the silence
+    assert observation.orphan is first.request  # to be deregistered after the next one
 
 
 # --- the bounded block-wise fetcher ---------------------------------------------------------------

@@ -21,17 +21,19 @@ hub stops it, that runs this loop for as long as it lives::
 The decisions are small pure objects, tested without sockets: `ObserveOrder` (is this
 notification newer than the last one accepted?), `backoff_delay` (how long to wait before
 registration attempt n) and `Freshness` (when is the value stale, when is the observation
-silent). The timing uses one timer per followed observation that re-arms itself lazily at most
-once per Max-Age: a notification only records the time it arrived, so there is no task and no
-timer operation per notification. When the observation is silent, the timer ends aiocoap's
-observation with an error (`_Silence`), which ends the `async for` over it.
+silent). The timing uses one timer per observation, for the registration's deadline and then
+the notifications' freshness, that re-arms itself lazily at most once per Max-Age: a
+notification only records the time it arrived, so there is no task and no timer operation per
+notification. When the observation is silent, the timer ends aiocoap's observation with an
+error (`_Silence`), which ends the `async for` over it.
 
 Memory. Everything above is held once per observed resource, next to aiocoap's own objects
 for the observation (its request, the first response, the request's state: ~5.5 KiB), so the
-gateway's share is kept small: the supervision task awaits the steps of a registration in
-turn rather than nested (a coroutine frame each), the task and its timer share one context,
-the bookkeeping has slots, and the address of a sensor is resolved once and shared by the
-registrations there (`_address`).
+gateway's share is kept small: the supervision task's one coroutine calls the steps of a
+registration in turn and iterates the notifications itself (a coroutine frame per nested
+step would stay allocated), the task and its timer share one context, the bookkeeping has
+slots, and the address of a sensor is resolved once and shared by the registrations there
+(`_address`).
 
 Registrations and polls are NON requests: the registration timeout and the backoff are their
 retransmission. A CON that the gateway gave up on would stay in aiocoap's retransmission
@@ -351,8 +353,8 @@ class _Observation:
     with slots: a dict per instance would cost more than the fields)."""
 
     __slots__ = (
-        "fetch", "following", "freshness", "orphan", "registration", "side", "stopping", "task",
-        "timer", "uri",
+        "deadline", "fetch", "following", "freshness", "orphan", "registering", "registration",
+        "side", "stopping", "task", "timer", "uri",
     )
 
     def __init__(self, uri: str, grace: float | None, side: CoapSide) -> None:
@@ -360,6 +362,9 @@ class _Observation:
         self.side = side
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
+        self.registering: Any = None
+        """aiocoap's request of a registration waiting for its answer, until `deadline`."""
+        self.deadline = 0.0
         self.registration: aiocoap.Message | None = None
         """The request of the registration being followed (its token and address identify
         the observation at the sensor, for the deregistration)."""
@@ -370,15 +375,16 @@ class _Observation:
         """The request of a registration given up for silence, to deregister once the
         sensor answers again. The request alone: its answer is not needed for that."""
         self.following: Any = None
-        """aiocoap's observation (`ClientObservation`) that `_follow` iterates, while it
-        does: ending it ends the iteration."""
+        """aiocoap's observation (`ClientObservation`) whose notifications are iterated,
+        while they are: ending it ends the iteration."""
         self.timer: asyncio.TimerHandle | None = None
-        """The freshness check due next (`CoapSide._arm`)."""
+        """The one timer of the observation, for whatever is due first: the registration's
+        deadline or the notifications' freshness (`CoapSide._arm`, `CoapSide._check`)."""
 
     def __call__(self) -> None:
         # The timer calls the observation itself: a bound method and an argument tuple per
         # armed timer would be ~110 bytes more per observation.
-        self.side._check_freshness(self)
+        self.side._check(self)
 
 
 class _Silence(coap_error.NetworkError):  # type: ignore[misc]  # aiocoap is untyped
@@ -530,14 +536,16 @@ class CoapSide:
         """Register, follow (or poll) what the sensor accepts, wait after it ends or fails,
         and again, until the observation is stopped.
 
-        The steps are awaited from here one after the other rather than from a coroutine
-        per registration: every coroutine on the stack keeps its frame (~300 bytes) for as
-        long as `_follow` runs, which is as long as the observation does."""
+        The steps are helpers called from here in turn, and the notifications are iterated
+        here too, rather than in coroutines awaiting each other: every coroutine on the
+        stack keeps its frame (~300 bytes) for as long as the observation is followed, and
+        there is one such stack per observed resource."""
         attempt = 0
         try:
             while not observation.stopping:
                 request: Any = None
                 first: Any = None
+                notification: Any = None
                 try:
                     request = await self._register(observation)
                     first = None if request is None else await self._registered(
@@ -548,20 +556,27 @@ class CoapSide:
                     elif first.opt.observe is None or request.observation is None:
                         established = await self._poll(observation, first)
                     else:
-                        self._accepted(observation, first.request)
-                        await self._follow(observation, request, first)
                         established = True
+                        order = self._follow(observation, request, first)
+                        try:
+                            async for notification in request.observation:
+                                if observation.stopping:
+                                    break  # the answer to our own deregistration
+                                self._notified(observation, order, notification)
+                            else:
+                                self._followed(observation, None)
+                        except (_Silence, coap_error.Error, OSError) as exc:
+                            self._followed(observation, exc)
                 except Exception:  # a bug here must not end the supervision; say it loudly
                     log.exception("observation of %s failed", observation.uri)
                     self._failed(observation, "internal error in the gateway")
                     established = False
                 finally:
-                    observation.registration = None
-                    self._cancel_fetch(observation)
+                    self._unfollow(observation)
                     if request is not None:
                         _forget(request)
                     # Nothing of this registration is kept through the wait.
-                    request = first = None
+                    request = first = notification = None
                 if observation.stopping:
                     return
                 if established:
@@ -577,6 +592,9 @@ class CoapSide:
                           delay)
                 await asyncio.sleep(delay)
         finally:
+            if observation.timer is not None:
+                observation.timer.cancel()
+                observation.timer = None
             if self._observations.get(observation.uri) is observation:
                 del self._observations[observation.uri]
 
@@ -638,17 +656,30 @@ class CoapSide:
 
     async def _registered(self, observation: _Observation, request: Any) -> Any:
         """The sensor's 2.xx answer to the registration, or None once a failure (no answer,
-        RST, ICMP, 4.xx/5.xx) is reported, or when the observation is being stopped."""
+        RST, ICMP, 4.xx/5.xx) is reported, or when the observation is being stopped.
+
+        The deadline is kept by the observation's timer, which then cancels the awaited
+        answer (`_check`), rather than by an `asyncio.timeout`: its timer would stay in the
+        event loop until it expired, answered or not (asyncio drops cancelled timers
+        lazily), a few hundred bytes per registration of the last `registration_timeout`
+        seconds."""
         timeout = self.supervision.registration_timeout
+        observation.registering = request
+        observation.deadline = asyncio.get_running_loop().time() + timeout
+        self._arm(observation, observation.deadline)
         try:
-            async with asyncio.timeout(timeout):
-                first = await request.response
-        except TimeoutError:
+            first = await request.response
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the observation's task is cancelled, not the answer
             self._failed(observation, f"no answer within {timeout:g} s")
             return None
         except (coap_error.Error, OSError) as exc:
             self._failed(observation, _describe(exc))
             return None
+        finally:
+            observation.registering = None
         if observation.stopping:
             return None
         if not first.code.is_successful():
@@ -656,46 +687,47 @@ class CoapSide:
             return None
         return first
 
-    def _accepted(self, observation: _Observation, registration: aiocoap.Message) -> None:
-        """The sensor accepted the observation that `registration` (the request) asked for."""
-        observation.registration = registration
+    def _follow(self, observation: _Observation, request: Any, first: Any) -> ObserveOrder:
+        """The sensor accepted the registration `request`, answering `first` (with
+        Observe): forward that and watch the notifications' freshness. Returns the order
+        that later notifications must keep (`_notified`)."""
+        observation.registration = first.request
         if observation.orphan is not None:
             # The sensor is reachable again: now the deregistration of the observation
             # given up for silence can arrive (if it still exists there).
             self._send_deregistration(observation.orphan, confirmable=False)
             observation.orphan = None
-
-    async def _follow(self, observation: _Observation, request: Any, first: Any) -> None:
-        """Forward the notifications of one registration until it ends or goes silent."""
-        loop = asyncio.get_running_loop()
+        now = asyncio.get_running_loop().time()
         order = ObserveOrder()
-        order.accept(first.opt.observe, loop.time())
-        observation.freshness.heard(loop.time(), first.opt.max_age)
+        order.accept(first.opt.observe, now)
+        observation.freshness.heard(now, first.opt.max_age)
         self._take(observation, first, observable=True)
-        notifications = request.observation
-        observation.following = notifications
-        try:
-            self._arm(observation)
-            async for notification in notifications:
-                if observation.stopping:
-                    return  # the answer to our own deregistration, not an update
-                now = loop.time()
-                number = notification.opt.observe
-                if number is not None and not order.accept(number, now):
-                    log.debug("observation of %s: dropped notification %d, older than"
-                              " one already forwarded", observation.uri, number)
-                    continue
-                observation.freshness.heard(now, notification.opt.max_age)
-                timer = observation.timer
-                if timer is None or observation.freshness.next_check < timer.when():
-                    self._arm(observation)
-                self._take(observation, notification)
-            if not observation.stopping:
-                log.info("observation of %s ended by the sensor; registering again",
-                         observation.uri)
-        except _Silence:
-            if observation.stopping:
-                return
+        observation.following = request.observation
+        self._arm(observation, observation.freshness.next_check)
+        return order
+
+    def _notified(self, observation: _Observation, order: ObserveOrder, notification: Any) -> None:
+        """A notification of the followed registration: forwarded when it is newer than
+        every one before it (RFC 7641 §3.4), else dropped."""
+        now = asyncio.get_running_loop().time()
+        number = notification.opt.observe
+        if number is not None and not order.accept(number, now):
+            log.debug("observation of %s: dropped notification %d, older than one already"
+                      " forwarded", observation.uri, number)
+            return
+        observation.freshness.heard(now, notification.opt.max_age)
+        self._arm(observation, observation.freshness.next_check)
+        self._take(observation, notification)
+
+    def _followed(self, observation: _Observation, ended_by: BaseException | None) -> None:
+        """The notifications of the followed registration ended: by the sensor (None), by
+        silence (`_Silence`) or by an error. A new registration follows."""
+        if observation.stopping:
+            return
+        if ended_by is None:
+            log.info("observation of %s ended by the sensor; registering again",
+                     observation.uri)
+        elif isinstance(ended_by, _Silence):
             log.info("observation of %s silent for Max-Age + grace; registering again",
                      observation.uri)
             # End the old observation at the sensor too, or it may go on sending NON
@@ -706,38 +738,58 @@ class CoapSide:
             if registration is not None:
                 self._send_deregistration(registration, confirmable=False)
                 observation.orphan = registration
-        except (coap_error.Error, OSError) as exc:
-            self._failed(observation, _describe(exc))
-        finally:
-            observation.following = None
-            if observation.timer is not None:
-                observation.timer.cancel()
-                observation.timer = None
+        else:
+            self._failed(observation, _describe(ended_by))
 
-    def _arm(self, observation: _Observation) -> None:
-        if observation.timer is not None:
-            observation.timer.cancel()
+    def _unfollow(self, observation: _Observation) -> None:
+        """Forget the registration that was followed (or polled, or tried). Its timer may
+        stay armed: it finds nothing to do, or a next registration's deadline (`_check`)."""
+        observation.registration = None
+        observation.following = None
+        self._cancel_fetch(observation)
+
+    def _arm(self, observation: _Observation, when: float) -> None:
+        """Have the observation's timer go off by `when` (loop time). A timer armed for
+        earlier stays: it re-arms itself when it finds nothing due (`_check`), so that a
+        notification costs no timer operation."""
+        timer = observation.timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
         observation.timer = asyncio.get_running_loop().call_at(
-            observation.freshness.next_check, observation, context=self._shared
+            when, observation, context=self._shared
         )
 
-    def _check_freshness(self, observation: _Observation) -> None:
+    def _check(self, observation: _Observation) -> None:
+        """The observation's timer went off: a registration past its deadline gets no
+        more waiting; followed notifications are checked for freshness (stale at Max-Age,
+        silent at Max-Age + grace)."""
         observation.timer = None
-        following = observation.following
-        if following is None or observation.stopping:
+        if observation.stopping:
             return
         now = asyncio.get_running_loop().time()
+        registering = observation.registering
+        if registering is not None:
+            if now < observation.deadline:
+                self._arm(observation, observation.deadline)
+            else:
+                registering.response.cancel()  # `_registered` takes it as the timeout
+            return
+        following = observation.following
+        if following is None:
+            return  # between registrations: nothing is due
         verdict = observation.freshness.check(now)
         if verdict == "silent":
             if not following.cancelled:  # else its iteration is ending already
-                following.error(_Silence())  # ends the `async for` in `_follow`
+                following.error(_Silence())  # ends the `async for` in `_supervise`
             return
         if verdict == "stale":
             max_age = observation.freshness.max_age
             reason = f"no notification within Max-Age ({max_age} s)"
             log.info("observation of %s: %s", observation.uri, reason)
             self._listener.stale(observation.uri, reason)
-        self._arm(observation)
+        self._arm(observation, observation.freshness.next_check)
 
     # -- observations: block-wise notifications (RFC 7959 §2.6) ------------------------------
 
