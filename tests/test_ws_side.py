@@ -7,16 +7,28 @@ choices that keep it low. Real gateway or real websockets server on loopback, re
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
+import ssl
+import struct
 import sys
 from typing import Any
 
+import trustme
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from translator.auth import Principal
 from translator.gateway import Gateway
-from translator.ws_side import _ServerConnection
+from translator.ws_side import (
+    Connection,
+    ServerSettings,
+    WebSocketServer,
+    _ServerConnection,
+    fan_out,
+)
 
 from .conftest import WAIT
 
@@ -78,3 +90,130 @@ async def test_a_burst_of_connections_shares_one_attribute_table() -> None:
         finally:
             for client in clients:
                 await client.close()
+
+
+class _Quiet:
+    """A message handler that ignores everything (the test drives the connections)."""
+
+    def connected(self, conn: Connection) -> None:
+        pass
+
+    def received(self, conn: Connection, message: str | bytes) -> None:
+        pass
+
+    def disconnected(self, conn: Connection) -> None:
+        pass
+
+
+def _reset_on_close(sock: socket.socket) -> None:
+    """Make `close()` send RST instead of FIN (SO_LINGER on, zero seconds)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def _raw_client(port: int) -> socket.socket:
+    """A plain non-blocking socket that completed the WebSocket opening handshake."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await loop.sock_sendall(sock, (
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode())
+    answer = b""
+    async with asyncio.timeout(WAIT):
+        while b"\r\n\r\n" not in answer:
+            answer += await loop.sock_recv(sock, 4096)
+    assert answer.startswith(b"HTTP/1.1 101"), answer
+    return sock
+
+
+async def _wait_connections(server: WebSocketServer, count: int) -> list[Connection]:
+    """The server's connections once there are `count` (a client's handshake completes
+    before the server's handler registers its connection; nothing signals that)."""
+    async with asyncio.timeout(WAIT):
+        while len(server.connections) < count:  # noqa: ASYNC110 (no event to wait on)
+            await asyncio.sleep(0.01)
+    return list(server.connections)
+
+
+async def test_fan_out_keeps_frames_whole_and_in_order_through_a_full_socket(
+    make_gateway: Any,
+) -> None:
+    """A client that stops reading fills its socket: the frames the socket takes only in
+    part, and those after them, go through the transport and the outbox, never cut or
+    reordered."""
+    gateway: Gateway = await make_gateway(
+        {"server": {"port": 0}, "policy": {"allow": ["coap://127.0.0.1/*"]}}
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(("127.0.0.1", gateway.ws.port))
+    # max_queue=1: the client stops reading TCP until recv() is called.
+    async with connect(gateway.url, sock=sock, compression=None, max_queue=1) as ws:
+        [conn] = await _wait_connections(gateway.ws, 1)
+        # A small send buffer on the gateway's side too, so that the socket fills at once.
+        server_socket = conn.ws.transport.get_extra_info("socket")
+        server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        count, filler = 300, "x" * 1000
+        for number in range(count):
+            fan_out([conn], json.dumps({"type": "test", "n": number, "fill": filler}))
+        # The socket did fill up: frames wait in the transport's buffer and in the outbox.
+        assert conn.ws.transport.get_write_buffer_size() > 0
+        assert conn.outbox.frames > 0
+        async with asyncio.timeout(WAIT):
+            for number in range(count):
+                frame = json.loads(await ws.recv())
+                assert (frame["n"], frame["fill"]) == (number, filler)
+
+
+async def test_fan_out_to_a_reset_peer_closes_it_and_still_serves_the_others(
+    make_gateway: Any, make_client: Any
+) -> None:
+    gateway: Gateway = await make_gateway(
+        {"server": {"port": 0}, "policy": {"allow": ["coap://127.0.0.1/*"]}}
+    )
+    healthy = await make_client(gateway.url)
+    raw = await _raw_client(gateway.ws.port)
+    connections = await _wait_connections(gateway.ws, 2)
+    # Reset the raw peer, then fan out before the loop could notice it: the direct write
+    # meets the error, and the transport must close the connection at once.
+    _reset_on_close(raw)
+    raw.close()
+    fan_out(connections, json.dumps({"type": "test", "n": 1}))
+    dead = [c for c in connections if c.ws.transport.is_closing()]
+    assert len(dead) == 1
+    assert (await healthy.recv())["n"] == 1
+    async with asyncio.timeout(WAIT):
+        await dead[0].finished
+    assert len(gateway.ws.connections) == 1
+
+
+async def test_fan_out_over_tls_goes_through_the_transport(make_gateway: Any) -> None:
+    """No raw socket writes under TLS: the bytes must be encrypted by the transport."""
+    gateway: Gateway = await make_gateway(
+        {"server": {"port": 0}, "policy": {"allow": ["coap://127.0.0.1/*"]}}
+    )
+    async with connect(gateway.url, compression=None):
+        [conn] = await _wait_connections(gateway.ws, 1)
+        assert conn._fd == conn.ws.transport.get_extra_info("socket").fileno()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    secure = WebSocketServer(_Quiet(), ServerSettings(ssl_context=server_context))
+    await secure.start()
+    try:
+        async with connect(
+            f"wss://127.0.0.1:{secure.port}/ws", ssl=client_context, compression=None
+        ) as ws:
+            [conn] = await _wait_connections(secure, 1)
+            assert conn._fd == -1
+            fan_out([conn], json.dumps({"type": "test", "n": 7}))
+            async with asyncio.timeout(WAIT):
+                assert json.loads(await ws.recv())["n"] == 7
+    finally:
+        await secure.stop()

@@ -39,7 +39,7 @@ from .ws_side import (
     SendLimits,
     ServerSettings,
     WebSocketServer,
-    text_frame,
+    fan_out,
 )
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,7 @@ class Gateway:
         for command in commands:
             if isinstance(command, Deliver):
                 # Frame once, send to many: the same bytes go to every target.
-                text, replaces = command.text, command.replaces
-                frame = text_frame(text)
-                for conn in command.targets:
-                    conn.send(text, replaces, frame)
+                fan_out(command.targets, command.text, command.replaces)
             elif isinstance(command, StartObservation):
                 self._cancel_linger(command.uri)
                 self.coap.start_observation(command.uri)

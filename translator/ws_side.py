@@ -24,12 +24,13 @@ import contextlib
 import http
 import itertools
 import logging
+import os
 import re
 import ssl
 import struct
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final, Protocol
@@ -88,6 +89,7 @@ class Connection:
 
     __slots__ = (
         "_closer",
+        "_fd",
         "_loop",
         "_on_slow",
         "_ping_round",
@@ -118,6 +120,8 @@ class Connection:
         self._on_slow = on_slow
         self._loop = asyncio.get_running_loop()
         self._transport = ws.transport
+        self._fd = _plain_socket_fd(ws.transport)
+        """The socket `fan_out` may write to directly, or -1 (TLS, or no socket)."""
         self._writer: asyncio.Task[None] | None = None
         self._writing = False
         self._closer: asyncio.Task[None] | None = None
@@ -593,6 +597,53 @@ def _server_logger() -> logging.Logger:
     if not any(isinstance(f, _RedactSecrets) for f in logger.filters):
         logger.addFilter(_RedactSecrets())
     return logger
+
+
+def fan_out(targets: Iterable[Connection], text: str, replaces: str | None = None) -> None:
+    """Send one text frame to many connections: framed once, the same bytes for each.
+
+    The hot path of a notification. A connection with nothing queued ahead of the frame, an
+    empty transport buffer and a plain TCP socket gets the bytes by one `os.write` on its
+    socket: at a thousand clients per update, asyncio's `transport.write` around the same
+    system call was about a sixth of the gateway's CPU per delivered frame. Anything the
+    socket does not take goes to the transport's buffer behind it, in order; an error goes
+    to the transport too, which meets it again and closes the connection as it always does.
+    Every other connection gets `Connection.send` (queue, slow-consumer policy, TLS).
+    """
+    frame = text_frame(text)
+    size = len(frame)
+    write = os.write
+    for conn in targets:
+        fd, transport, ws = conn._fd, conn._transport, conn.ws
+        if (
+            fd >= 0
+            and not conn.closing
+            and not conn._writing
+            and not conn.outbox.frames
+            and not transport.get_write_buffer_size()
+            and not transport.is_closing()  # the socket is still open, so `fd` is still its
+            and ws.protocol.state is OPEN
+            and ws.send_in_progress is None
+        ):
+            try:
+                sent = write(fd, frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                transport.write(frame)
+                continue
+            if sent != size:
+                transport.write(frame[sent:])
+            continue
+        conn.send(text, replaces, frame)
+
+
+def _plain_socket_fd(transport: asyncio.Transport) -> int:
+    """The descriptor of a plain TCP transport's socket; -1 under TLS or without a socket."""
+    if transport.get_extra_info("ssl_object") is not None:
+        return -1
+    sock = transport.get_extra_info("socket")
+    return sock.fileno() if sock is not None else -1
 
 
 def text_frame(text: str) -> bytes:
