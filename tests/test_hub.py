@@ -549,6 +549,42 @@ def test_list_entries_filters_with_the_predicate() -> None:
     assert hub.list_entries(lambda uri: False) == []
 
 
+@pytest.mark.parametrize(("cf", "payload"), [
+    (50, b'{"t": 0.1, "big": 123456789012345678901234567890, "s": "\\u00e9\\n"}'),
+    (50, b"{not json"),  # payload_b64 and decode_error
+    (42, b"\x00\x01"),  # opaque: payload_b64 alone
+    (None, b""),  # no payload: no value fields
+])
+def test_list_shows_the_value_fields_of_the_latest_notify_exactly(
+    cf: int | None, payload: bytes
+) -> None:
+    """The listing reads the value back from the kept notify text: the same fields with
+    the same values as the notify itself (and as the decoded payload before it)."""
+    hub = make_hub()
+    sub_of(hub, "a", OTHER)
+    (notify,) = [f for f in frames_to(ok(hub, OTHER, payload, cf=cf), "a")
+                 if f["type"] == "notify"]
+    (entry,) = hub.list_entries(lambda uri: True)
+    fields = ("value", "payload_b64", "decode_error")
+    assert {k: entry[k] for k in fields if k in entry} == {
+        k: notify[k] for k in fields if k in notify
+    }
+    assert entry["ts"] == NOW
+
+
+def test_an_online_status_is_not_kept_for_late_joiners_but_others_are() -> None:
+    hub = make_hub()
+    sub_of(hub, "a", OTHER)
+    ok(hub, OTHER)
+    resource = hub.resource(OTHER)
+    assert resource is not None and resource.last_status is None
+    assert [f["type"] for f in frames_to(hub.subscribe("b", OTHER), "b")] == [
+        "subscribed", "notify"]
+    hub.upstream_stale(OTHER, "no notification within Max-Age (60 s)")
+    assert [f["type"] for f in frames_to(hub.subscribe("c", OTHER), "c")] == [
+        "subscribed", "notify", "status"]
+
+
 def test_observe_flag_of_an_answer_shows_in_the_listing() -> None:
     hub = make_hub()
     hub.subscribe("a", OTHER)

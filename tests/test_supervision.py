@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -577,3 +578,28 @@ async def test_500_connect_subscribe_disconnect_cycles_leave_nothing_behind(
     assert gateway.hub.resource(uri) is not None
     assert not gateway.hub.resource(uri).subscribers  # type: ignore[union-attr]
 
+
+
+async def test_observations_at_one_sensor_share_its_resolved_address(
+    sensors: SimulatedSensors, make_gateway: Any, make_client: Any
+) -> None:
+    """The address of a sensor (an IP literal) is resolved once and shared by every
+    registration there, rather than resolved and kept again with each; and once nothing
+    observes it any more, it is not kept either."""
+    gateway = await make_gateway(gateway_config(sensors))
+    client = await make_client(gateway.url)
+    for name in ("temperature", "humidity", "led"):  # the observable ones
+        reply = await client.subscribe(name=name)
+        await client.next_notify(reply["sub"])
+    registrations = [o.registration for o in gateway.coap._observations.values()]
+    assert len(registrations) == 3 and None not in registrations
+    assert len({id(r.remote) for r in registrations if r is not None}) == 1
+    for sub in [f["sub"] for f in client.seen if f["type"] == "subscribed"]:
+        await client.call({"type": "unsubscribe", "sub": sub})
+    for path in ("/temperature", "/humidity", "/led"):
+        await sensors.wait_observers(path, 0, timeout=WAIT)
+    for task in [t for t in asyncio.all_tasks() if t.get_name().startswith("deregister")]:
+        await task
+    del registrations
+    gc.collect()  # aiocoap's finished requests are reference cycles
+    assert not gateway.coap._remotes

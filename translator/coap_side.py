@@ -640,7 +640,10 @@ class CoapSide:
         finally:
             if self._resolving.get(origin) is resolution:
                 del self._resolving[origin]
-        self._remotes[origin] = message.remote
+        # (An address that cannot be referenced weakly, of some other transport, is not
+        # shared: the next registration resolves its own.)
+        with contextlib.suppress(TypeError):
+            self._remotes[origin] = message.remote
 
     def _origin(self, uri: str) -> str | None:
         """The key of `_remotes` for `uri`: its origin when it is ``coap://`` with an IP
@@ -680,6 +683,7 @@ class CoapSide:
             return None
         finally:
             observation.registering = None
+            observation.deadline = 0.0  # (the deadline's float is not kept with every one)
         if observation.stopping:
             return None
         if not first.code.is_successful():
