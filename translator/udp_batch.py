@@ -43,9 +43,11 @@ BATCH: Final = 64
 """Datagrams read per readiness event at most, so one busy socket cannot starve the loop."""
 COALESCE_ABOVE: Final = 32
 """Queued datagrams beyond which the gateway counts as behind and keeps only the newest."""
-MAX_WAIT: Final = 0.02
+MAX_WAIT: Final = 0.005
 """Seconds a queued datagram may wait before the gateway counts as behind: one fan-out to a
-thousand clients takes a few milliseconds, so a backlog of them must collapse by time too."""
+thousand clients takes 5 to 10 milliseconds, so a datagram still queued after one such loop
+turn means notifications arrive faster than they go out. (At 20 ms, p99 sensor-to-client
+latency at N = 1000 under 2x overload was ~40 ms higher.)"""
 MAX_PENDING: Final = 4096
 """Queued datagrams beyond which reading pauses (only CON and other undroppable messages can
 pile up this far, since droppable ones collapse to one per observation)."""
@@ -176,7 +178,10 @@ class _BatchReader:
             read_at.extend(t for _, t in kept)
         if len(pending) > MAX_PENDING:
             self._pause()
-        self._schedule()
+        if not self.scheduled:
+            # Hand on now, in this loop turn, as aiocoap's own reader would: a turn can be a
+            # whole fan-out long, and waiting for the next one delays every notification by it.
+            self._hand_on()
 
     def _schedule(self) -> None:
         if self.pending and not self.scheduled:
