@@ -49,6 +49,8 @@ import itertools
 import json
 import os
 import select
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +61,11 @@ from websockets.exceptions import ConnectionClosed
 from .control import Histogram, command_loop, emit, raise_nofile
 
 PACE = 0.001
+SO_TIMESTAMPNS = 35
+"""Linux (asm-generic/socket.h; the `socket` module lacks it): a received message carries
+the kernel's receive time as ancillary data of this type, a struct timespec."""
+TIMESPEC = struct.Struct("@qq")
+ANCILLARY_BYTES = socket.CMSG_SPACE(TIMESPEC.size)
 """Default seconds between two looks of the `Poller` at the sockets."""
 NOTIFY_PREFIX = b'{"type":"notify"'
 T_KEY = b'"t":'
@@ -71,6 +78,9 @@ class Window:
         self.active = False
         self.frames = 0
         self.latency = Histogram()
+        """Sensor send time to the kernel's receipt of the frame (see `Poller`)."""
+        self.app_latency = Histogram()
+        """Sensor send time to this process reading the frame (includes its own queueing)."""
         self.started = time.monotonic()
         self.cpu = time.process_time()
 
@@ -99,7 +109,8 @@ class FastReader(asyncio.Protocol):
         self.gen = gen
         self.transport = transport
         self.fd = -1
-        """The socket's descriptor while the `Poller` reads it."""
+        """The descriptor the `Poller` reads (its own duplicate of the socket's), or -1."""
+        self.sock: socket.socket | None = None
         self.buffer = bytearray()
         self.subscribed = 0
         self.notified = 0
@@ -110,11 +121,15 @@ class FastReader(asyncio.Protocol):
     def send_text(self, text: str) -> None:
         self.transport.write(client_frame(text.encode()))
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview, received_at: float | None = None) -> None:
+        """`received_at`: when the kernel received the newest of these bytes (time.time()
+        scale), if known; else now."""
         buf = self.buffer
         buf += data
         pos, size = 0, len(buf)
         window = self.gen.window
+        now = time.time()
+        arrival = now if received_at is None else received_at
         while size - pos >= 2:
             first, second = buf[pos], buf[pos + 1]
             length = second & 0x7F
@@ -146,7 +161,9 @@ class FastReader(asyncio.Protocol):
                         if i >= 0:
                             j = buf.find(b",", i, end)
                             with contextlib.suppress(ValueError):
-                                window.latency.add(time.time() - float(buf[i + 4:j]))
+                                sent = float(buf[i + 4:j])
+                                window.latency.add(arrival - sent)
+                                window.app_latency.add(now - sent)
                     self.changed.set()
                 else:
                     self._other(bytes(buf[start:end]))
@@ -172,9 +189,7 @@ class FastReader(asyncio.Protocol):
         self.changed.set()
 
     def _lost(self, why: str) -> None:
-        if self.fd >= 0:
-            self.gen.poller.remove(self.fd)
-            self.fd = -1
+        self.gen.poller.remove(self)
         if not self.closed:
             self.closed = True
             self.gen.closed += 1
@@ -202,23 +217,32 @@ class Poller:
         self.pace = pace
         self.epoll = select.epoll()
         self.readers: dict[int, FastReader] = {}
+        buffer = bytearray(1 << 16)
+        self.buffers = [buffer]
+        self.view = memoryview(buffer)
         self.armed = False
         self.loop = asyncio.get_running_loop()
 
     def add(self, reader: FastReader) -> None:
-        """Take over reading `reader`'s socket from the event loop."""
+        """Take over reading `reader`'s socket from the event loop, through a duplicate
+        descriptor of our own with kernel receive timestamps on."""
         transport = reader.transport
         transport.pause_reading()
-        sock = transport.get_extra_info("socket")
-        reader.fd = sock.fileno()
+        sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        reader.sock, reader.fd = sock, sock.fileno()
         self.readers[reader.fd] = reader
         self.epoll.register(reader.fd, select.EPOLLIN)
         self._arm()
 
-    def remove(self, fd: int) -> None:
-        if self.readers.pop(fd, None) is not None:
+    def remove(self, reader: FastReader) -> None:
+        if self.readers.pop(reader.fd, None) is not None:
             with contextlib.suppress(OSError, ValueError):
-                self.epoll.unregister(fd)
+                self.epoll.unregister(reader.fd)
+        if reader.sock is not None:
+            reader.sock.close()  # the transport closes its own descriptor
+        reader.sock, reader.fd = None, -1
 
     def close(self) -> None:
         if self.armed:
@@ -238,17 +262,28 @@ class Poller:
             reader = self.readers.get(fd)
             if reader is None:
                 continue
+            sock = reader.sock
+            if sock is None:
+                continue
             try:
-                data = os.read(fd, 1 << 18)
+                # Into one buffer kept for all reads: a fresh 256 KiB bytes object per read
+                # (what os.read(fd, 1 << 18) and asyncio's transports allocate) is an
+                # mmap and munmap each time, and cost this process ~40 µs per frame.
+                size, ancdata, _, _ = sock.recvmsg_into(self.buffers, ANCILLARY_BYTES)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError as exc:
                 reader._lost(f"connection lost: {exc}")
                 continue
-            if not data:
+            if not size:
                 reader._lost("connection closed by the server")
                 continue
-            reader.data_received(data)
+            received_at = None
+            for level, kind, value in ancdata:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    seconds, nanoseconds = TIMESPEC.unpack_from(value)
+                    received_at = seconds + nanoseconds * 1e-9
+            reader.data_received(self.view[:size], received_at)
         if self.pace > 0:
             self.loop.call_later(self.pace, self._arm)
         else:
@@ -427,6 +462,7 @@ class LoadGen:
         return {
             "frames": window.frames,
             "latency": window.latency.to_json(),
+            "app_latency": window.app_latency.to_json(),
             "seconds": time.monotonic() - window.started,
             "cpu": time.process_time() - window.cpu,
             "clients": len(self.clients),
@@ -437,9 +473,7 @@ class LoadGen:
         clients, self.clients = self.clients, []
         for reader in self.fast:
             reader.closed = True  # our own abort below: not a close to count
-            if reader.fd >= 0:
-                self.poller.remove(reader.fd)
-                reader.fd = -1
+            self.poller.remove(reader)
         self.fast = []
         for task in list(self.readers):
             task.cancel()

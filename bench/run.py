@@ -276,6 +276,10 @@ async def measure_window(
     seconds = max(s["seconds"] for s in stops)
     frames = sum(s["frames"] for s in stops)
     hist = Histogram.merged(s["latency"] for s in stops)
+    # The load generator's own receipt (after its queueing on this shared machine), beside
+    # the kernel's receipt that the latency figures use.
+    app = Histogram.merged(s["app_latency"] for s in stops if "app_latency" in s)
+    app_fields = {f"app_{k}": v for k, v in latency_fields(app).items() if k != "samples"}
     result = {
         "window_s": round(seconds, 3),
         "offered_updates": offered1 - offered0,
@@ -283,6 +287,7 @@ async def measure_window(
         "deliveries": frames,
         "deliveries_per_s": round(frames / seconds, 1),
         **latency_fields(hist),
+        **app_fields,
         "closed_clients": sum(s.get("closed", 0) for s in stops),
         "server_cpu_s": round(usage["server_cpu"], 3),
         "server_cpu_pct": round(100 * usage["server_cpu"] / usage["seconds"], 1),
@@ -424,7 +429,8 @@ async def _fanout_window(bench: Run, system: FanoutSystem, n: int, phase: str, r
     bench.runs.append(result)
     log(f"  {system.name} N={n} {phase} #{round_number}: "
         f"{result['deliveries_per_s']:.0f} deliveries/s, p50 {result['p50_ms']} ms, "
-        f"p99 {result['p99_ms']} ms, share {result.get('share')}, "
+        f"p99 {result['p99_ms']} ms (read by the client: p50 {result.get('app_p50_ms')}, "
+        f"p99 {result.get('app_p99_ms')} ms), share {result.get('share')}, "
         f"server CPU {result['server_cpu_pct']} %, {result['cpu_us_per_delivery']} µs/delivery, "
         f"{result['server_udp_drops']} dropped at its UDP socket, "
         f"closed {result['closed_clients']}, quiet after {result['quiet_s']} s")
