@@ -126,9 +126,11 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.handed: list[int] = []
+        self.senders: list[tuple[Any, Any]] = []
 
     def datagram_msg_received(self, data: bytes, ancdata: Any, flags: int, address: Any) -> None:
         self.handed.append(aiocoap.Message.decode(data).opt.observe)
+        self.senders.append((address, ancdata))
 
     def datagram_errqueue_received(self, *args: Any) -> None:
         pass
@@ -197,3 +199,30 @@ async def test_a_notification_waiting_longer_than_max_wait_gives_way_to_a_newer_
     finally:
         receiver.close()
         sender.close()
+
+
+async def test_messages_of_one_sender_share_its_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiocoap keeps every observation's first response, and each holds its sender's
+    address: one copy per sender, not per message (and a bounded table of them)."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    recorder, turns = _Recorder(), _Turns()
+    reader = _BatchReader(recorder, receiver, 4096, BATCH)
+    reader.loop = turns  # type: ignore[assignment]
+    monkeypatch.setattr(udp_batch, "MAX_SENDERS", 1)
+    try:
+        for number, sender in enumerate((senders[0], senders[0], senders[1]), 1):
+            token = bytes([number])  # another observation each time: all are handed on
+            sender.sendto(raw(Type.NON, token, observe=number), receiver.getsockname())
+            reader._readable()
+        assert recorder.handed == [1, 2, 3]
+        (first, first_anc), (second, second_anc), (third, _) = recorder.senders
+        assert first == second and first is second and first_anc is second_anc
+        assert third != first
+        assert len(reader.senders) == 1
+    finally:
+        receiver.close()
+        for sender in senders:
+            sender.close()

@@ -51,6 +51,8 @@ latency at N = 1000 under 2x overload was ~40 ms higher.)"""
 MAX_PENDING: Final = 4096
 """Queued datagrams beyond which reading pauses (only CON and other undroppable messages can
 pile up this far, since droppable ones collapse to one per observation)."""
+MAX_SENDERS: Final = 1024
+"""Distinct (address, packet info) pairs remembered for sharing, at most."""
 RECEIVE_BUFFER: Final = 1 << 20
 """Bytes asked for the receive buffer (the kernel caps it at net.core.rmem_max)."""
 
@@ -125,6 +127,8 @@ class _BatchReader:
         self.pending: collections.deque[Datagram] = collections.deque()
         self.read_at: collections.deque[float] = collections.deque()
         """When each pending datagram was taken from the socket (loop time)."""
+        self.senders: dict[tuple[Any, ...], tuple[Any, list[Any]]] = {}
+        """(address, ancillary data) of recent senders, to share among their messages."""
         self.scheduled = False
         self.reading = False
         self.loop = asyncio.get_running_loop()
@@ -159,15 +163,24 @@ class _BatchReader:
                     break
                 protocol.datagram_errqueue_received(data, ancdata, flags, address)
         now = self.loop.time()
-        read_at = self.read_at
+        read_at, senders = self.read_at, self.senders
         for _ in range(self.batch):
             try:
-                pending.append(sock.recvmsg(self.max_size, 1024))
+                data, ancdata, flags, address = sock.recvmsg(self.max_size, 1024)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 protocol.error_received(exc)
                 break
+            # One copy of each sender's address and packet info, however many of its
+            # messages aiocoap keeps (it keeps every observation's first response).
+            key = (address, *ancdata)
+            shared = senders.get(key)
+            if shared is None:
+                if len(senders) >= MAX_SENDERS:
+                    senders.clear()  # bounded, whatever the sources
+                senders[key] = shared = (address, ancdata)
+            pending.append((data, shared[1], flags, shared[0]))
             read_at.append(now)
         if len(pending) > 1 and (len(pending) > COALESCE_ABOVE or now - read_at[0] > MAX_WAIT):
             moot = superseded(list(pending))
