@@ -258,8 +258,11 @@ async def measure_window(
     during: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """One measurement window: open windows in `counters`, wait, close, collect."""
-    offered0 = await offered_updates(source)
+    # The sensor's counter is read right next to the clients' window, on both sides: an
+    # update offered before the clients' window opens (or after it closes) is delivered
+    # outside it, and gaps of tens of ms over a 3 s window read as a few % of loss.
     before = probe.read()
+    offered0 = await offered_updates(source)
     await call_all(counters, {"cmd": "start"}, 10)
     extra: dict[str, Any] = {}
     if during is not None:
@@ -272,8 +275,8 @@ async def measure_window(
     server_q = probe.server.queues()
     client_rx = sum(c.queues()["tcp_rx"] for c in probe.loadgens)
     stops = await call_all(counters, {"cmd": "stop"}, 30)
-    after = probe.read()
     offered1 = await offered_updates(source)
+    after = probe.read()
     usage = Probe.delta(before, after)
     seconds = max(s["seconds"] for s in stops)
     frames = sum(s["frames"] for s in stops)
