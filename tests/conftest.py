@@ -7,7 +7,9 @@ event or a frame, bounded by generous timeouts, never a fixed sleep.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -22,6 +24,16 @@ from translator.sim import SimulatedSensors
 
 WAIT = 10.0
 """Seconds any single wait in a test may take before it fails."""
+
+
+def handshake_request(port: int, path: str = "/ws") -> bytes:
+    """A client's WebSocket opening handshake (RFC 6455 §4.1), for tests that speak the
+    protocol over a bare TCP stream."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
 
 
 class Client:

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from translator.gateway import Gateway
 from translator.sim import SimulatedSensors
 
-from .conftest import WAIT, Client, gateway_config
+from .conftest import WAIT, Client, gateway_config, handshake_request
 
 
 async def test_subscribe_gets_cached_value_at_once_then_live_updates(
@@ -454,12 +454,7 @@ async def test_dead_peer_is_found_by_keepalive_and_cleaned_up(
     gateway = await make_gateway(config)
     # A peer that completes the handshake, subscribes, then never reads or answers pings.
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.ws.port)
-    key = base64.b64encode(b"0123456789abcdef").decode()
-    writer.write(
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{gateway.ws.port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
+    writer.write(handshake_request(gateway.ws.port))
     async with asyncio.timeout(WAIT):
         assert b"101" in await reader.readline()
         await reader.readuntil(b"\r\n\r\n")

@@ -9,7 +9,6 @@ is on a frame or an event, bounded by `WAIT`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import struct
@@ -24,7 +23,7 @@ from translator import ws_side
 from translator.config import config_from_mapping
 from translator.gateway import Gateway
 
-from .conftest import WAIT
+from .conftest import WAIT, handshake_request
 
 PING, PONG, CLOSE, TEXT = 0x9, 0xA, 0x8, 0x1
 
@@ -57,12 +56,7 @@ class RawPeer:
     @classmethod
     async def open(cls, gateway: Gateway, answer_pings: bool, pong_delay: float = 0.0) -> RawPeer:
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.ws.port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{gateway.ws.port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+        writer.write(handshake_request(gateway.ws.port))
         async with asyncio.timeout(WAIT):
             head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head

@@ -7,9 +7,7 @@ choices that keep it low. Real gateway or real websockets server on loopback, re
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import socket
 import ssl
 import struct
@@ -30,7 +28,7 @@ from translator.ws_side import (
     fan_out,
 )
 
-from .conftest import WAIT
+from .conftest import WAIT, handshake_request
 
 SECRET = "a-token-of-32-characters-or-more-0123456789"
 
@@ -116,11 +114,7 @@ async def _raw_client(port: int) -> socket.socket:
     sock = socket.socket()
     sock.setblocking(False)
     await loop.sock_connect(sock, ("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    await loop.sock_sendall(sock, (
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode())
+    await loop.sock_sendall(sock, handshake_request(port))
     answer = b""
     async with asyncio.timeout(WAIT):
         while b"\r\n\r\n" not in answer:
