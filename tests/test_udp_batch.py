@@ -226,3 +226,30 @@ async def test_messages_of_one_sender_share_its_address(monkeypatch: pytest.Monk
         receiver.close()
         for sender in senders:
             sender.close()
+
+
+async def test_a_queued_notification_gives_way_to_one_still_in_the_socket() -> None:
+    """The turn after a long one starts with the callbacks it queued, before the loop looks
+    at the socket again: the queued hand-on reads the socket first, so a notification that
+    arrived meanwhile supersedes the one that waited, instead of going out a turn later."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    recorder, turns = _Recorder(), _Turns()
+    reader = _BatchReader(recorder, receiver, 4096, BATCH)
+    reader.loop = turns  # type: ignore[assignment]
+    reader.reading = True
+    token = b"\x03"
+    try:
+        for number in (1, 2):
+            sender.sendto(raw(Type.NON, token, observe=number), receiver.getsockname())
+        reader._readable()
+        assert recorder.handed == [1]  # 2 waits for the next turn
+        turns.now += MAX_WAIT * 2  # a long turn (a fan-out), during which 3 arrives
+        sender.sendto(raw(Type.NON, token, observe=3), receiver.getsockname())
+        turns.next_turn()  # the queued hand-on, before the loop polls the socket
+        assert recorder.handed == [1, 3]
+    finally:
+        receiver.close()
+        sender.close()

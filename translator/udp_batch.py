@@ -148,6 +148,14 @@ class _BatchReader:
             self.loop.remove_reader(self.sock.fileno())
 
     def _readable(self) -> None:
+        self._read()
+        if not self.scheduled:
+            # Hand on now, in this loop turn, as aiocoap's own reader would: a turn can be a
+            # whole fan-out long, and waiting for the next one delays every notification by it.
+            self._hand_on(read=False)
+
+    def _read(self) -> None:
+        """Move what the socket holds into the queue; collapse the queue if behind."""
         sock, protocol, pending = self.sock, self.protocol, self.pending
         if HAS_RECVERR:
             # ICMP errors about what the gateway sent (port unreachable...).
@@ -191,25 +199,27 @@ class _BatchReader:
             read_at.extend(t for _, t in kept)
         if len(pending) > MAX_PENDING:
             self._pause()
-        if not self.scheduled:
-            # Hand on now, in this loop turn, as aiocoap's own reader would: a turn can be a
-            # whole fan-out long, and waiting for the next one delays every notification by it.
-            self._hand_on()
 
     def _schedule(self) -> None:
         if self.pending and not self.scheduled:
             self.scheduled = True
             self.loop.call_soon(self._hand_on)
 
-    def _hand_on(self) -> None:
+    def _hand_on(self, read: bool = True) -> None:
         """Hand queued datagrams to aiocoap, at most one per observation per loop turn, so
-        that the CoAP side takes each notification before the next one of its kind."""
+        that the CoAP side takes each notification before the next one of its kind.
+
+        With `read`, the socket is read first: this turn began with the callbacks queued in
+        the one before (a fan-out, often), so what arrived meanwhile is still in the socket,
+        and a queued notification that a newer one already supersedes must not go out."""
         self.scheduled = False
         pending, handed = self.pending, set()
         if self.sock.fileno() == -1:
             pending.clear()  # the transport was closed meanwhile
             self.read_at.clear()
             return
+        if read and self.reading:
+            self._read()
         while pending:
             key = observation_key(pending[0])
             if key is not None:
