@@ -23,6 +23,7 @@ from aiocoap.numbers.types import Type
 
 from bench import fast_sensor as fs
 from bench.control import Histogram
+from bench.floor import bursts
 from bench.loadgen import NativeReader, NativeUnavailable, client_frame
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,3 +200,10 @@ def test_smoke_run_of_the_harness(tmp_path: Path) -> None:
         assert run["closed_clients"] == 0
     assert runs["gateway"]["cpu_us_per_delivery"] is not None
     assert "Fan-out" in proc.stdout and "Targets" in proc.stdout
+
+
+def test_the_floor_times_bursts_of_writes_to_a_reader_in_another_process() -> None:
+    result = bursts(clients=20, count=3, interval=0.0)
+    assert result["burst_clients"] == 20
+    assert 0 < result["burst_p50_ms"] <= result["burst_p90_ms"]
+    assert result["burst_us_per_write"] > 0
