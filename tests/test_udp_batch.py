@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiocoap
@@ -165,91 +166,87 @@ class _Turns:
         pass
 
 
+class _Rig:
+    """A `_BatchReader` on a real UDP socket, with the stand-ins above, and two senders."""
+
+    def __init__(self) -> None:
+        self.receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.receiver.bind(("127.0.0.1", 0))
+        self.receiver.setblocking(False)
+        self.senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+        self.recorder, self.turns = _Recorder(), _Turns()
+        self.reader = _BatchReader(self.recorder, self.receiver, 4096, BATCH)
+        self.reader.loop = self.turns  # type: ignore[assignment]
+        self.reader.reading = True
+
+    def send(self, token: bytes, *numbers: int, sender: int = 0) -> None:
+        for number in numbers:
+            self.senders[sender].sendto(
+                raw(Type.NON, token, observe=number), self.receiver.getsockname()
+            )
+
+    def arrive(self, token: bytes, *numbers: int, sender: int = 0) -> None:
+        """Send, then the socket's readiness callback, as the loop would run it."""
+        self.send(token, *numbers, sender=sender)
+        self.reader._readable()
+
+    def close(self) -> None:
+        for sock in (self.receiver, *self.senders):
+            sock.close()
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[_Rig]:  # async: the reader takes the running loop
+    made = _Rig()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
 @pytest.mark.parametrize("turn", [MAX_WAIT / 2, MAX_WAIT * 2])
 async def test_a_notification_waiting_longer_than_max_wait_gives_way_to_a_newer_one(
-    turn: float,
+    rig: _Rig, turn: float,
 ) -> None:
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.bind(("127.0.0.1", 0))
-    receiver.setblocking(False)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    recorder, turns = _Recorder(), _Turns()
-    reader = _BatchReader(recorder, receiver, 4096, BATCH)
-    reader.loop = turns  # type: ignore[assignment]
-    token = b"\x01\x02"
-
-    def arrive(*numbers: int) -> None:
-        for number in numbers:
-            sender.sendto(raw(Type.NON, token, observe=number), receiver.getsockname())
-        reader._readable()
-
-    try:
-        arrive(1)
-        assert recorder.handed == [1]  # in the same loop turn, not the next
-        arrive(2, 3)
-        assert recorder.handed == [1, 2]  # one per observation per turn: 3 waits
-        turns.now += turn  # a long turn (a fan-out to many clients), then 4 arrives
-        arrive(4)
-        turns.next_turn()
-        turns.next_turn()
-        if turn > MAX_WAIT:
-            assert recorder.handed == [1, 2, 4]  # behind: 3 was superseded unread
-        else:
-            assert recorder.handed == [1, 2, 3, 4]  # a short wait is not behind
-    finally:
-        receiver.close()
-        sender.close()
+    token, handed = b"\x01\x02", rig.recorder.handed
+    rig.arrive(token, 1)
+    assert handed == [1]  # in the same loop turn, not the next
+    rig.arrive(token, 2, 3)
+    assert handed == [1, 2]  # one per observation per turn: 3 waits
+    rig.turns.now += turn  # a long turn (a fan-out to many clients), then 4 arrives
+    rig.arrive(token, 4)
+    rig.turns.next_turn()
+    rig.turns.next_turn()
+    if turn > MAX_WAIT:
+        assert handed == [1, 2, 4]  # behind: 3 was superseded unread
+    else:
+        assert handed == [1, 2, 3, 4]  # a short wait is not behind
 
 
-async def test_messages_of_one_sender_share_its_address(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_messages_of_one_sender_share_its_address(
+    rig: _Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """aiocoap keeps every observation's first response, and each holds its sender's
     address: one copy per sender, not per message (and a bounded table of them)."""
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.bind(("127.0.0.1", 0))
-    receiver.setblocking(False)
-    senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
-    recorder, turns = _Recorder(), _Turns()
-    reader = _BatchReader(recorder, receiver, 4096, BATCH)
-    reader.loop = turns  # type: ignore[assignment]
     monkeypatch.setattr(udp_batch, "MAX_SENDERS", 1)
-    try:
-        for number, sender in enumerate((senders[0], senders[0], senders[1]), 1):
-            token = bytes([number])  # another observation each time: all are handed on
-            sender.sendto(raw(Type.NON, token, observe=number), receiver.getsockname())
-            reader._readable()
-        assert recorder.handed == [1, 2, 3]
-        (first, first_anc), (second, second_anc), (third, _) = recorder.senders
-        assert first == second and first is second and first_anc is second_anc
-        assert third != first
-        assert len(reader.senders) == 1
-    finally:
-        receiver.close()
-        for sender in senders:
-            sender.close()
+    for number, sender in enumerate((0, 0, 1), 1):
+        # another observation each time: all are handed on
+        rig.arrive(bytes([number]), number, sender=sender)
+    assert rig.recorder.handed == [1, 2, 3]
+    (first, first_anc), (second, second_anc), (third, _) = rig.recorder.senders
+    assert first == second and first is second and first_anc is second_anc
+    assert third != first
+    assert len(rig.reader.senders) == 1
 
 
-async def test_a_queued_notification_gives_way_to_one_still_in_the_socket() -> None:
+async def test_a_queued_notification_gives_way_to_one_still_in_the_socket(rig: _Rig) -> None:
     """The turn after a long one starts with the callbacks it queued, before the loop looks
     at the socket again: the queued hand-on reads the socket first, so a notification that
     arrived meanwhile supersedes the one that waited, instead of going out a turn later."""
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.bind(("127.0.0.1", 0))
-    receiver.setblocking(False)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    recorder, turns = _Recorder(), _Turns()
-    reader = _BatchReader(recorder, receiver, 4096, BATCH)
-    reader.loop = turns  # type: ignore[assignment]
-    reader.reading = True
     token = b"\x03"
-    try:
-        for number in (1, 2):
-            sender.sendto(raw(Type.NON, token, observe=number), receiver.getsockname())
-        reader._readable()
-        assert recorder.handed == [1]  # 2 waits for the next turn
-        turns.now += MAX_WAIT * 2  # a long turn (a fan-out), during which 3 arrives
-        sender.sendto(raw(Type.NON, token, observe=3), receiver.getsockname())
-        turns.next_turn()  # the queued hand-on, before the loop polls the socket
-        assert recorder.handed == [1, 3]
-    finally:
-        receiver.close()
-        sender.close()
+    rig.arrive(token, 1, 2)
+    assert rig.recorder.handed == [1]  # 2 waits for the next turn
+    rig.turns.now += MAX_WAIT * 2  # a long turn (a fan-out), during which 3 arrives
+    rig.send(token, 3)
+    rig.turns.next_turn()  # the queued hand-on, before the loop polls the socket
+    assert rig.recorder.handed == [1, 3]
