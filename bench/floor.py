@@ -7,22 +7,31 @@ one `send()` per client per update. This measures that cost alone, on loopback T
 forms: `socket.send` on a non-blocking socket, and asyncio's `transport.write` (what the
 gateway and websockets use; it adds its checks and bookkeeping). Only the writing thread's
 CPU time is counted, not the receivers' (which drain between rounds), so a noisy neighbour
-changes the figures little. Also the wall time of one update's burst of `os.write` to 1000
-clients at 10 updates/s (`bursts`), the least time after which the last of them can have
-it. Prints one JSON line.
+changes the figures little. Also one update's burst of writes to 1000 clients read by
+another process, at 10 updates/s (`bursts`): per frame, how long after the burst's start its
+write returned, the least latency any server in this process adds, written by a Python loop,
+by the same loop in C (bench/fastwrite.c, built with `cc` on first use; skipped without a
+compiler) and by that C loop in two threads, so the interpreter's share and a second core's
+effect show. Prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import multiprocessing
 import os
 import select
 import socket
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, cast
+
+from bench.loadgen import NativeUnavailable, build_native
 
 
 def frame_bytes(size: int) -> bytes:
@@ -124,11 +133,71 @@ def _read_paced(port: int, clients: int, pace: float, ready: Any) -> None:
         time.sleep(pace)
 
 
-def bursts(clients: int = 1000, count: int = 40, size: int = 200,
-           interval: float = 0.1) -> dict[str, float]:
-    """Wall time of one update's burst of writes to `clients` loopback clients, one burst
-    every `interval` seconds (the 10 updates/s case), with a bare `os.write` loop: the least
-    time after which the last client can have the update, in this Python on this machine."""
+WRITERS = ("python", "c", "c_2threads")
+"""How `bursts` writes: a Python `os.write` loop, the same loop in C (bench/fastwrite.c),
+and that C loop in two threads at once, each writing half of the clients."""
+FASTWRITE_SOURCE = Path(__file__).with_name("fastwrite.c")
+
+
+def _c_writer() -> Callable[..., int]:
+    """`fw_write_each` of bench/fastwrite.c, built on first use (raises NativeUnavailable)."""
+    library = build_native(FASTWRITE_SOURCE)
+    try:
+        write_each = ctypes.CDLL(str(library)).fw_write_each
+    except OSError as exc:
+        raise NativeUnavailable(f"cannot load {library}: {exc}") from exc
+    write_each.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_long, ctypes.c_char_p,
+                           ctypes.c_long, ctypes.POINTER(ctypes.c_int64)]
+    write_each.restype = ctypes.c_long
+    return cast(Callable[..., int], write_each)
+
+
+def _burst_writers(fds: list[int], frame: bytes,
+                   pool: ThreadPoolExecutor) -> tuple[dict[str, Callable[[], list[int]]], str]:
+    """One callable per available writer: writes `frame` to every descriptor once and returns
+    the CLOCK_MONOTONIC time (ns) at which each write returned; why C is missing, if it is."""
+
+    def python_burst() -> list[int]:
+        done: list[int] = []
+        now, write, record = time.monotonic_ns, os.write, done.append
+        for fd in fds:
+            write(fd, frame)
+            record(now())
+        return done
+
+    writers: dict[str, Callable[[], list[int]]] = {"python": python_burst}
+    try:
+        write_each = _c_writer()
+    except NativeUnavailable as exc:
+        return writers, str(exc)
+    count, half = len(fds), len(fds) // 2
+    every = (ctypes.c_int * count)(*fds)
+    first, second = (ctypes.c_int * half)(*fds[:half]), (ctypes.c_int * (count - half))(*fds[half:])
+    done = (ctypes.c_int64 * count)()
+    done_first, done_second = (ctypes.c_int64 * half)(), (ctypes.c_int64 * (count - half))()
+
+    def c_burst() -> list[int]:
+        write_each(every, count, frame, len(frame), done)
+        return list(done)
+
+    def c_2threads_burst() -> list[int]:
+        other = pool.submit(write_each, second, count - half, frame, len(frame), done_second)
+        write_each(first, half, frame, len(frame), done_first)
+        other.result()
+        return [*done_first, *done_second]
+
+    writers.update(c=c_burst, c_2threads=c_2threads_burst)
+    return writers, ""
+
+
+def bursts(clients: int = 1000, count: int = 50, size: int = 200,
+           interval: float = 0.1) -> dict[str, Any]:
+    """One update's burst of writes to `clients` loopback clients, one burst every `interval`
+    seconds (the 10 updates/s case), by each of `WRITERS` in turn (so that all see the same
+    machine): per frame, the time from the burst's start until its write returned (the least
+    latency a server adds before that client can have the update, in this process on this
+    machine), its p50/p99/p99.9 over all frames; the p90 of the bursts' lengths; CPU per write
+    (the whole process's, so both threads of `c_2threads`)."""
     frame = frame_bytes(size)
     listener = socket.create_server(("127.0.0.1", 0), backlog=clients)
     ready = multiprocessing.get_context("spawn").Event()
@@ -137,6 +206,7 @@ def bursts(clients: int = 1000, count: int = 40, size: int = 200,
         daemon=True)
     reader.start()
     servers = []
+    pool = ThreadPoolExecutor(1, thread_name_prefix="floor-writer")
     try:
         for _ in range(clients):
             server, _ = listener.accept()
@@ -145,29 +215,44 @@ def bursts(clients: int = 1000, count: int = 40, size: int = 200,
             servers.append(server)
         if not ready.wait(30):
             raise RuntimeError("the reader did not connect")
-        fds = [server.fileno() for server in servers]
-        walls, cpu = [], 0.0
-        for _ in range(count):
+        writers, missing = _burst_writers([server.fileno() for server in servers], frame, pool)
+        frames: dict[str, list[int]] = {name: [] for name in writers}
+        lengths: dict[str, list[int]] = {name: [] for name in writers}
+        cpu = dict.fromkeys(writers, 0.0)
+        order = list(writers)
+        for i in range(count * len(order)):
+            name = order[i % len(order)]
             time.sleep(interval)
-            t0, c0 = time.perf_counter(), time.thread_time()
-            for fd in fds:
-                os.write(fd, frame)
-            walls.append(time.perf_counter() - t0)
-            cpu += time.thread_time() - c0
-        walls.sort()
-        return {
-            "burst_clients": clients,
-            "burst_p50_ms": round(1000 * walls[len(walls) // 2], 2),
-            "burst_p90_ms": round(1000 * walls[int(len(walls) * 0.9)], 2),
-            "burst_us_per_write": round(1e6 * cpu / (clients * count), 2),
-        }
+            t0, c0 = time.monotonic_ns(), time.process_time()
+            done = writers[name]()
+            cpu[name] += time.process_time() - c0
+            frames[name].extend(t - t0 for t in done)
+            lengths[name].append(max(done) - t0)
+        result: dict[str, Any] = {"burst_clients": clients, "burst_count": count}
+        for name in writers:
+            times, ends = sorted(frames[name]), sorted(lengths[name])
+            result.update({
+                f"burst_{name}_p50_ms": round(_at(times, 0.5) / 1e6, 2),
+                f"burst_{name}_p99_ms": round(_at(times, 0.99) / 1e6, 2),
+                f"burst_{name}_p999_ms": round(_at(times, 0.999) / 1e6, 2),
+                f"burst_{name}_last_p90_ms": round(_at(ends, 0.9) / 1e6, 2),
+                f"burst_{name}_us_per_write": round(1e6 * cpu[name] / (clients * count), 2),
+            })
+        if missing:
+            result["burst_c_error"] = missing
+        return result
     finally:
+        pool.shutdown()
         for server in servers:
             server.close()
         listener.close()
         reader.join(5)
         if reader.is_alive():
             reader.kill()
+
+
+def _at(ordered: list[int], quantile: float) -> int:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * quantile))]
 
 
 def measure(clients: int = 200, rounds: int = 200, size: int = 200) -> dict[str, Any]:

@@ -113,7 +113,7 @@ def _build_dirs() -> list[Path]:
 def build_native(source: Path = FASTREAD_SOURCE) -> Path:
     """The shared library compiled from `source`, built once per source hash."""
     code = source.read_bytes()
-    name = f"fastread-{hashlib.sha256(code).hexdigest()[:16]}.so"
+    name = f"{source.stem}-{hashlib.sha256(code).hexdigest()[:16]}.so"
     failures = []
     for directory in _build_dirs():
         target = directory / name

@@ -41,6 +41,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from . import cpu_split
 from .control import Histogram
 from .procs import ROOT, BenchError, Child, Fleet, machine_busy_seconds, udp_counters
 
@@ -418,14 +419,20 @@ async def _fanout_window(bench: Run, system: FanoutSystem, n: int, phase: str, r
     during = None
     if phase == "admission":
         during = _admission(system.newcomers, system.url, system.uri, s.admission_clients)
-    profile_task = None
-    if (s.profile and system.name == "gateway" and phase == "saturated"
-            and n == max(s.fanout_ns) and round_number == 1):
-        profile_task = asyncio.create_task(_profile(system.server, s.window, f"fanout-{n}"))
+    profile_task = split_task = None
+    if s.profile and system.name == "gateway" and n == max(s.fanout_ns):
+        # py-spy in the first round, perf in the second: one sampler at a time.
+        if phase == "saturated" and round_number == 1:
+            profile_task = asyncio.create_task(_profile(system.server, s.window, f"fanout-{n}"))
+        if phase in ("saturated", "10hz") and round_number == 2:
+            split_task = asyncio.create_task(cpu_split.record(
+                system.server.pid, max(1, int(s.window)), RESULTS / f"perf-{phase}-{n}.data"))
     result = await measure_window(probe=system.probe, counters=system.counters,
                                   source=system.source, window=s.window, during=during)
     if profile_task is not None:
         result["profile"] = await profile_task
+    if split_task is not None:
+        result["cpu_split"] = await split_task
     await system.source.call({"cmd": "rate", "rate": 0})
     result["quiet_s"] = round(await _quiet(system, s.quiet_limit), 2)
     result.update(scenario="fanout", system=system.name, n=n, phase=phase,
@@ -540,6 +547,13 @@ async def floor(bench: Run, fleet: Fleet) -> None:
     bench.runs.append({"scenario": "floor", "system": "python", **result})
     log(f"  one frame to one loopback client: socket.send {result['socket_send_us']} µs, "
         f"asyncio transport.write {result['transport_write_us']} µs of CPU")
+    for writer in ("python", "c", "c_2threads"):
+        if f"burst_{writer}_p99_ms" in result:
+            log(f"  burst to {result['burst_clients']} at 10/s by {writer}: frame written after "
+                f"p50 {result[f'burst_{writer}_p50_ms']} ms, p99 {result[f'burst_{writer}_p99_ms']}"
+                f" ms, {result[f'burst_{writer}_us_per_write']} µs of CPU per write")
+    if "burst_c_error" in result:
+        log(f"  no C writer: {result['burst_c_error']}")
 
 
 # -- 2: ingest ---------------------------------------------------------------------------------
@@ -1001,14 +1015,34 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
                   r["admission"]["all_handshaken_s"], r["admission"]["all_subscribed_s"],
                   r["admission"]["handshake_p50_ms"], r["admission"]["handshake_p99_ms"]]
                  for r in adm]))
+        splits = [r for r in fan if "shares" in r.get("cpu_split", {})]
+        if splits:
+            def part(r: dict[str, Any], category: str) -> str:
+                share = r["cpu_split"]["shares"][category]
+                return f"{r['cpu_us_per_delivery'] * share / 100:.2f} ({share} %)"
+
+            parts.append(head("Where the gateway's CPU per delivery goes (perf, --profile)")
+                         + table(
+                ["category", *(f"N={r['n']} {r['phase']}: µs ({r['cpu_split']['samples']} "
+                               "samples)" for r in splits)],
+                [[category, *(part(r, category) for r in splits)]
+                 for category in cpu_split.CATEGORIES]
+                + [["total µs per delivery", *(r["cpu_us_per_delivery"] for r in splits)]]))
     floors = [r for r in runs if r.get("scenario") == "floor"]
     if floors:
         parts.append(head("Floor: CPU of one write of one frame to one loopback client") + table(
-            ["frame bytes", "clients", "socket.send µs", "transport.write µs",
-             "burst of os.write to 1000 at 10/s: p50 ms", "p90 ms", "µs per write"],
-            [[r["frame_bytes"], r["clients"], r["socket_send_us"], r["transport_write_us"],
-              r.get("burst_p50_ms"), r.get("burst_p90_ms"), r.get("burst_us_per_write")]
+            ["frame bytes", "clients", "socket.send µs", "transport.write µs"],
+            [[r["frame_bytes"], r["clients"], r["socket_send_us"], r["transport_write_us"]]
              for r in floors]))
+        parts.append(head(
+            "Floor: one update's writes to 1000 clients at 10 updates/s, no gateway") + table(
+            ["writer", "bursts", "frame written after p50 ms", "p99 ms", "p99.9 ms",
+             "burst length p90 ms", "CPU µs per write"],
+            [[writer, r.get("burst_count"), r.get(f"burst_{writer}_p50_ms"),
+              r.get(f"burst_{writer}_p99_ms"), r.get(f"burst_{writer}_p999_ms"),
+              r.get(f"burst_{writer}_last_p90_ms"), r.get(f"burst_{writer}_us_per_write")]
+             for r in floors for writer in ("python", "c", "c_2threads")
+             if f"burst_{writer}_p50_ms" in r]))
     ing = [r for r in runs if r.get("scenario") == "ingest_best"]
     if ing:
         parts.append(head("Ingest (1000 observed resources)") + table(

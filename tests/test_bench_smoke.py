@@ -8,10 +8,13 @@ shared and small.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
 
 from bench import fast_sensor as fs
+from bench import floor
 from bench.control import Histogram
 from bench.floor import bursts
 from bench.loadgen import NativeReader, NativeUnavailable, client_frame
@@ -205,5 +209,29 @@ def test_smoke_run_of_the_harness(tmp_path: Path) -> None:
 def test_the_floor_times_bursts_of_writes_to_a_reader_in_another_process() -> None:
     result = bursts(clients=20, count=3, interval=0.0)
     assert result["burst_clients"] == 20
-    assert 0 < result["burst_p50_ms"] <= result["burst_p90_ms"]
-    assert result["burst_us_per_write"] > 0
+    writers = ["python"] if "burst_c_error" in result else ["python", "c", "c_2threads"]
+    for writer in writers:
+        assert 0 < result[f"burst_{writer}_p50_ms"] <= result[f"burst_{writer}_p99_ms"]
+        assert result[f"burst_{writer}_p99_ms"] <= result[f"burst_{writer}_p999_ms"]
+        assert result[f"burst_{writer}_us_per_write"] > 0
+
+
+def test_the_floors_c_writer_writes_the_whole_frame_to_each_client_in_order() -> None:
+    try:
+        write_each = floor._c_writer()
+    except NativeUnavailable as exc:
+        pytest.skip(f"no C writer here: {exc}")
+    pairs = [socket.socketpair() for _ in range(3)]
+    for _, theirs in pairs:
+        theirs.settimeout(5)
+    try:
+        fds = (ctypes.c_int * 3)(*[ours.fileno() for ours, _ in pairs])
+        done = (ctypes.c_int64 * 3)()
+        before = time.monotonic_ns()
+        assert write_each(fds, 3, b"frame", 5, done) == 3
+        assert before <= done[0] <= done[1] <= done[2] <= time.monotonic_ns()
+        assert [theirs.recv(16) for _, theirs in pairs] == [b"frame"] * 3
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
