@@ -12,7 +12,8 @@ another process, at 10 updates/s (`bursts`): per frame, how long after the burst
 write returned, the least latency any server in this process adds, written by a Python loop,
 by the same loop in C (bench/fastwrite.c, built with `cc` on first use; skipped without a
 compiler) and by that C loop in two threads, so the interpreter's share and a second core's
-effect show. Prints one JSON line.
+effect show. And how often this machine stretches 5 ms of pure CPU work (`hiccups`), which
+every burst of that length meets too. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from bench.loadgen import NativeUnavailable, build_native
 
@@ -132,6 +133,8 @@ def _read_paced(port: int, clients: int, pace: float, ready: Any) -> None:
                 pass
         time.sleep(pace)
 
+
+T = TypeVar("T", int, float)
 
 WRITERS = ("python", "c", "c_2threads")
 """How `bursts` writes: a Python `os.write` loop, the same loop in C (bench/fastwrite.c),
@@ -251,8 +254,43 @@ def bursts(clients: int = 1000, count: int = 50, size: int = 200,
             reader.kill()
 
 
-def _at(ordered: list[int], quantile: float) -> int:
+def _at(ordered: Sequence[T], quantile: float) -> T:
     return ordered[min(len(ordered) - 1, int(len(ordered) * quantile))]
+
+
+def _spin(iterations: int) -> int:
+    total = 0
+    for i in range(iterations):
+        total += i
+    return total
+
+
+def hiccups(count: int = 200, chunk: float = 0.005, pause: float = 0.02) -> dict[str, Any]:
+    """How often the machine stretches a fixed piece of pure CPU work: a Python loop with no
+    system call, sized to take `chunk` seconds, run `count` times with `pause` between. Its
+    wall time is the thread's CPU time (no other thread of this process runs), so a stretch
+    is CPU taken from this process's virtual CPU without the kernel seeing it as anything
+    but this thread running (on this machine: steal time is not reported). Any burst of
+    writes of about that length meets the same stretches."""
+    _spin(100_000)
+    t0 = time.perf_counter()
+    _spin(100_000)
+    iterations = max(1, int(chunk / ((time.perf_counter() - t0) / 100_000)))
+    walls = []
+    for _ in range(count):
+        time.sleep(pause)
+        t0 = time.perf_counter()
+        _spin(iterations)
+        walls.append(time.perf_counter() - t0)
+    walls.sort()
+    median = walls[len(walls) // 2]
+    return {
+        "hiccup_count": count,
+        "hiccup_p50_ms": round(1000 * median, 2),
+        "hiccup_p99_ms": round(1000 * _at(walls, 0.99), 2),
+        "hiccup_max_ms": round(1000 * walls[-1], 2),
+        "hiccup_over_2x_median_pct": round(100 * sum(w > 2 * median for w in walls) / count, 1),
+    }
 
 
 def measure(clients: int = 200, rounds: int = 200, size: int = 200) -> dict[str, Any]:
@@ -263,6 +301,7 @@ def measure(clients: int = 200, rounds: int = 200, size: int = 200) -> dict[str,
         "socket_send_us": round(raw_send(clients, rounds, size), 2),
         "transport_write_us": round(asyncio.run(transport_write(clients, rounds, size)), 2),
         **bursts(size=size),
+        **hiccups(),
     }
 
 

@@ -554,6 +554,9 @@ async def floor(bench: Run, fleet: Fleet) -> None:
                 f" ms, {result[f'burst_{writer}_us_per_write']} µs of CPU per write")
     if "burst_c_error" in result:
         log(f"  no C writer: {result['burst_c_error']}")
+    log(f"  {result['hiccup_count']} runs of {result['hiccup_p50_ms']} ms of pure CPU work: "
+        f"p99 {result['hiccup_p99_ms']} ms, max {result['hiccup_max_ms']} ms, "
+        f"{result['hiccup_over_2x_median_pct']} % took over twice the median")
 
 
 # -- 2: ingest ---------------------------------------------------------------------------------
@@ -1092,6 +1095,11 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
               r.get(f"burst_{writer}_last_p90_ms"), r.get(f"burst_{writer}_us_per_write")]
              for r in floors for writer in ("python", "c", "c_2threads")
              if f"burst_{writer}_p50_ms" in r]))
+        parts.append(head("Floor: the same pure-CPU work (a Python loop, no system call), "
+                          "repeated") + table(
+            ["runs", "p50 ms", "p99 ms", "max ms", "% over twice the median"],
+            [[r.get("hiccup_count"), r.get("hiccup_p50_ms"), r.get("hiccup_p99_ms"),
+              r.get("hiccup_max_ms"), r.get("hiccup_over_2x_median_pct")] for r in floors]))
     ing = [r for r in runs if r.get("scenario") == "ingest_best"]
     if ing:
         parts.append(head("Ingest (1000 observed resources)") + table(

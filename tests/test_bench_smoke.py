@@ -216,6 +216,13 @@ def test_the_floor_times_bursts_of_writes_to_a_reader_in_another_process() -> No
         assert result[f"burst_{writer}_us_per_write"] > 0
 
 
+def test_the_floor_times_repeated_pure_cpu_work() -> None:
+    result = floor.hiccups(count=5, chunk=0.001, pause=0.0)
+    assert result["hiccup_count"] == 5
+    assert 0 < result["hiccup_p50_ms"] <= result["hiccup_p99_ms"] <= result["hiccup_max_ms"]
+    assert 0 <= result["hiccup_over_2x_median_pct"] <= 100
+
+
 def test_the_floors_c_writer_writes_the_whole_frame_to_each_client_in_order() -> None:
     try:
         write_each = floor._c_writer()
