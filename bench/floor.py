@@ -293,15 +293,16 @@ def hiccups(count: int = 200, chunk: float = 0.005, pause: float = 0.02) -> dict
     }
 
 
-def measure(clients: int = 200, rounds: int = 200, size: int = 200) -> dict[str, Any]:
+def measure(clients: int = 200, rounds: int = 200, size: int = 200, burst_count: int = 50,
+            hiccup_count: int = 200) -> dict[str, Any]:
     return {
         "clients": clients,
         "rounds": rounds,
         "frame_bytes": len(frame_bytes(size)),
         "socket_send_us": round(raw_send(clients, rounds, size), 2),
         "transport_write_us": round(asyncio.run(transport_write(clients, rounds, size)), 2),
-        **bursts(size=size),
-        **hiccups(),
+        **bursts(count=burst_count, size=size),
+        **hiccups(count=hiccup_count),
     }
 
 
@@ -310,8 +311,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--size", type=int, default=200, help="payload bytes per frame")
+    parser.add_argument("--bursts", type=int, default=50, help="bursts per writer")
+    parser.add_argument("--hiccups", type=int, default=200, help="runs of pure CPU work")
     args = parser.parse_args()
-    print(json.dumps(measure(args.clients, args.rounds, args.size)), flush=True)
+    print(json.dumps(measure(args.clients, args.rounds, args.size, args.bursts, args.hiccups)),
+          flush=True)
 
 
 if __name__ == "__main__":

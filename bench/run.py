@@ -84,6 +84,9 @@ class Settings:
     idle_connections: tuple[int, ...] = (1000, 10_000)
     observed_resources: tuple[int, ...] = (1000, 10_000)
     admission_clients: int = 1000
+    floor_bursts: int = 50
+    """Bursts per writer in bench.floor (three writers, one burst every 100 ms)."""
+    floor_hiccups: int = 200
     scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory")
     budget: float = 480.0
     profile: bool = False
@@ -102,7 +105,7 @@ class Settings:
                     overload_warmup=0.8, rounds=1, quiet_limit=2.5, ingest_rates=(2000,),
                     ingest_window=1.0, settle=0.3, command_seconds=0.4,
                     idle_connections=(1000,), observed_resources=(1000,), admission_clients=0,
-                    budget=90.0)
+                    floor_bursts=15, floor_hiccups=60, budget=90.0)
         else:
             s = cls()
         if args.large:
@@ -533,7 +536,8 @@ def _short_frame(frame: str) -> str:
 async def floor(bench: Run, fleet: Fleet) -> None:
     """The CPU cost of one write of one frame to one loopback client (bench/floor.py)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.floor", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "bench.floor", "--bursts", str(bench.settings.floor_bursts),
+        "--hiccups", str(bench.settings.floor_hiccups), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
