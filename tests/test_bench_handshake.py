@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from bench.loadgen import WS_GUID, HandshakeFailed, client_frame, open_lean
+from bench.loadgen import WS_GUID, HandshakeFailed, Upgrade, client_frame, open_lean
 
 
 async def test_a_lean_handshake_opens_a_connection_a_websockets_server_talks_on() -> None:
@@ -79,3 +79,15 @@ async def test_a_correct_accept_from_a_fake_server_is_taken() -> None:
         transport, rest = await open_lean(f"ws://127.0.0.1:{port}/", 5)
         assert rest == b"\x81\x01x"  # a frame sent right behind the response head is kept
         transport.abort()
+
+
+async def test_bytes_that_arrive_after_the_switch_are_kept_for_the_next_protocol() -> None:
+    # Between the response head and the moment the waiting coroutine hands the transport
+    # on, the loop can deliver more data to the handshake protocol: it must not be lost.
+    upgrade = Upgrade("127.0.0.1:1", "/ws")
+    key = upgrade.request.split(b"Sec-WebSocket-Key: ")[1].split(b"\r\n")[0]
+    upgrade.data_received(switching(base64.b64encode(hashlib.sha1(key + WS_GUID).digest()))
+                          + b"\x81\x01a")
+    upgrade.data_received(b"\x81\x01b")
+    await upgrade.done
+    assert bytes(upgrade.rest) == b"\x81\x01a\x81\x01b"
