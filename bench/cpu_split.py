@@ -18,13 +18,14 @@ not in the kernel is user space.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from .procs import run_bounded
 
 KERNEL_DSO = "[kernel.kallsyms]"
 
@@ -117,26 +118,17 @@ async def record(pid: int, seconds: float, out: Path) -> dict[str, Any]:
     perf = shutil.which("perf")
     if perf is None:
         return {"error": "perf not installed"}
-    proc = await asyncio.create_subprocess_exec(
-        perf, "record", "-g", "-F", "999", "-o", str(out), "-p", str(pid),
-        "--", "sleep", str(seconds),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), seconds + 30)
+        code, _, err = await run_bounded(
+            perf, "record", "-g", "-F", "999", "-o", str(out), "-p", str(pid),
+            "--", "sleep", str(seconds), timeout=seconds + 30)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         return {"error": "perf record did not finish"}
-    if proc.returncode != 0:
+    if code != 0:
         return {"error": f"perf record failed: {err.decode(errors='replace').strip()[-300:]}"}
-    script = await asyncio.create_subprocess_exec(
-        perf, "script", "-i", str(out), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL)
     try:
-        text, _ = await asyncio.wait_for(script.communicate(), 120)
+        _, text, _ = await run_bounded(perf, "script", "-i", str(out), timeout=120)
     except TimeoutError:
-        script.kill()
-        await script.wait()
         return {"error": "perf script did not finish"}
     return {"file": str(out), **split(text.decode(errors="replace").splitlines())}
 

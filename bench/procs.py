@@ -283,3 +283,20 @@ class Fleet:
             if child.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.proc.kill()
+
+
+async def run_bounded(
+    *argv: str, timeout: float, cwd: Path | None = None
+) -> tuple[int, bytes, bytes]:
+    """Run a command to its end: (exit code, stdout, stderr). Past `timeout` seconds it is
+    killed and reaped, and TimeoutError is raised: a helper the harness runs (perf, py-spy,
+    the floor) cannot hold a run up."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode if proc.returncode is not None else -1, out, err

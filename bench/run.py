@@ -43,7 +43,15 @@ from typing import Any
 
 from . import cpu_split
 from .control import Histogram
-from .procs import ROOT, BenchError, Child, Fleet, machine_busy_seconds, udp_counters
+from .procs import (
+    ROOT,
+    BenchError,
+    Child,
+    Fleet,
+    machine_busy_seconds,
+    run_bounded,
+    udp_counters,
+)
 
 RESULTS = ROOT / "bench" / "results"
 PUT_VALUE = {"on": True}
@@ -97,7 +105,7 @@ class Settings:
         if args.smoke:
             s = cls(mode="smoke", fanout_ns=(2,), window=1.5, warmup=0.5, rounds=1,
                     quiet_limit=3.0, scenarios=("fanout",), budget=60.0, chart=False,
-                    admission_clients=0)
+                    admission_clients=0, floor_bursts=5, floor_hiccups=20)
         elif args.quick:
             # Under a minute: fan-out at 1 and 1000 only, shorter windows, no admission
             # phase, memory at 1000 only.
@@ -482,14 +490,12 @@ async def _profile(server: Child, seconds: float, label: str) -> dict[str, Any]:
     if spy is None:
         return {"error": "py-spy not installed"}
     out = RESULTS / f"profile-{label}.txt"
-    proc = await asyncio.create_subprocess_exec(
-        spy, "record", "--format", "raw", "--rate", "200", "--nonblocking",
-        "-d", str(max(1, int(seconds))), "-p", str(server.pid), "-o", str(out),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
-        await asyncio.wait_for(proc.wait(), seconds + 20)
+        await run_bounded(
+            spy, "record", "--format", "raw", "--rate", "200", "--nonblocking",
+            "-d", str(max(1, int(seconds))), "-p", str(server.pid), "-o", str(out),
+            timeout=seconds + 20)
     except TimeoutError:
-        proc.kill()
         return {"error": "py-spy did not finish"}
     return summarize_profile(out)
 
@@ -535,18 +541,14 @@ def _short_frame(frame: str) -> str:
 
 async def floor(bench: Run, fleet: Fleet) -> None:
     """The CPU cost of one write of one frame to one loopback client (bench/floor.py)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.floor", "--bursts", str(bench.settings.floor_bursts),
-        "--hiccups", str(bench.settings.floor_hiccups), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL)
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        code, out, _ = await run_bounded(
+            sys.executable, "-m", "bench.floor", "--bursts", str(bench.settings.floor_bursts),
+            "--hiccups", str(bench.settings.floor_hiccups), cwd=ROOT, timeout=60)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise BenchError("bench.floor did not finish within 60 s") from None
-    if proc.returncode != 0:
-        raise BenchError(f"bench.floor exited with {proc.returncode}")
+    if code != 0:
+        raise BenchError(f"bench.floor exited with {code}")
     result = json.loads(out)
     bench.runs.append({"scenario": "floor", "system": "python", **result})
     log(f"  one frame to one loopback client: socket.send {result['socket_send_us']} µs, "
