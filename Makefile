@@ -1,33 +1,49 @@
 # The two commands: `make demo` and `make test`. Both create .venv when it is missing and
 # install the project into it; a stamp file re-runs the install when pyproject.toml changes.
+# They need nothing but Python 3.11+ and make: every default dependency is a wheel.
+#   PYTHON=python3.12 make test    another interpreter (the venv is made again for it)
+#   EXTRAS=dtls make test          also install optional extras (dtls needs a C compiler
+#                                  and the autotools: it builds tinydtls from source)
 PYTHON ?= python3
+EXTRAS ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
+comma  := ,
+# One stamp per interpreter name and per set of extras, so that changing either installs again.
+VENV_STAMP := $(VENV)/.python-$(notdir $(PYTHON))
+WITH       := $(if $(EXTRAS),$(comma)$(EXTRAS))
+STAMP_TAG  := $(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
 
 .PHONY: demo test lint bench clean
 
-$(BIN)/python:
+$(VENV_STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (set PYTHON=...)")'
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e .
 	@touch $@
 
-$(VENV)/.installed-test: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+$(VENV)/.installed$(STAMP_TAG): $(VENV_STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e $(if $(EXTRAS),'.[$(EXTRAS)]',.)
 	@touch $@
 
-$(VENV)/.installed-lint: $(BIN)/python pyproject.toml
+$(VENV)/.installed-test$(STAMP_TAG): $(VENV_STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test$(WITH)]'
+	@touch $@
+
+$(VENV)/.installed-lint: $(VENV_STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
 	@touch $@
 
-demo: $(VENV)/.installed
-	$(BIN)/coap-ws-gateway demo
+# DEMO_ARGS: e.g. --port 0 (any free port), --host ::1.
+DEMO_ARGS ?=
+demo: $(VENV)/.installed$(STAMP_TAG)
+	$(BIN)/coap-ws-gateway demo $(DEMO_ARGS)
 
-test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest
+# PYTEST_ARGS: e.g. -x, or a test file.
+PYTEST_ARGS ?=
+test: $(VENV)/.installed-test$(STAMP_TAG)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-lint
 	$(BIN)/ruff check translator tests bench
@@ -41,7 +57,7 @@ clean:
 # that crash are written to fuzz/crashes/ (replay: $(BIN)/python fuzz/fuzz_frames.py FILE).
 FUZZ_SECONDS ?= 60
 
-$(VENV)/.installed-fuzz: $(BIN)/python pyproject.toml
+$(VENV)/.installed-fuzz: $(VENV_STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
 	@touch $@
 
@@ -57,7 +73,7 @@ fuzz: $(VENV)/.installed-fuzz
 # bench/results/latest.json and the chart bench/results/latest.png. BENCH_ARGS: e.g. --large.
 BENCH_ARGS ?=
 
-$(VENV)/.installed-bench: $(BIN)/python pyproject.toml
+$(VENV)/.installed-bench: $(VENV_STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	@touch $@
 

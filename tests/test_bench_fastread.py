@@ -30,6 +30,7 @@ from bench.loadgen import (
 )
 
 from .conftest import WAIT
+from .optional import need
 
 KINDS = ["python", "native"]
 
@@ -38,7 +39,8 @@ def native_or_skip() -> NativeReader:
     try:
         return NativeReader()
     except NativeUnavailable as exc:
-        pytest.skip(f"native reader unavailable: {exc}")
+        need("cc", f"the native reader cannot be built: {exc}")
+        raise
 
 
 def server_frame(payload: bytes, opcode: int = 1, *, form: int | None = None,

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -32,6 +34,7 @@ from translator.gateway import Gateway
 from translator.sim import _bound_port
 
 from .conftest import WAIT, Client
+from .optional import need
 
 IDENTITY = "gateway-1"
 PSK = "sixteen byte key"  # tinydtls takes at most 16 bytes
@@ -84,6 +87,7 @@ def _dtls_bound_port(context: Any) -> int:
 
 @pytest_asyncio.fixture
 async def dtls_sensor() -> AsyncIterator[Sensor]:
+    need("dtls", "DTLSSocket is not installed" if coap_security.dtls_missing() else None)
     site = resource.Site()
     temperature = Temperature()
     site.add_resource(["temp"], temperature)
@@ -235,6 +239,85 @@ async def test_coaps_uri_without_credentials_is_an_upstream_error(
     reply = await client.call({"type": "request", "method": "GET", "uri": uncovered})
     assert reply["type"] == "error" and reply["error"] == "upstream_error", reply
     assert "no DTLS credentials" in reply["message"]
+
+
+# --- without the DTLS extra (a default install) -------------------------------------------------
+
+
+@pytest.fixture
+def without_dtls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as on a machine where the optional ``dtls`` extra is not installed: the
+    import of DTLSSocket fails, as it does when the package is absent."""
+    monkeypatch.setitem(sys.modules, "DTLSSocket", None)
+    assert coap_security.dtls_missing() is not None
+
+
+@pytest.mark.parametrize(
+    ("sections", "key"),
+    [
+        ({"sensors": [{"name": "s", "uri": "coaps://127.0.0.1:9/t"}],
+          "credentials": [{"match": "coaps://127.0.0.1:9", "dtls_identity": "gw",
+                           "dtls_psk": "k"}]}, "sensors[0].uri"),
+        ({"credentials": [{"match": "coap://127.0.0.1:9/*", "oscore_context": "/nowhere"},
+                          {"match": "coaps://127.0.0.1:9", "dtls_identity": "gw",
+                           "dtls_psk": "k"}]}, "credentials[1].match"),
+    ],
+)
+def test_a_config_that_needs_the_missing_dtls_extra_is_exit_2_naming_key_and_install(
+    without_dtls: None, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    sections: dict[str, Any], key: str,
+) -> None:
+    from translator.cli import main
+
+    lines = ['[server]\nhost = "127.0.0.1"\nport = 0\n']
+    for table, entries in sections.items():
+        for entry in entries:
+            lines.append(f"[[{table}]]")
+            lines.extend(f"{k} = {json.dumps(v)}" for k, v in entry.items())
+    path = tmp_path / "gateway.toml"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"'{key}'" in err and "pip install 'coap-ws-gateway[dtls]'" in err, err
+    assert "C compiler" in err
+
+
+def test_without_dtls_a_plain_configuration_still_starts(without_dtls: None) -> None:
+    from translator.gateway import Gateway as Built
+
+    Built(config_from_mapping({"sensors": [{"name": "s", "uri": "coap://127.0.0.1:9/t"}]}))
+
+
+async def test_a_coaps_frame_without_the_dtls_extra_is_unsupported_before_any_traffic(
+    without_dtls: None, make_gateway: Any, make_client: Any
+) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    try:
+        gateway = await make_gateway({
+            "server": {"host": "127.0.0.1", "port": 0},
+            "policy": {"allow": [f"coaps://127.0.0.1:{port}/*", "coap://127.0.0.1:9/*"]},
+        })
+        client = await make_client(gateway.url)
+        uri = f"coaps://127.0.0.1:{port}/temp"
+        for frame in ({"type": "subscribe", "uri": uri},
+                      {"type": "request", "method": "GET", "uri": uri}):
+            reply = await client.call(frame)
+            assert reply["type"] == "error" and reply["error"] == "unsupported", reply
+            assert "pip install 'coap-ws-gateway[dtls]'" in reply["message"]
+        # The policy is checked first: a forbidden coaps:// URI stays forbidden.
+        reply = await client.call({"type": "request", "method": "GET",
+                                   "uri": "coaps://127.0.0.2:5684/x"})
+        assert reply["error"] == "forbidden", reply
+        # A round trip after the refusals: had anything been sent, it would be here by now.
+        assert (await client.call({"type": "ping"}))["type"] == "pong"
+        with pytest.raises(BlockingIOError):
+            listener.recv(2048)
+    finally:
+        listener.close()
 
 
 # --- OSCORE -----------------------------------------------------------------------------------

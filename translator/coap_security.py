@@ -48,16 +48,19 @@ import aiocoap
 from aiocoap import defaults as coap_defaults
 from aiocoap import error as coap_error
 
-from .config import ConfigError
+from .config import ConfigError, GatewayConfig
 from .credentials import transports_for
 from .udp_batch import batch_reads
 
 __all__ = [
+    "DTLS_EXTRA",
     "DTLS_HANDSHAKE_TIMEOUT",
     "CredentialsMissing",
     "DtlsHandshakeFailed",
+    "check_installed",
     "client_context",
     "close_client_context",
+    "dtls_missing",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,42 @@ DTLS_HANDSHAKE_TIMEOUT: Final = 5.0
 """Seconds a DTLS handshake may take before it is abandoned. tinydtls retransmits a lost
 flight after 1 s, then 2 s, so this survives two losses on a slow link; on loopback a
 handshake takes milliseconds."""
+
+
+DTLS_EXTRA: Final = (
+    "pip install 'coap-ws-gateway[dtls]' (it builds tinydtls from source: needs a C compiler "
+    "and the autotools)"
+)
+"""How to get DTLS: the optional extra, and what it needs to build."""
+
+
+def dtls_missing() -> str | None:
+    """Why ``coaps://`` cannot be used in this installation, or None when it can.
+
+    DTLS is an optional extra: aiocoap's DTLS transport needs DTLSSocket, which has no wheel.
+    """
+    modules = coap_defaults.dtls_missing_modules()
+    if not modules:
+        return None
+    return f"coaps:// needs DTLS, which is not installed ({', '.join(modules)}): {DTLS_EXTRA}"
+
+
+def check_installed(config: GatewayConfig) -> None:
+    """Refuse, at start, a configuration that needs an optional part that is not installed:
+    a :class:`~translator.config.ConfigError` naming the first key that needs it."""
+    if not any(s.uri.startswith("coaps://") for s in config.sensors) and not any(
+        c.kind == "dtls" for c in config.credentials
+    ):
+        return
+    reason = dtls_missing()
+    if reason is None:
+        return
+    for index, sensor in enumerate(config.sensors):
+        if sensor.uri.startswith("coaps://"):
+            raise ConfigError(f"sensors[{index}].uri", reason)
+    for index, entry in enumerate(config.credentials):
+        if entry.kind == "dtls":
+            raise ConfigError(f"credentials[{index}].match", reason)
 
 
 class DtlsHandshakeFailed(coap_error.NetworkError):  # type: ignore[misc]
@@ -122,18 +161,20 @@ async def close_client_context(context: Any) -> None:
 
 
 def _check_modules(credentials: Mapping[str, Mapping[str, Any]]) -> None:
+    # OSCORE's modules are wheels in the default install; missing ones mean a broken install.
     missing = {
-        "dtls": coap_defaults.dtls_missing_modules,
-        "oscore": coap_defaults.oscore_missing_modules,
+        "dtls": (coap_defaults.dtls_missing_modules, DTLS_EXTRA),
+        "oscore": (coap_defaults.oscore_missing_modules, "reinstall coap-ws-gateway"),
     }
     for index, item in enumerate(credentials.values()):
         for kind in item:
-            modules = missing[kind]()
+            find_missing, remedy = missing[kind]
+            modules = find_missing()
             if modules:
                 raise ConfigError(
                     f"credentials[{index}].{_KEY_FOR_KIND[kind]}",
                     f"{kind.upper()} needs Python modules that are not installed "
-                    f"({', '.join(modules)}); install aiocoap[oscore,tinydtls]",
+                    f"({', '.join(modules)}): {remedy}",
                 )
 
 

@@ -24,6 +24,7 @@ from websockets.datastructures import Headers
 
 from . import frames
 from .auth import ANONYMOUS, READ, Principal, TokenStore, scope_for_method, startup_problem
+from .coap_security import check_installed, dtls_missing
 from .coap_side import CoapAnswer, CoapSide, UpstreamError
 from .codecs import UnsupportedValue, decode_payload, encode_value
 from .config import ConfigError, GatewayConfig, policy_for
@@ -86,7 +87,10 @@ class Gateway:
     """The running gateway: `await start()`, then `await stop()`."""
 
     def __init__(self, config: GatewayConfig) -> None:
+        check_installed(config)
         self.config = config
+        self._no_dtls = dtls_missing()
+        """Why a client's ``coaps://`` URI cannot be served (the DTLS extra is optional)."""
         self.policy = policy_for(config)
         self.hub: Hub[Connection] = Hub(
             linger=config.server.linger,
@@ -350,6 +354,8 @@ class Gateway:
             raise FrameError(
                 frames.FORBIDDEN, f"{uri} is not allowed for {session.principal.name!r}", frame_id
             )
+        if uri.scheme == "coaps" and self._no_dtls is not None:
+            raise FrameError(frames.UNSUPPORTED, self._no_dtls, frame_id)
         if decision.needs_resolution and str(uri) in self.policy.sensor_uris:
             # A configured sensor's host was named by the operator, not by a client.
             return dataclasses.replace(decision, needs_resolution=False)

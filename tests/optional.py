@@ -1,0 +1,45 @@
+"""Tests that need a part a newcomer's machine may lack: skipped there, required in CI.
+
+`make test` must pass on a machine with nothing but Python and make, so a test that needs the
+DTLS extra (DTLSSocket, built from source) or a C compiler (the benchmark's C reader and
+writer) calls :func:`need` with the reason the part is missing, and is skipped with that
+reason. CI installs every part and sets ``GATEWAY_TESTS_REQUIRE=all`` (or a comma-separated
+list of parts): there a missing part fails the test instead, so nothing is skipped unseen.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+import pytest
+
+REQUIRE_ENV: Final = "GATEWAY_TESTS_REQUIRE"
+
+PARTS: Final = {
+    "dtls": "pip install 'coap-ws-gateway[dtls]' (needs a C compiler and the autotools)",
+    "cc": "a C compiler on PATH as cc",
+}
+"""Each optional part, and what provides it."""
+
+
+def required() -> set[str]:
+    """The parts this run must have (from :data:`REQUIRE_ENV`)."""
+    wanted = {p.strip() for p in os.environ.get(REQUIRE_ENV, "").split(",") if p.strip()}
+    unknown = wanted - set(PARTS) - {"all"}
+    if unknown:
+        raise pytest.UsageError(f"{REQUIRE_ENV}: unknown part(s) {sorted(unknown)}; "
+                                f"known: {sorted(PARTS)} or all")
+    return set(PARTS) if "all" in wanted else wanted
+
+
+def need(part: str, missing: str | None) -> None:
+    """Go on when `missing` is None; otherwise skip (or fail, where the part is required)
+    with the reason and what provides the part."""
+    assert part in PARTS, part
+    if missing is None:
+        return
+    reason = f"needs {part}: {missing}; to run it: {PARTS[part]}"
+    if part in required():
+        pytest.fail(f"{reason} ({REQUIRE_ENV} requires it)", pytrace=False)
+    pytest.skip(reason)
