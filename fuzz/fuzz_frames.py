@@ -105,11 +105,11 @@ def check_uri(text: str, pattern: str | None = None) -> None:
     if pattern is None:
         return
     try:
-        regex = policy.compile_pattern(pattern)
+        compiled = policy.compile_pattern(pattern)
     except policy.PatternError:
         return
     literal = policy.pattern_literal_host(pattern)
-    if regex.fullmatch(str(uri)) is not None:
+    if compiled.matches(uri):
         assert literal is None or literal == uri.host, (pattern, str(uri))
         allowed = policy.Policy(allow=(pattern,)).allows(uri)
         special = policy.special_address_kind(uri.host) is not None

@@ -349,7 +349,7 @@ def test_no_allow_list_means_no_narrowing() -> None:
 
 
 def test_allow_narrowing_keeps_the_special_destination_rule() -> None:
-    principal = Principal("p", frozenset({"read"}), allow=Policy(allow=("coap://*",)))
+    principal = Principal("p", frozenset({"read"}), allow=Policy(allow=("coap://*/*",)))
     assert principal.allows("coap://10.0.0.1/x")
     assert not principal.allows("coap://224.0.1.187/x")
 

@@ -316,7 +316,7 @@ async def setup(
     sensors: SimulatedSensors, hostile: HostileSensor, make_gateway: Any
 ) -> AsyncIterator[Setup]:
     config = gateway_config(sensors)
-    config["policy"]["allow"] += [f"coap://127.0.0.1:{hostile.port}/*", "coap://127.0.0.1:*"]
+    config["policy"]["allow"] += [f"coap://127.0.0.1:{hostile.port}/*", "coap://127.0.0.1:*/*"]
     gateway: Gateway = await make_gateway(config)
     # A client watching a healthy sensor throughout, and one for the hostile sensor. Both
     # accept frames of any size and buffer any number of them: what the gateway sends is

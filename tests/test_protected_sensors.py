@@ -232,7 +232,7 @@ async def test_dtls_wrong_identity_is_refused_at_once(
 async def test_coaps_uri_without_credentials_is_an_upstream_error(
     dtls_sensor: Sensor, make_gateway: Any, make_client: Any
 ) -> None:
-    config = _config(dtls_sensor, _dtls(dtls_sensor), policy={"allow": ["coaps://*"]})
+    config = _config(dtls_sensor, _dtls(dtls_sensor), policy={"allow": ["coaps://*:*/*"]})
     gateway = await make_gateway(config)
     client = await make_client(gateway.url)
     uncovered = "coaps://127.0.0.1:9/temp"  # the sensor's credentials are for another port
@@ -501,15 +501,18 @@ def _error(mapping: dict[str, Any]) -> ConfigError:
 def test_credentials_entries_are_normalized_like_uris() -> None:
     config = config_from_mapping({"credentials": [
         {"match": "COAPS://Sensor.Example", "dtls_identity": "gw", "dtls_psk": "s3cr3t"},
-        {"match": "coaps://10.0.0.*/*", "dtls_identity": "gw", "dtls_psk_hex": "00:ff 10"},
-        {"match": "coap://[::1]/a/%7e*", "oscore_context": "/etc/ctx"},
+        {"match": "coaps://10.0.0.*:*/*", "dtls_identity": "gw", "dtls_psk_hex": "00:ff 10"},
+        {"match": "coap://[0::1]", "oscore_context": "/etc/ctx"},
+        {"match": "coaps://10.1.0.*", "dtls_identity": "gw", "dtls_psk": "k"},
     ]})
-    first, second, third = config.credentials
+    first, second, third, fourth = config.credentials
     assert first.match == "coaps://sensor.example:5684/*"
-    assert second.match == "coaps://10.0.0.*/*" and second.psk == b"\x00\xff\x10"
-    assert third.match == "coap://[::1]:5683/a/~*" and third.kind == "oscore"
+    assert second.match == "coaps://10.0.0.*:*/*" and second.psk == b"\x00\xff\x10"
+    assert third.match == "coap://[::1]:5683/*" and third.kind == "oscore"
+    assert fourth.match == "coaps://10.1.0.*:5684/*"
     assert first.matches("coaps://sensor.example:5684/temp")
     assert second.matches("coaps://10.0.0.7:6000/x") and not second.matches("coaps://10.1.0.7/x")
+    assert fourth.matches("coaps://10.1.0.7/x") and not fourth.matches("coaps://10.1.0.7:6000/x")
     assert "s3cr3t" not in repr(first) and "hidden" in repr(first)
 
 
@@ -536,7 +539,11 @@ def test_credentials_entries_are_normalized_like_uris() -> None:
         ({"match": "coap://h/*"}, "match", "no credentials"),
         ({"match": "http://h/*", "oscore_context": "/ctx"}, "match", "coap://"),
         ({"match": "coap*://h/*", "oscore_context": "/ctx"}, "match", "coap://"),
-        ({"match": "coap://h/te?p", "oscore_context": "/ctx"}, "match", "only '*'"),
+        ({"match": "coap://h/te?p", "oscore_context": "/ctx"}, "match", "origin alone"),
+        ({"match": "coaps://h/x/*", "dtls_identity": "gw", "dtls_psk": "k"}, "match",
+         "origin alone"),
+        ({"match": "coaps://h:x/*", "dtls_identity": "gw", "dtls_psk": "k"}, "match",
+         "bad port"),
         ({"match": "coap://h:99999/*", "oscore_context": "/ctx"}, "match", "port"),
         ({"oscore_context": "/ctx"}, "match", "required"),
         ({"match": "coap://h/*", "oscore_context": 7}, "oscore_context", "string"),
@@ -590,10 +597,10 @@ def test_toml_example_from_the_readme(tmp_path: Path) -> None:
 # --- translation to aiocoap -------------------------------------------------------------------
 
 
-def test_client_credentials_load_into_aiocoap_and_pick_the_right_entry() -> None:
+def test_client_credentials_are_chosen_by_origin_alone() -> None:
     entries = (
         CredentialConfig(match="coaps://127.0.0.1", dtls_identity="gw", dtls_psk="k1"),
-        CredentialConfig(match="coaps://127.0.0.1:5684/special/*", dtls_identity="gw2",
+        CredentialConfig(match="coaps://*.sensors.example", dtls_identity="gw2",
                          dtls_psk_hex="0102"),
     )
     credentials = client_credentials(entries)
@@ -601,18 +608,58 @@ def test_client_credentials_load_into_aiocoap_and_pick_the_right_entry() -> None
         "coaps://127.0.0.1:5684/*": {
             "dtls": {"psk": {"hex": b"k1".hex()}, "client-identity": {"hex": b"gw".hex()}}
         },
-        "coaps://127.0.0.1:5684/special/*": {
+        "coaps://*.sensors.example:5684/*": {
             "dtls": {"psk": {"hex": "0102"}, "client-identity": {"hex": b"gw2".hex()}}
         },
     }
-    loaded = CredentialsMap()
-    loaded.load_from_dict(credentials)
+    # A path that spells the other entry's origin: aiocoap's own map, which matches the
+    # whole URI and prefers the longest pattern, would present gw2's key to 127.0.0.1.
+    tricky = "coaps://127.0.0.1:5684/.sensors.example:5684/"
+    plain = CredentialsMap()
+    plain.load_from_dict(credentials)
+    by_origin = coap_security._OriginCredentials()
+    by_origin.load_from_dict(credentials)
 
-    def pick(uri: str) -> Any:
-        return loaded.credentials_from_request(aiocoap.Message(code=aiocoap.GET, uri=uri))
+    def pick(store: Any, uri: str) -> Any:
+        return store.credentials_from_request(aiocoap.Message(code=aiocoap.GET, uri=uri))
 
-    assert pick("coaps://127.0.0.1:5684/temp").as_dtls_psk() == (b"gw", b"k1")
-    assert pick("coaps://127.0.0.1:5684/special/x").as_dtls_psk() == (b"gw2", b"\x01\x02")
+    assert pick(plain, tricky).as_dtls_psk() == (b"gw2", b"\x01\x02")
+    assert pick(by_origin, tricky).as_dtls_psk() == (b"gw", b"k1")
+    assert pick(by_origin, "coaps://127.0.0.1:5684/temp").as_dtls_psk() == (b"gw", b"k1")
+    assert pick(by_origin, "coaps://a.sensors.example/x").as_dtls_psk() == (b"gw2", b"\x01\x02")
+    with pytest.raises(RuntimeError):  # aiocoap's CredentialsMissingError
+        pick(by_origin, "coaps://127.0.0.2:5684/.sensors.example:5684/")
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("coaps://127.0.0.1", "coaps://127.0.0.1/*"),
+        ("coaps://10.0.0.*", "coaps://10.0.*.7"),
+        ("coaps://*", "coaps://h"),
+        ("coaps://h:*", "coaps://h"),
+        ("coaps://*.example", "coaps://a.*"),
+    ],
+)
+def test_overlapping_credentials_patterns_are_refused(first: str, second: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        config_from_mapping({"credentials": [
+            {"match": first, "dtls_identity": "gw", "dtls_psk": "k1"},
+            {"match": second, "dtls_identity": "gw", "dtls_psk": "k2"},
+        ]})
+    assert refused.value.key == "credentials[1].match"
+    assert "overlaps" in refused.value.message and "ambiguous" in refused.value.message
+
+
+def test_disjoint_credentials_patterns_are_accepted() -> None:
+    config = config_from_mapping({"credentials": [
+        {"match": "coaps://10.0.0.*", "dtls_identity": "gw", "dtls_psk": "k1"},
+        {"match": "coaps://10.0.1.*", "dtls_identity": "gw", "dtls_psk": "k2"},
+        {"match": "coaps://10.0.0.*:6000", "dtls_identity": "gw", "dtls_psk": "k3"},
+        {"match": "coaps://*.example", "dtls_identity": "gw", "dtls_psk": "k4"},
+        {"match": "coap://10.0.0.*", "oscore_context": "/ctx"},
+    ]})
+    assert len(config.credentials) == 5
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,11 @@ Two gaps in aiocoap's DTLS client (0.4.x) are closed here, on the transport inst
 - A ``coaps://`` URI that no credentials cover makes aiocoap raise a bare ``RuntimeError``;
   it becomes :class:`CredentialsMissing` (an aiocoap error, so ``upstream_error``).
 
+And one in both: aiocoap picks credentials by the longest pattern that matches the whole
+request URI, so a path a client writes could choose the key presented to a server. Here the
+context's credentials map chooses by the request's origin alone (:class:`_OriginCredentials`),
+with the patterns of :func:`translator.config.credential_pattern`, which never overlap.
+
 And one in its OSCORE client: a cancelled observation goes on underneath, decrypting every
 notification into a request nobody listens to any more (see :func:`_adapt_oscore`).
 
@@ -47,10 +52,12 @@ from typing import Any, Final
 import aiocoap
 from aiocoap import defaults as coap_defaults
 from aiocoap import error as coap_error
+from aiocoap.credentials import CredentialsMap, CredentialsMissingError
 
-from .config import ConfigError, GatewayConfig
+from .config import ConfigError, GatewayConfig, credential_pattern
 from .credentials import transports_for
 from .udp_batch import batch_reads
+from .uris import UriError, parse_coap_uri
 
 __all__ = [
     "DTLS_EXTRA",
@@ -132,6 +139,8 @@ async def client_context(credentials: Mapping[str, Mapping[str, Any]]) -> Any:
     context = await aiocoap.Context.create_client_context(
         transports=transports_for(credentials)
     )
+    # `client_credentials` is the public attribute the transports read at each request.
+    context.client_credentials = _OriginCredentials()
     try:
         _load(context.client_credentials, credentials)
     except BaseException:
@@ -199,6 +208,30 @@ def _load(target: Any, credentials: Mapping[str, Mapping[str, Any]]) -> None:
             if kind == "oscore":
                 reason = f"cannot use the OSCORE context {item[kind]['basedir']!r}: {reason}"
             raise ConfigError(f"credentials[{index}].{_KEY_FOR_KIND[kind]}", reason) from None
+
+
+class _OriginCredentials(CredentialsMap):  # type: ignore[misc]
+    """aiocoap's credentials map, choosing an entry by the request's origin alone.
+
+    aiocoap's own choice (``CredentialsMap.credentials_from_request``) matches its patterns,
+    ``*`` for any run of characters, against the whole request URI, path and query included,
+    and takes the longest match: a client that writes ``/.sensors.example:5684/`` into a path
+    could make the gateway present the key meant for ``coaps://*.sensors.example:5684/*`` to
+    another host. Here the keys are the normalized ``[[credentials]] match`` patterns, and
+    only scheme, host and port decide; the configuration refuses overlapping patterns, so at
+    most one entry matches.
+    """
+
+    def credentials_from_request(self, msg: Any) -> Any:
+        text = msg.get_request_uri()
+        try:
+            uri = parse_coap_uri(text)
+        except UriError:
+            raise CredentialsMissingError(f"No suitable credentials for {text}") from None
+        for pattern, item in self.items():
+            if credential_pattern(pattern).matches_origin(uri.scheme, uri.host, uri.port):
+                return item
+        raise CredentialsMissingError(f"No suitable credentials for {text}")
 
 
 @functools.cache

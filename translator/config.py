@@ -15,7 +15,6 @@ import dataclasses
 import difflib
 import functools
 import math
-import re
 import tomllib
 import types
 import typing
@@ -24,8 +23,8 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from translator.policy import PatternError, Policy, compile_pattern
-from translator.uris import UriError, normalize_escapes, parse_coap_uri
+from translator.policy import PatternError, Policy, UriPattern, compile_pattern
+from translator.uris import DEFAULT_PORTS, UriError, parse_coap_uri
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -247,16 +246,19 @@ class CredentialConfig:
 
     Each entry is one kind: DTLS with a pre-shared key (``dtls_identity`` with ``dtls_psk`` or
     ``dtls_psk_hex``) for ``coaps://`` URIs, or an OSCORE security context
-    (``oscore_context``, RFC 8613) for ``coap://`` URIs. When several patterns match a URI,
-    the longest one applies. See :mod:`translator.credentials`.
+    (``oscore_context``, RFC 8613) for ``coap://`` URIs. An entry is chosen by the request's
+    origin (scheme, host, port) alone, never by its path or query, which a client writes; and
+    no two entries may match the same origin, so that the choice is never ambiguous. See
+    :mod:`translator.credentials`.
     """
 
     match: str = _required(nonempty=True)
-    """The URIs this entry is for: ``coaps://192.0.2.7/*``. ``*`` is the only wildcard; the
-    scheme is written out. Without a path (``coaps://192.0.2.7``) it means every resource of
-    that server. A ``scheme://host:port`` part without ``*`` is normalized like a URI (lower
-    case, default port made explicit); with one, write it as normalized URIs look
-    (``coaps://10.0.0.*/*`` covers any port)."""
+    """The servers this entry is for, as an origin pattern: ``coaps://192.0.2.7``,
+    ``coaps://*.sensors.example``, ``coaps://10.0.0.*:*``. The scheme is written out; host
+    and port take the wildcards of allow patterns, within their own component (see
+    :mod:`translator.policy`); without a port, the scheme's default port. A trailing ``/*``
+    is accepted and means the same; any other path is an error. Stored normalized, as
+    ``scheme://host:port/*``."""
     dtls_identity: str | None = _setting(None)
     """DTLS: the PSK identity the gateway presents (text; sent in the clear; at most 32 bytes
     of UTF-8)."""
@@ -330,8 +332,10 @@ class CredentialConfig:
                                               "separated by ':' or spaces)") from None
 
     def matches(self, uri: str) -> bool:
-        """Whether this entry applies to the normalized URI `uri` (as aiocoap decides it)."""
-        return _match_regex(self.match).fullmatch(uri) is not None
+        """Whether this entry applies to `uri`: whether its origin matches."""
+        target = parse_coap_uri(uri)
+        return credential_pattern(self.match).matches_origin(target.scheme, target.host,
+                                                             target.port)
 
     def __repr__(self) -> str:  # keep keys out of tracebacks and logs
         what = (f"oscore_context={self.oscore_context!r}" if self.kind == "oscore"
@@ -340,32 +344,33 @@ class CredentialConfig:
 
 
 def _normalize_match(pattern: str) -> str:
-    """The spelling of a credentials pattern that the gateway's normalized URIs can match."""
+    """The canonical spelling of a credentials origin pattern: ``scheme://host:port/*``."""
     scheme, separator, rest = pattern.partition("://")
     if not separator or scheme.lower() not in ("coap", "coaps"):
         raise ConfigError("match", f"must start with coap:// or coaps://, got {pattern!r}")
-    if any(char in pattern for char in "?#") or any(
-        ord(char) <= 0x20 or ord(char) == 0x7F or not char.isascii() for char in pattern
-    ):
+    authority, slash, path = rest.partition("/")
+    if slash and path not in ("", "*"):
         raise ConfigError(
             "match",
-            f"{pattern!r}: only '*' is a wildcard, and no '?', '#', space, control or "
-            "non-ASCII character may appear",
+            f"{pattern!r}: credentials are chosen by the origin alone (scheme://host:port); "
+            "remove the path",
         )
-    authority, slash, path = rest.partition("/")
-    if "*" in authority:
-        return f"{scheme.lower()}://{rest}"
     try:
-        origin = parse_coap_uri(f"{scheme}://{authority}/").origin
-    except UriError as error:
+        compiled = compile_pattern(f"{scheme.lower()}://{authority}/*")
+    except PatternError as error:
         raise ConfigError("match", str(error)) from None
-    return origin + ("/" + normalize_escapes(path) if slash else "/*")
+    assert compiled.host is not None
+    host = compiled.host.glob
+    if compiled.host.kind == "ipv6" or ":" in host:
+        host = f"[{host}]"
+    port = compiled.port or str(DEFAULT_PORTS[scheme.lower()])
+    return f"{scheme.lower()}://{host}:{port}/*"
 
 
 @functools.cache
-def _match_regex(pattern: str) -> "re.Pattern[str]":
-    # aiocoap's rule (credentials.CredentialsMap._wildcard_match): '*' is '.*', all else literal.
-    return re.compile(re.escape(pattern).replace("\\*", ".*"), re.DOTALL)
+def credential_pattern(match: str) -> UriPattern:
+    """The compiled origin pattern of a normalized ``[[credentials]] match``."""
+    return compile_pattern(match)
 
 
 AUTH_MODES: Final = ("auto", "none")
@@ -443,15 +448,17 @@ class GatewayConfig:
                     f"(already used by sensors[{first_index[sensor.name]}])",
                 )
             first_index[sensor.name] = index
-        patterns: dict[str, int] = {}
         for index, entry in enumerate(self.credentials):
-            if entry.match in patterns:
-                raise ConfigError(
-                    f"credentials[{index}].match",
-                    f"duplicate pattern {entry.match!r} "
-                    f"(already used by credentials[{patterns[entry.match]}])",
-                )
-            patterns[entry.match] = index
+            for earlier_index, earlier in enumerate(self.credentials[:index]):
+                if credential_pattern(entry.match).overlaps_origin(
+                    credential_pattern(earlier.match)
+                ):
+                    raise ConfigError(
+                        f"credentials[{index}].match",
+                        f"{entry.match!r} overlaps {earlier.match!r} (credentials"
+                        f"[{earlier_index}]): some origin matches both, so which credentials "
+                        "apply would be ambiguous; make the patterns disjoint",
+                    )
         for index, sensor in enumerate(self.sensors):
             if sensor.uri.startswith("coaps://") and not any(
                 entry.kind == "dtls" and entry.matches(sensor.uri) for entry in self.credentials

@@ -12,10 +12,9 @@ The two kinds, one per entry, keyed by the entry's normalized ``match`` pattern:
                                            "client-identity": {"hex": "…"}}},
      "coap://192.0.2.8:5683/*": {"oscore": {"basedir": "/etc/…/kitchen"}}}
 
-aiocoap picks, for each request, the entry with the longest pattern that matches the request
-URI (``*`` matching anything); the gateway sends normalized URIs (explicit port, lower-case
-host), which is why :class:`~translator.config.CredentialConfig` normalizes its patterns the
-same way.
+The keys are the normalized origin patterns of :class:`~translator.config.CredentialConfig`;
+the entry for a request is chosen by its origin alone (scheme, host, port), by
+:mod:`translator.coap_security`, not by aiocoap's whole-URI matching.
 """
 
 from collections.abc import Mapping, Sequence

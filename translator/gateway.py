@@ -299,7 +299,9 @@ class Gateway:
                 decision = self._target(session, frame.uri, frame.name, READ, frame.id)
                 if decision.needs_resolution:
                     task = asyncio.create_task(
-                        self._subscribe_resolved(session, decision, frame.id),
+                        self._answering(
+                            conn, frame.id, self._subscribe_resolved(session, decision, frame.id)
+                        ),
                         name=f"resolve {decision.uri.host} for #{conn.id}",
                     )
                     session.lookups.add(task)
@@ -312,7 +314,10 @@ class Gateway:
                 self._start_request(session, frame)
             case frames.ListResources():
                 self._require(session.principal, READ, frame.id)
-                self._spawn(self._list(session, frame.id), f"list for #{conn.id}")
+                self._spawn(
+                    self._answering(conn, frame.id, self._list(session, frame.id)),
+                    f"list for #{conn.id}",
+                )
             case frames.Ping():
                 conn.send(frames.Pong(frame.id).serialize())
 
@@ -337,9 +342,12 @@ class Gateway:
         `_check_addresses` before anything is sent.
         """
         self._require(session.principal, scope, frame_id)
+        principal = session.principal
         if name is not None:
             found = self.hub.uri_for_name(name)
-            if found is None:
+            # A name this token may not reach gets the same answer as an unknown one, so that
+            # a narrowed token can neither enumerate names nor learn their URIs.
+            if found is None or not principal.allows(found, self.hub.sensor_uris):
                 raise FrameError(frames.NOT_FOUND, f"no sensor named {name!r}", frame_id)
             uri_text = found
         assert uri_text is not None
@@ -350,9 +358,10 @@ class Gateway:
         decision = self.policy.decide(uri)
         if not decision.allowed:
             raise FrameError(frames.FORBIDDEN, decision.reason, frame_id)
-        if not session.principal.allows(uri, self.hub.sensor_uris):
+        if not principal.allows(uri, self.hub.sensor_uris):
+            # The client wrote this URI itself: naming it reveals nothing.
             raise FrameError(
-                frames.FORBIDDEN, f"{uri} is not allowed for {session.principal.name!r}", frame_id
+                frames.FORBIDDEN, f"{uri} is not allowed for {principal.name!r}", frame_id
             )
         if uri.scheme == "coaps" and self._no_dtls is not None:
             raise FrameError(frames.UNSUPPORTED, self._no_dtls, frame_id)
@@ -361,9 +370,12 @@ class Gateway:
             return dataclasses.replace(decision, needs_resolution=False)
         return decision
 
-    async def _check_addresses(self, decision: Decision, frame_id: FrameId) -> None:
-        """Resolve a host name and apply the policy to what it resolves to (a name must not
-        smuggle a multicast, broadcast or unspecified destination past the policy)."""
+    async def _check_addresses(
+        self, principal: Principal, decision: Decision, frame_id: FrameId
+    ) -> None:
+        """Resolve a host name and apply the policy, and the token's own patterns, to what it
+        resolves to: a name must not smuggle a multicast, broadcast or unspecified
+        destination, or an address outside the address patterns, past either."""
         uri = decision.uri
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
@@ -374,7 +386,9 @@ class Gateway:
                 frames.UPSTREAM_ERROR, f"cannot resolve {uri.host!r}: {exc}", frame_id
             ) from None
         addresses = [str(info[4][0]) for info in infos]
-        if not self.policy.allows_addresses(uri, addresses):
+        if not self.policy.allows_addresses(uri, addresses) or (
+            principal.allow is not None and not principal.allow.allows_addresses(uri, addresses)
+        ):
             raise FrameError(
                 frames.FORBIDDEN,
                 f"{uri.host} resolves to a destination the policy does not allow",
@@ -384,12 +398,23 @@ class Gateway:
     async def _subscribe_resolved(
         self, session: Session, decision: Decision, frame_id: FrameId
     ) -> None:
-        conn = session.conn
+        await self._check_addresses(session.principal, decision, frame_id)
+        self._execute(self.hub.subscribe(session.conn, str(decision.uri), frame_id))
+
+    @staticmethod
+    async def _answering(
+        conn: Connection, frame_id: FrameId, work: Coroutine[Any, Any, None]
+    ) -> None:
+        """Run the work a frame started in a task of its own, so that the frame is answered
+        whatever the work raises: its FrameError, or ``internal_error`` (with the frame's
+        id) for anything unexpected, which is logged. Cancellation is not an answer."""
         try:
-            await self._check_addresses(decision, frame_id)
-            self._execute(self.hub.subscribe(conn, str(decision.uri), frame_id))
+            await work
         except FrameError as exc:
             conn.send(exc.to_frame().serialize())
+        except Exception:
+            log.exception("%r: internal error answering frame %r", conn, frame_id)
+            conn.send(frames.ErrorFrame(frame_id, "internal_error", "internal error").serialize())
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -419,19 +444,21 @@ class Gateway:
             except UnsupportedValue as exc:
                 raise FrameError(frames.UNSUPPORTED, str(exc), frame.id) from None
         task = asyncio.create_task(
-            self._request(conn, frame, decision, payload), name=f"request {frame.id!r} #{conn.id}"
+            self._answering(conn, frame.id, self._request(session, frame, decision, payload)),
+            name=f"request {frame.id!r} #{conn.id}",
         )
         session.requests.add(task)
         task.add_done_callback(session.requests.discard)
 
     async def _request(
-        self, conn: Connection, frame: frames.Request, decision: Decision, payload: bytes
+        self, session: Session, frame: frames.Request, decision: Decision, payload: bytes
     ) -> None:
+        conn = session.conn
         uri = str(decision.uri)
         reply: frames.Response | frames.ErrorFrame
         try:
             if decision.needs_resolution:
-                await self._check_addresses(decision, frame.id)
+                await self._check_addresses(session.principal, decision, frame.id)
             answer = await self.coap.request(
                 frame.method,
                 uri,
@@ -489,7 +516,21 @@ class Gateway:
             # wait() neither cancels the shared discovery with this frame's task nor raises
             # when the discovery itself is cancelled (at shutdown).
             await asyncio.wait([self._discovery])
+        # What the operator configured (sensors, and links discovered at their hosts) as far
+        # as the policy and the token allow it, and what this token's own connections watch;
+        # never what other tokens subscribed to (their URIs may carry secrets in the query).
+        own = {
+            uri
+            for other in self._sessions.values()
+            if other.principal == principal
+            for uri in self.hub.subscribed_uris(other.conn)
+        }
         entries = self.hub.list_entries(
-            lambda uri: self.policy.allows(uri) and principal.allows(uri, self.hub.sensor_uris)
+            lambda uri: uri in own
+            or (
+                self.hub.catalogued(uri)
+                and self.policy.allows(uri)
+                and principal.allows(uri, self.hub.sensor_uris)
+            )
         )
         conn.send(frames.Resources(frame_id, tuple(entries)).serialize())

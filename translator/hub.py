@@ -252,6 +252,7 @@ class Hub(Generic[C]):
         self.max_upstream_bytes = max_upstream_bytes
         self.clock = clock or time.time
         self.sensor_uris: dict[str, str] = dict(sensors or {})
+        self._sensor_uri_set = frozenset(self.sensor_uris.values())
         self._resources: dict[str, Resource[C]] = {}
         self._sub_ids = itertools.count(1)
         # Resources nobody watches, oldest first: kept so that `sub` and `seq` stay stable
@@ -283,7 +284,12 @@ class Hub(Generic[C]):
         return self.sensor_uris.get(name)
 
     def subscriptions_of(self, conn: C) -> tuple[str, ...]:
+        """The `sub` ids `conn` holds."""
         return tuple(self._connections.get(conn, {}))
+
+    def subscribed_uris(self, conn: C) -> tuple[str, ...]:
+        """The URIs of the resources `conn` subscribes to."""
+        return tuple(resource.uri for resource in self._connections.get(conn, {}).values())
 
     def advertised_cf(self, uri: str) -> int | None:
         link = self._links.get(uri)
@@ -561,6 +567,11 @@ class Hub(Generic[C]):
             self._links.pop(uri, None)
         self._links_by_origin[origin] = tuple(found)
         self._links.update(found)
+
+    def catalogued(self, uri: str) -> bool:
+        """Whether `uri` is known from the operator's side: a configured sensor, or a link
+        discovered at a configured sensor's host (not only because a client subscribed)."""
+        return uri in self._links or uri in self._sensor_uri_set
 
     def list_entries(self, allowed: Callable[[str], bool]) -> list[dict[str, JSONValue]]:
         """One entry per known resource: configured, discovered, or subscribed to."""

@@ -1,28 +1,55 @@
 """The destination allow decision: may a client make the gateway talk to this CoAP URI?
 
-This module owns the answer to that one question. The gateway is an open relay unless told
-otherwise, so the default is deny: a destination is allowed only if it is one of the
-configured sensors or fully matches an allow pattern. Both sides are compared in the
-normalized form of :mod:`translator.uris`, so a different spelling of a URI (upper case host,
-omitted default port, escaped unreserved characters) neither evades nor defeats a rule.
+This module owns the answer to that one question, and the allow patterns it is written in
+(also used by tokens' ``allow`` lists and, for the origin part, by ``[[credentials]]``).
+The gateway is an open relay unless told otherwise, so the default is deny: a destination is
+allowed only if it is one of the configured sensors or matches an allow pattern. URIs are
+compared in the normalized form of :mod:`translator.uris`, so a different spelling of a URI
+(upper case host, omitted default port, escaped unreserved characters, an IPv4-mapped IPv6
+literal) neither evades nor defeats a rule.
 
-Pattern syntax: ``*`` matches any run of characters (including ``/`` and nothing), ``?``
-matches exactly one character, everything else is literal -- including ``[`` and ``]``, so
-IPv6 hosts are written naturally (``coap://[::1]/*``). Note that ``?`` is a wildcard, which
-also matches a literal ``?`` before a query. A pattern whose ``scheme://host:port`` part has
-no wildcard is normalized like a URI (``coap://LOCALHOST/x*`` means
-``coap://localhost:5683/x*``). A wildcard in that part turns normalization off for it, so
-write it the way normalized URIs look: lower case and with the port (``coap://*:5683/*``), or
-let the wildcard cover the port (``coap://10.0.0.*/*`` matches any port on those hosts).
+Patterns. ``*`` alone allows everything (development only). Any other pattern is
+``scheme://host[:port][/path][?query]``, and each component is matched on its own: a
+wildcard never crosses from one component into the next, so text that a client puts in the
+path or query can never satisfy the host or port part of a pattern.
+
+- **scheme**: ``coap``, ``coaps``, or a wildcard over them (``coap*`` is both).
+- **host**: ``*`` and ``?`` match within the host only. What the host is written as decides
+  what it can match:
+
+  - a name (``sensor.lan``, ``*.example.com``): host names only, never an IP literal;
+  - an IPv4 address, literal or with wildcards (``10.0.0.7``, ``10.0.0.*``): IPv4
+    literals only, never a name (``coap://10.0.0.*/*`` does not match
+    ``coap://10.0.0.7.attacker.example/``, which resolves anywhere);
+  - an IPv6 address in brackets (``[2001:db8::1]``, ``[2001:db8::*]``): IPv6 literals
+    only, matched in their compressed form. An IPv4-mapped literal (``[::ffff:10.0.0.7]``)
+    is the IPv4 host it stands for, so ``[*]`` never reaches an IPv4 host;
+  - wildcards alone (``*``): any host, names and literals.
+
+- **port**: a number, or ``*`` / ``?`` wildcards over its digits (``:*`` is any port).
+  Without a port the pattern means the scheme's default port (5683, 5684), as a URI does.
+- **path**: segments separated by ``/``; ``*`` matches within one segment
+  (``/*/temp`` matches ``/a/temp``, not ``/a/b/temp``), except a ``*`` that ends the path,
+  which matches the rest of the URI: any further segments and any query
+  (``/sensors/*`` covers everything below ``/sensors/``). Without a path the pattern means
+  the root, ``/``. In the path ``?`` starts the query, as in a URI; it is no wildcard.
+- **query**: optional. Without one, the URI must have no query (unless the path ends with
+  ``*``). With one (``/.well-known/core?rt=*``), it is matched against the URI's query on
+  its own, ``*`` matching any run of characters in it.
+
+Examples: ``coap://*:5683/*`` is port 5683 on any host, and does not match
+``coap://10.0.0.9:47102/:5683/``; ``coap://*.example.com:5683/*`` does not match
+``coap://vm:47104/.example.com:5683/``; ``coap://10.0.0.*/*`` (port 5683) does not match
+``coap://10.0.0.7:5684/x`` nor a host name; ``coap://[*]:5683/*`` does not match
+``coap://[::ffff:127.0.0.3]:5683/x``.
 
 Special destinations. Multicast (``224.0.0.0/4``, ``ff00::/8``), the limited broadcast
 address ``255.255.255.255`` and the unspecified addresses (``0.0.0.0``, ``::``) turn one
 client request into traffic to many devices (an amplifier, RFC 7252 §11.3) or to this host.
 They are refused unless a rule that allows the URI *names that literal host*: a configured
-sensor URI, or a pattern with no wildcard in its ``scheme://host`` part
-(``coap://[ff02::fd]:5683/*`` allows exactly that group; ``coap://*`` and ``*`` never allow
-a special destination). IPv4 addresses written as IPv4-mapped (``::ffff:224.0.0.1``) or
-NAT64 (``64:ff9b::e000:1``) IPv6 addresses count as the IPv4 address they embed.
+sensor URI, or a pattern whose host has no wildcard (``coap://[ff02::fd]:5683/*`` allows
+exactly that group; ``coap://*`` and ``*`` never allow a special destination). NAT64
+(``64:ff9b::e000:1``) IPv6 addresses count as the IPv4 address they embed.
 Subnet-directed broadcast (``192.168.1.255`` on a /24) is out of scope: telling it apart
 from a unicast address needs the netmasks of the gateway's interfaces, which a pure policy
 does not know; don't write patterns that cover such addresses.
@@ -33,11 +60,12 @@ The decision has two steps, and this module stays pure (it never resolves names)
    is allowed and whether its host is a *name* that the caller must resolve.
 2. The caller resolves the name (``getaddrinfo``) and passes the addresses to
    :meth:`Policy.allows_addresses`, which applies the special-destination rule to each of
-   them. A name never names a special address literally, so a name that resolves to a
-   multicast, broadcast or unspecified address is always refused: to reach a multicast
-   group, write its address in the pattern. To be safe against a name that resolves
-   differently a moment later (DNS rebinding), the caller should then send to the address
-   it checked rather than to the name.
+   them, and the *address patterns* that apply to the URI: when the policy has patterns
+   whose host is an IP address (literal or with wildcards) and whose other components match
+   the URI, every resolved address must match the host of one of them. A name never names a
+   special address literally, so a name that resolves to a multicast, broadcast or
+   unspecified address is always refused: to reach a multicast group, write its address in
+   the pattern.
 
 :meth:`Policy.allows` is step 1 alone, for callers that do not resolve.
 """
@@ -48,7 +76,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from translator.uris import CoapUri, UriError, normalize_escapes, parse_coap_uri
+from translator.uris import (
+    DEFAULT_PORTS,
+    CoapUri,
+    UriError,
+    host_name_problem,
+    normalize_escapes,
+    parse_coap_uri,
+)
 
 __all__ = [
     "Decision",
@@ -56,16 +91,18 @@ __all__ = [
     "PatternError",
     "Policy",
     "SpecialKind",
+    "UriPattern",
     "compile_pattern",
+    "globs_intersect",
     "pattern_literal_host",
     "special_address_kind",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 SpecialKind = Literal["multicast", "broadcast", "unspecified"]
+HostKind = Literal["name", "ipv4", "ipv6"]
 
 _WILDCARDS: Final = "*?"
-_SCHEMES: Final = ("coap://", "coaps://")
 _LIMITED_BROADCAST: Final = ipaddress.IPv4Address("255.255.255.255")
 # RFC 6052 well-known NAT64 prefix: 64:ff9b::a.b.c.d reaches the IPv4 address a.b.c.d.
 _NAT64_PREFIX: Final = ipaddress.IPv6Network("64:ff9b::/96")
@@ -74,16 +111,198 @@ _KIND_PHRASES: Final[dict[str, str]] = {
     "broadcast": "the broadcast address",
     "unspecified": "an unspecified address",
 }
-# A "%" that starts no escape, unless a wildcard stands in for (part of) the two hex digits.
-_BAD_ESCAPE_RE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})(?![*?]|[0-9A-Fa-f][*?])")
+_SCHEME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz*?")
+_PORT_CHARS: Final = frozenset("0123456789*?")
+_IPV4_GLOB_CHARS: Final = frozenset("0123456789.*?")
+_IPV6_GLOB_CHARS: Final = frozenset("0123456789abcdef:.*?")
+_NAME_GLOB_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.*?")
+# A "%" that starts no escape is an error in the path and query, as it is in a URI.
+_BAD_ESCAPE_RE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 class PatternError(ValueError):
     """An allow pattern that is empty, malformed, or could never match a CoAP URI."""
 
 
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """Compile an allow pattern into a regex to be used with ``fullmatch``."""
+def _glob_regex(glob: str, *, question_mark: bool = True) -> re.Pattern[str]:
+    """A wildcard pattern over one component as a regex for ``fullmatch``.
+
+    ``*`` is any run of characters of that component and ``?`` (when `question_mark`) any
+    one; everything else is literal. The component comes from a client, so the translation
+    must not backtrack catastrophically (a naive ``.*a.*a.*b`` lets one request pin a CPU:
+    ReDoS). As CPython's ``fnmatch`` does, the literal chunk after each interior ``*`` is
+    matched at its leftmost occurrence inside an atomic group (leftmost is always a safe
+    choice when ``*`` matches any string, and atomicity forbids retrying others), and only
+    the last ``*`` may backtrack, over a single run.
+    """
+    def chunk(text: str) -> str:
+        return "".join(
+            "." if char == "?" and question_mark else re.escape(char) for char in text
+        )
+
+    chunks = [chunk(part) for part in glob.split("*")]
+    if len(chunks) == 1:
+        return re.compile(chunks[0], re.DOTALL)
+    first, *middle, last = chunks
+    # Runs of "*" leave empty middle chunks: they add nothing, so they are skipped.
+    interior = "".join(f"(?>.*?{part})" for part in middle if part)
+    return re.compile(f"{first}{interior}.*{last}", re.DOTALL)
+
+
+def globs_intersect(first: str, second: str) -> bool:
+    """Whether some text matches both wildcard patterns (``*`` any run, ``?`` any one
+    character, everything else literal): a walk over pairs of positions, at most
+    ``len(first) * len(second)`` of them."""
+    seen: set[tuple[int, int]] = set()
+    todo = [(0, 0)]
+    while todo:
+        i, j = todo.pop()
+        if (i, j) in seen:
+            continue
+        seen.add((i, j))
+        a = first[i] if i < len(first) else None
+        b = second[j] if j < len(second) else None
+        if a is None and b is None:
+            return True
+        if a == "*":
+            todo.append((i + 1, j))  # the star matches nothing more
+        if b == "*":
+            todo.append((i, j + 1))
+        if a is None or b is None:
+            continue
+        # Both take one character: a star stays where it is, anything else moves on.
+        if a in _WILDCARDS or b in _WILDCARDS or a == b:
+            step = (i if a == "*" else i + 1, j if b == "*" else j + 1)
+            if step != (i, j):
+                todo.append(step)
+    return False
+
+
+def host_kind(host: str) -> HostKind:
+    """What a normalized URI host is: an IPv6 literal, an IPv4 literal or a name."""
+    if ":" in host:
+        return "ipv6"
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return "name"
+    return "ipv4"
+
+
+@dataclass(frozen=True, slots=True)
+class _Host:
+    """The host part of a pattern: which kind of host it matches, and how."""
+
+    kind: HostKind | None
+    """The kind of URI host it can match; None for a host of wildcards alone (any kind)."""
+    glob: str
+    """The host as a wildcard pattern, normalized (a literal is spelled like URI hosts)."""
+    regex: re.Pattern[str]
+
+    @property
+    def literal(self) -> str | None:
+        return None if any(c in _WILDCARDS for c in self.glob) else self.glob
+
+    def matches(self, host: str, kind: HostKind) -> bool:
+        if self.kind is not None and kind != self.kind:
+            return False
+        return self.regex.fullmatch(host) is not None
+
+    def overlaps(self, other: "_Host") -> bool:
+        if self.kind is not None and other.kind is not None and self.kind != other.kind:
+            return False
+        return globs_intersect(self.glob, other.glob)
+
+
+@dataclass(frozen=True, slots=True)
+class UriPattern:
+    """One compiled allow pattern (see the module docstring for the syntax)."""
+
+    text: str
+    """The pattern as written."""
+    everything: bool
+    """The pattern ``*``: every URI."""
+    schemes: frozenset[str]
+    """The URI schemes it matches (``coap``, ``coaps``)."""
+    host: _Host | None
+    port: str | None
+    """The port as a wildcard pattern; None for the scheme's default port."""
+    segments: tuple[re.Pattern[str], ...]
+    """One regex per path segment."""
+    rest: bool
+    """The path ends with ``*``: its last segment may be followed by anything."""
+    query: re.Pattern[str] | None
+    """The query's regex; None when the pattern has no query part."""
+
+    @property
+    def literal_host(self) -> str | None:
+        """The host it names without wildcards (as URIs spell it), or None."""
+        return None if self.host is None else self.host.literal
+
+    @property
+    def is_address_pattern(self) -> bool:
+        """Its host is an IP address, literal or with wildcards."""
+        return self.host is not None and self.host.kind in ("ipv4", "ipv6")
+
+    def matches(self, uri: CoapUri) -> bool:
+        """Whether the normalized `uri` matches, component by component."""
+        if self.everything:
+            return True
+        return (
+            self.matches_origin(uri.scheme, uri.host, uri.port)
+            and self._matches_target(uri.path, uri.query)
+        )
+
+    def matches_origin(self, scheme: str, host: str, port: int) -> bool:
+        """Whether scheme, host and port match (path and query are not looked at)."""
+        if self.everything:
+            return True
+        assert self.host is not None
+        return (
+            scheme in self.schemes
+            and self.host.matches(host, host_kind(host))
+            and self._port_regex(scheme).fullmatch(str(port)) is not None
+        )
+
+    def matches_all_but_host(self, uri: CoapUri) -> bool:
+        """Whether every component but the host matches `uri`."""
+        return (
+            uri.scheme in self.schemes
+            and self._port_regex(uri.scheme).fullmatch(str(uri.port)) is not None
+            and self._matches_target(uri.path, uri.query)
+        )
+
+    def overlaps_origin(self, other: "UriPattern") -> bool:
+        """Whether some origin (scheme, host, port) matches both patterns."""
+        if self.everything or other.everything:
+            return True
+        assert self.host is not None and other.host is not None
+        for scheme in self.schemes & other.schemes:
+            default = str(DEFAULT_PORTS[scheme])
+            if self.host.overlaps(other.host) and globs_intersect(
+                self.port or default, other.port or default
+            ):
+                return True
+        return False
+
+    def _port_regex(self, scheme: str) -> re.Pattern[str]:
+        return _glob_regex(self.port or str(DEFAULT_PORTS[scheme]))
+
+    def _matches_target(self, path: str, query: str) -> bool:
+        segments = path[1:].split("/")  # a normalized path starts with "/"
+        count = len(self.segments)
+        if len(segments) < count or (not self.rest and len(segments) != count):
+            return False
+        for regex, segment in zip(self.segments, segments, strict=False):
+            if regex.fullmatch(segment) is None:
+                return False
+        if self.query is None:
+            return self.rest or not query
+        return self.query.fullmatch(query) is not None
+
+
+def compile_pattern(pattern: str) -> UriPattern:
+    """Parse and compile an allow pattern; :class:`PatternError` says what is wrong."""
     if not isinstance(pattern, str):
         raise PatternError(f"pattern must be a string, not {type(pattern).__name__}")
     if not pattern:
@@ -97,104 +316,132 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
             )
     if "#" in pattern:
         raise PatternError(f"pattern {pattern!r} has a fragment; CoAP URIs have none")
-
-    text = _normalize_pattern(pattern)
-
-    literal_prefix = re.split(r"[*?]", text, maxsplit=1)[0]
-    if not any(literal_prefix.startswith(s) or s.startswith(literal_prefix) for s in _SCHEMES):
-        raise PatternError(
-            f"pattern {pattern!r} can never match: it must start with coap:// or coaps:// "
-            "(or a wildcard)"
-        )
-    bad = _BAD_ESCAPE_RE.search(text)
-    if bad is not None:
-        raise PatternError(
-            f"pattern {pattern!r} has a bad percent-escape; write %25 for a literal '%'"
-        )
-
-    return re.compile(_translate(text), re.DOTALL)
-
-
-def _translate(text: str) -> str:
-    """Translate a wildcard pattern into a regex that cannot backtrack catastrophically.
-
-    The URI being matched comes from a client, so a naive ``.*a.*a.*b`` would let one request
-    pin a CPU for minutes (ReDoS). Instead, as CPython's ``fnmatch`` does: the literal chunk
-    after each interior ``*`` is matched at its leftmost occurrence inside an atomic group
-    (leftmost is always a safe choice for wildcard matching, and atomicity forbids retrying
-    others), and only the last ``*`` may backtrack, over a single run.
-    """
-    chunks = [_translate_chunk(chunk) for chunk in text.split("*")]
-    if len(chunks) == 1:
-        return chunks[0]
-    first, *middle, last = chunks
-    # Runs of "*" leave empty middle chunks: they add nothing, so they are skipped.
-    interior = "".join(f"(?>.*?{chunk})" for chunk in middle if chunk)
-    return f"{first}{interior}.*{last}"
-
-
-def _translate_chunk(chunk: str) -> str:
-    return "".join("." if char == "?" else re.escape(char) for char in chunk)
-
-
-def _normalize_pattern(pattern: str) -> str:
-    """Spell the literal parts of a pattern the way :func:`parse_coap_uri` spells URIs."""
-    scheme_end = pattern.find("://")
-    if scheme_end == -1 or any(c in _WILDCARDS for c in pattern[:scheme_end]):
-        return normalize_escapes(pattern)
-    authority_end = pattern.find("/", scheme_end + 3)
-    if authority_end == -1:
-        authority_end = len(pattern)
-    origin, rest = pattern[:authority_end], pattern[authority_end:]
-    if any(c in _WILDCARDS for c in origin):
-        # Only the scheme is safe to fold: a wildcard in the authority may stand for the
-        # port or even run on into the path, so nothing after "://" can be rewritten.
-        return pattern[:scheme_end].lower() + normalize_escapes(pattern[scheme_end:])
+    if pattern == "*":
+        return UriPattern(pattern, True, frozenset(DEFAULT_PORTS), None, None, (), True, None)
     try:
-        normalized_origin = parse_coap_uri(origin).origin
-    except UriError as error:
+        return _compile(pattern)
+    except (PatternError, UriError) as error:
         raise PatternError(f"pattern {pattern!r}: {error}") from None
-    # "coap://h" names the same resource as the URI "coap://h", whose path is "/".
-    return normalized_origin + (normalize_escapes(rest) or "/")
+
+
+def _compile(pattern: str) -> UriPattern:
+    scheme_text, separator, rest = pattern.partition("://")
+    if not separator:
+        raise PatternError("can never match: it must start with coap:// or coaps:// (or be *)")
+    scheme_glob = scheme_text.lower()
+    if not scheme_glob or any(c not in _SCHEME_CHARS for c in scheme_glob):
+        raise PatternError(f"bad scheme {scheme_text!r}")
+    schemes = frozenset(s for s in DEFAULT_PORTS if _glob_regex(scheme_glob).fullmatch(s))
+    if not schemes:
+        raise PatternError(f"unsupported scheme {scheme_text!r}; use coap or coaps")
+    # The authority ends at the first "/": "?" there is a wildcard, not a query.
+    slash = rest.find("/")
+    authority, target = (rest, "") if slash == -1 else (rest[:slash], rest[slash:])
+    host, port = _compile_authority(authority, schemes)
+    path, question, query = target.partition("?")
+    segments, rest_wild = _compile_path(path or "/")
+    query_regex = None
+    if question:
+        _check_escapes(query, "query")
+        query_regex = _glob_regex(normalize_escapes(query), question_mark=False)
+    return UriPattern(pattern, False, schemes, host, port, segments, rest_wild, query_regex)
+
+
+def _compile_authority(authority: str, schemes: frozenset[str]) -> tuple[_Host, str | None]:
+    if "@" in authority:
+        raise PatternError("userinfo ('user@') is not allowed in CoAP URIs")
+    if authority.startswith("["):
+        close = authority.find("]")
+        if close == -1:
+            raise PatternError("unterminated IPv6 literal: missing ']'")
+        host_text, after = authority[1:close], authority[close + 1 :]
+        if after and not after.startswith(":"):
+            raise PatternError(f"unexpected {after!r} after IPv6 literal; expected ':port'")
+        host = _compile_ipv6_host(host_text)
+    else:
+        if authority.count(":") > 1:
+            raise PatternError("an IPv6 address must be in brackets, e.g. coap://[::1]/")
+        host_text, colon, port_text = authority.partition(":")
+        after = colon + port_text
+        host = _compile_host(host_text.lower())
+    port_text = after[1:] if after else ""
+    if not port_text:
+        return host, None  # the default port, as in a URI ("coap://h:/x" included)
+    if any(c not in _PORT_CHARS for c in port_text):
+        raise PatternError(f"bad port {port_text!r}: a number in 1..65535, or wildcards")
+    if not any(c in _WILDCARDS for c in port_text):
+        if not 1 <= int(port_text) <= 65535:
+            raise PatternError(f"bad port {port_text!r}: must be a number in 1..65535")
+        port_text = str(int(port_text))
+    return host, port_text
+
+
+def _compile_ipv6_host(text: str) -> _Host:
+    text = text.lower()
+    if not text:
+        raise PatternError("no host: empty IPv6 literal '[]'")
+    if not any(c in _WILDCARDS for c in text):
+        # Parsed as a URI would be: zone ids refused, the compressed form, and an
+        # IPv4-mapped address as the IPv4 host it is.
+        literal = parse_coap_uri(f"coap://[{text}]/").host
+        return _host(host_kind(literal), literal)
+    if any(c not in _IPV6_GLOB_CHARS for c in text):
+        raise PatternError(f"invalid character in the IPv6 host pattern [{text}]")
+    return _host("ipv6", text)
+
+
+def _compile_host(text: str) -> _Host:
+    if not text:
+        raise PatternError("no host; expected coap://host/path")
+    if all(c in _WILDCARDS for c in text):
+        return _host(None, text)
+    wild = any(c in _WILDCARDS for c in text)
+    if all(c in _IPV4_GLOB_CHARS for c in text):
+        if not wild:
+            literal = parse_coap_uri(f"coap://{text}/").host  # strict dotted quad
+            return _host("ipv4", literal)
+        return _host("ipv4", text)
+    if any(c not in _NAME_GLOB_CHARS for c in text):
+        bad = next(c for c in text if c not in _NAME_GLOB_CHARS)
+        raise PatternError(f"invalid character {bad!r} in the host {text!r}")
+    if not wild:
+        literal = parse_coap_uri(f"coap://{text}/").host  # refuses "0x7f000001" and the like
+        return _host(host_kind(literal), literal)
+    # Check the name's shape with each wildcard standing for one letter.
+    problem = host_name_problem(re.sub(r"[*?]+", "x", text))
+    if problem is not None:
+        raise PatternError(problem)
+    return _host("name", text)
+
+
+def _host(kind: HostKind | None, glob: str) -> _Host:
+    return _Host(kind, glob, _glob_regex(glob))
+
+
+def _compile_path(path: str) -> tuple[tuple[re.Pattern[str], ...], bool]:
+    _check_escapes(path, "path")
+    path = normalize_escapes(path)
+    segments = path[1:].split("/")
+    if any(segment in (".", "..") for segment in segments):
+        raise PatternError("can never match: normalized URIs have no '.' or '..' segments")
+    rest = path.endswith("*")
+    return tuple(_glob_regex(segment, question_mark=False) for segment in segments), rest
+
+
+def _check_escapes(text: str, what: str) -> None:
+    if _BAD_ESCAPE_RE.search(text) is not None:
+        raise PatternError(f"bad percent-escape in the {what}; write %25 for a literal '%'")
 
 
 def pattern_literal_host(pattern: str) -> str | None:
     """The host a pattern names literally, or None when a wildcard may stand for the host.
 
     The host is returned as :class:`~translator.uris.CoapUri` stores it (lower case, an
-    IPv6 literal compressed and without brackets). It is None when the scheme or the host
-    contains ``*`` or ``?``: a wildcard in the scheme can run on past ``://`` and stand for
-    any host, too. A wildcard in the port does not matter (``coap://[ff02::fd]:*/*`` names
-    the host ``ff02::fd``). Raises :class:`PatternError` for an invalid pattern.
+    IPv6 literal compressed and without brackets). A wildcard in the port does not matter
+    (``coap://[ff02::fd]:*/*`` names the host ``ff02::fd``). Raises :class:`PatternError`
+    for an invalid pattern.
     """
-    compile_pattern(pattern)
-    return _literal_host(_normalize_pattern(pattern))
-
-
-def _literal_host(text: str) -> str | None:
-    """:func:`pattern_literal_host` of an already normalized, valid pattern."""
-    scheme_end = text.find("://")
-    if scheme_end == -1 or any(c in _WILDCARDS for c in text[:scheme_end]):
-        return None
-    rest = text[scheme_end + 3 :]
-    if rest.startswith("["):
-        close = rest.find("]")
-        if close == -1:
-            return None
-        host = rest[1:close]
-    else:
-        # A literal origin was normalized, so its host ends at ":port"; a wildcard origin
-        # is taken as written and may end at "/" instead.
-        host = re.split(r"[:/]", rest, maxsplit=1)[0]
-    if not host or any(c in _WILDCARDS for c in host):
-        return None
-    try:
-        # An IPv6 host in a wildcard origin was not normalized; compress it here so that
-        # it compares equal to CoapUri.host (the pattern itself will not match unless it
-        # is written in normalized form, but the comparison must not be the weak point).
-        return ipaddress.ip_address(host).compressed
-    except ValueError:
-        return host.lower()
+    return compile_pattern(pattern).literal_host
 
 
 def special_address_kind(address: "IPAddress | str") -> SpecialKind | None:
@@ -235,6 +482,17 @@ def _embedded_ipv4(address: IPAddress) -> IPAddress:
     return address
 
 
+def _as_uri_host(address: IPAddress) -> str:
+    """An address spelled as :func:`~translator.uris.parse_coap_uri` spells a literal host:
+    no scope id, an IPv4-mapped address as IPv4, IPv6 compressed."""
+    if isinstance(address, ipaddress.IPv6Address):
+        address = ipaddress.IPv6Address(int(address))
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return address.compressed
+    return str(address)
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The answer of :meth:`Policy.decide` for one URI (step 1 of the decision)."""
@@ -259,9 +517,7 @@ class Policy:
     """Allow patterns (see the module docstring). Empty means only the sensors."""
     sensor_uris: frozenset[str] = frozenset()
     """URIs of configured sensors: always allowed. Normalized on construction."""
-    _patterns: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
-    _literal_hosts: tuple[str | None, ...] = field(init=False, repr=False, compare=False)
-    """For each pattern, the host it names literally (see :func:`pattern_literal_host`)."""
+    _patterns: tuple[UriPattern, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.allow, str):
@@ -276,9 +532,6 @@ class Policy:
             frozenset(str(parse_coap_uri(uri)) for uri in self.sensor_uris),
         )
         object.__setattr__(self, "_patterns", tuple(compile_pattern(p) for p in self.allow))
-        object.__setattr__(
-            self, "_literal_hosts", tuple(_literal_host(_normalize_pattern(p)) for p in self.allow)
-        )
 
     def allows(self, uri: CoapUri | str) -> bool:
         """Whether the gateway may send requests to ``uri``, judged on the URI alone.
@@ -303,11 +556,11 @@ class Policy:
         kind = special_address_kind(target.host)
         matched = names_host = normalized in self.sensor_uris
         if not names_host:
-            for pattern, literal_host in zip(self._patterns, self._literal_hosts, strict=True):
-                if pattern.fullmatch(normalized) is None:
+            for pattern in self._patterns:
+                if not pattern.matches(target):
                     continue
                 matched = True
-                names_host = literal_host == target.host
+                names_host = pattern.literal_host == target.host
                 if names_host or kind is None:
                     break
         if not matched:
@@ -333,18 +586,27 @@ class Policy:
         is multicast, broadcast or unspecified -- unless it is the URI's own host, an IP
         literal that :meth:`decide` already let through because a rule names it. A host
         name never names an address, so a name that resolves to a special address is
-        refused. Addresses may be ``ipaddress`` objects or strings such as getaddrinfo
-        returns (an IPv6 scope id is allowed); a string that is not an IP address is
-        refused, as is an empty list (fail closed: the caller reports a resolution failure
-        on its own). Refuse the request when this is False; the caller should also send to
-        one of the checked addresses rather than resolve the name again.
+        refused. For a host name, when address patterns apply to the URI (patterns whose
+        host is an IP address, literal or with wildcards, and whose scheme, port, path and
+        query match), each address must also match the host of one of them. Addresses may
+        be ``ipaddress`` objects or strings such as getaddrinfo returns (an IPv6 scope id is
+        allowed); a string that is not an IP address is refused, as is an empty list (fail
+        closed: the caller reports a resolution failure on its own). Refuse the request when
+        this is False; the caller should also send to one of the checked addresses rather
+        than resolve the name again.
         """
         decision = self.decide(uri)
         if not decision.allowed:
             return False
         own: IPAddress | None = None
+        ranges: list[UriPattern] = []
         if decision.uri.is_ip_literal:
             own = _embedded_ipv4(ipaddress.ip_address(decision.uri.host))
+        else:
+            ranges = [
+                p for p in self._patterns
+                if p.is_address_pattern and p.matches_all_but_host(decision.uri)
+            ]
         checked = 0
         for address in addresses:
             try:
@@ -355,6 +617,11 @@ class Policy:
                 return False
             if special_address_kind(parsed) is not None and _embedded_ipv4(parsed) != own:
                 return False
+            if ranges:
+                host = _as_uri_host(parsed)
+                kind = host_kind(host)
+                if not any(p.host is not None and p.host.matches(host, kind) for p in ranges):
+                    return False
             checked += 1
         return checked > 0
 

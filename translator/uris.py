@@ -52,17 +52,24 @@ _SUB_DELIMS: Final = "!$&'()*+,;="
 # because it is only valid as the start of an escape.
 _PATH_CHARS: Final = frozenset(_UNRESERVED | set(_SUB_DELIMS) | set(":@/%"))
 _QUERY_CHARS: Final = frozenset(_PATH_CHARS | {"?"})
-# Host names: DNS-style names only. RFC 3986 reg-name would also admit sub-delims and
-# percent-escapes, but no resolver accepts those, so they can only be typos or tricks.
-_HOST_CHARS: Final = frozenset(_UNRESERVED)
+# Host names: RFC 1123 names (letters, digits, hyphens; labels of 1 to 63 characters, not
+# starting or ending with a hyphen; 253 characters in all). RFC 3986 reg-name would also
+# admit sub-delims and percent-escapes, but no resolver accepts those, so they can only be
+# typos or tricks, and a name outside these rules fails later, in the resolver's IDNA codec.
+_HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
+_LABEL_RE: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+MAX_HOST_NAME_LENGTH: Final = 253
 
 _SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*(?=:)")
 _ESCAPE_RE: Final = re.compile(r"%([0-9A-Fa-f]{2})")
 _BAD_ESCAPE_RE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _PORT_RE: Final = re.compile(r"[0-9]+")
-# A host whose last label is all digits can only be meant as an IPv4 address (no TLD is
-# numeric), so it must parse as one; this catches "999.1.1.1" and shorthand like "127.1".
-_NUMERIC_LABEL_RE: Final = re.compile(r"(?:^|\.)[0-9]+\.?$")
+# A host whose last label is a number (decimal, or hex with "0x") can only be meant as an
+# IPv4 address (no TLD is numeric), so it must parse as a dotted quad. This refuses what the
+# C library's inet_aton would also take for an address: "999.1.1.1", shorthand like
+# "127.1", and hex or octal spellings ("0x7f000001", "0x7f.0.0x1", "0177.0.0.1"), which a
+# policy written in dotted quads would not recognize.
+_NUMERIC_LABEL_RE: Final = re.compile(r"(?:^|\.)(?:[0-9]+|0x[0-9a-f]*)\.?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +220,11 @@ def _parse_ipv6(literal: str) -> str:
         address = ipaddress.IPv6Address(literal)
     except ValueError:
         raise UriError(f"invalid IPv6 address [{literal}]") from None
+    if address.ipv4_mapped is not None:
+        # [::ffff:a.b.c.d] reaches the IPv4 host a.b.c.d (through a dual-stack socket), so it
+        # is spelled as that host: one destination, one spelling, whatever the policy says
+        # about IPv4 or IPv6 hosts.
+        return str(address.ipv4_mapped)
     # The compressed form is canonical, so [0:0::1] and [::1] are one destination.
     return address.compressed
 
@@ -223,8 +235,8 @@ def _parse_host_name(host: str) -> str:
     if "%" in host:
         raise UriError(f"percent-escapes are not allowed in the host {host!r}")
     for char in host:
-        if char not in _HOST_CHARS:
-            raise UriError(f"invalid character {char!r} in host {host!r}")
+        if char.lower() not in _HOST_CHARS:
+            raise UriError(f"invalid character {char!r} in host {_show(host)}")
     host = host.lower()
     if _NUMERIC_LABEL_RE.search(host):
         try:
@@ -232,8 +244,28 @@ def _parse_host_name(host: str) -> str:
             # to some resolvers and decimal to others: ambiguous, so refused).
             return ipaddress.IPv4Address(host).compressed
         except ValueError:
-            raise UriError(f"invalid IPv4 address {host!r}") from None
+            raise UriError(
+                f"invalid IPv4 address {host!r}: write it as four decimal numbers"
+            ) from None
+    problem = host_name_problem(host)
+    if problem is not None:
+        raise UriError(problem)
     return host
+
+
+def host_name_problem(host: str) -> str | None:
+    """Why `host` (lower case) is not an RFC 1123 host name, or None when it is one."""
+    if len(host) > MAX_HOST_NAME_LENGTH:
+        return f"host name is too long ({len(host)} characters; at most {MAX_HOST_NAME_LENGTH})"
+    for label in host.split("."):
+        if not label:
+            return f"empty label in host {_show(host)}"
+        if _LABEL_RE.fullmatch(label) is None:
+            what = "longer than 63 characters" if len(label) > 63 else (
+                "starts or ends with '-'" if label[0] == "-" or label[-1] == "-"
+                else "has an invalid character")
+            return f"label {_show(label)} of host {_show(host)} {what}"
+    return None
 
 
 def _normalize_component(text: str, allowed: frozenset[str], what: str) -> str:
