@@ -303,7 +303,7 @@ def supervise(side: CoapSide, grace: float | None = None) -> tuple[_Observation,
     return observation, side._supervise(observation)
 
 
-IMMEDIATE: Final = {"backoff_min": 0.0, "backoff_max": 0.0}
+IMMEDIATE: Final = {"backoff_min": 0.001, "backoff_max": 0.001}  # 0 is a config error
 """A registration again at once after one ends (the stand-in's second one ends the test)."""
 
 

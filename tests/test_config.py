@@ -225,22 +225,22 @@ def test_mapping_arrays_may_be_tuples() -> None:
         ({"server": {"port": 8765.0}}, "server.port", "must be an integer in 0..65535"),
         ({"server": {"host": 1}}, "server.host", "must be a non-empty string"),
         ({"server": {"host": ""}}, "server.host", "must be a non-empty string"),
-        ({"server": {"linger": -0.5}}, "server.linger", "must be a number >= 0"),
-        ({"server": {"linger": "5"}}, "server.linger", "must be a number >= 0"),
-        ({"server": {"linger": float("nan")}}, "server.linger", "must be a number >= 0"),
-        ({"server": {"linger": float("inf")}}, "server.linger", "must be a number >= 0"),
+        ({"server": {"linger": -0.5}}, "server.linger", "must be a number in 0..86400"),
+        ({"server": {"linger": "5"}}, "server.linger", "must be a number in 0..86400"),
+        ({"server": {"linger": float("nan")}}, "server.linger", "must be a number in 0..86400"),
+        ({"server": {"linger": float("inf")}}, "server.linger", "must be a number in 0..86400"),
         (
             {"limits": {"max_frame_bytes": 0}},
             "limits.max_frame_bytes",
-            "must be a positive integer",
+            "must be an integer in 1..",
         ),
         (
             {"limits": {"max_subscriptions": -1}},
             "limits.max_subscriptions",
-            "must be a positive integer",
+            "must be an integer in 1..",
         ),
-        ({"limits": {"max_inflight": 0}}, "limits.max_inflight", "must be a positive integer"),
-        ({"limits": {"max_queue": 1.5}}, "limits.max_queue", "must be a positive integer"),
+        ({"limits": {"max_inflight": 0}}, "limits.max_inflight", "must be an integer in 1.."),
+        ({"limits": {"max_queue": 1.5}}, "limits.max_queue", "must be an integer in 1.."),
         ({"log_level": "verbose"}, "log_level", "must be one of 'debug', 'info', 'warning'"),
         ({"log_level": 10}, "log_level", "must be one of"),
         ({"policy": {"allow": "coap://a/*"}}, "policy.allow", "must be an array of strings"),
@@ -260,8 +260,10 @@ def test_validation_error_names_its_key(data: dict[str, Any], key: str, message:
 
 def test_error_string_format() -> None:
     error = error_for({"server": {"port": 70000}})
-    assert str(error) == "config key 'server.port': must be an integer in 0..65535, got 70000"
-    assert error.message == "must be an integer in 0..65535, got 70000"
+    assert str(error) == (
+        "config key 'server.port': must be an integer in 0..65535 (0 lets the OS pick), got 70000"
+    )
+    assert error.message == "must be an integer in 0..65535 (0 lets the OS pick), got 70000"
 
 
 @pytest.mark.parametrize("section", ["server", "limits"])
@@ -477,7 +479,7 @@ def test_override_sensors_feed_the_policy(example: GatewayConfig) -> None:
         ({"host": ""}, "--host", "must be a non-empty string"),
         ({"port": 70000}, "--port", "must be an integer in 0..65535"),
         ({"port": True}, "--port", "must be an integer in 0..65535"),
-        ({"linger": -1.0}, "--linger", "must be a number >= 0"),
+        ({"linger": -1.0}, "--linger", "must be a number in 0..86400"),
         ({"log_level": "loud"}, "--log-level", "must be one of"),
         ({"sensors": ["no-equals-sign"]}, "--sensor", "expected NAME=URI"),
         ({"sensors": ["=coap://h/t"]}, "--sensor", "name in '=coap://h/t'"),
@@ -523,3 +525,78 @@ def test_new_sections_and_optional_fields() -> None:
     )
     assert error_for({"auth": {"mode": "maybe"}}).key == "auth.mode"
     assert error_for({"limits": {"rate": -1}}).key == "limits.rate"
+
+
+# --- every number has a range (issue 13 §7) ---------------------------------------------------
+
+
+def _numeric_fields() -> list[tuple[str, str, Any]]:
+    """(table, key, rule) of every numeric setting of every section."""
+    import dataclasses as dc
+    import typing as ty
+
+    from translator import config as cfg
+
+    sections = {"server": cfg.ServerConfig, "limits": cfg.LimitsConfig,
+                "supervision": cfg.SupervisionConfig}
+    found = []
+    for table, section in sections.items():
+        hints = ty.get_type_hints(section)
+        for spec in dc.fields(section):
+            kind = hints[spec.name]
+            if kind in (int, float, int | None, float | None):
+                found.append((table, spec.name, spec.metadata["rule"]))
+    return found
+
+
+def test_every_numeric_setting_has_a_range_and_says_what_zero_means() -> None:
+    fields = _numeric_fields()
+    assert len(fields) >= 20
+    for table, key, rule in fields:
+        assert rule.maximum is not None, f"{table}.{key} has no maximum"
+        assert rule.above is not None or rule.minimum is not None, f"{table}.{key}"
+        if rule.above is None and rule.minimum == 0:
+            assert rule.zero, f"{table}.{key}: 0 is allowed, so say what it means"
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value"),
+    [
+        ("supervision", "backoff_min", 0),
+        ("supervision", "backoff_max", 0),
+        ("supervision", "poll_min", 0),
+        ("supervision", "registration_timeout", 0),
+        ("limits", "handshake_timeout", 0),
+        ("limits", "max_lag", 0),
+        ("limits", "max_lag", 1e9),
+        ("limits", "ping_interval", -1),
+        ("limits", "max_frame_bytes", 1 << 40),
+        ("limits", "rate", float("inf")),
+        ("server", "linger", 1e12),
+        ("supervision", "grace", -0.5),
+    ],
+)
+def test_nonsense_numbers_are_errors_naming_the_key(table: str, key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as refused:
+        config_from_mapping({table: {key: value}})
+    assert refused.value.key == f"{table}.{key}"
+    assert "must be" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [("limits", "ping_interval"), ("limits", "ping_timeout"), ("limits", "rate"),
+     ("server", "linger"), ("server", "port"), ("supervision", "grace")],
+)
+def test_zero_is_accepted_where_it_means_something(table: str, key: str) -> None:
+    config = config_from_mapping({table: {key: 0}})
+    assert getattr(getattr(config, table), key) == 0
+
+
+def test_a_range_error_says_what_zero_means() -> None:
+    with pytest.raises(ConfigError) as refused:
+        config_from_mapping({"limits": {"ping_interval": -1}})
+    assert "(0 disables pings)" in refused.value.message
+    with pytest.raises(ConfigError) as refused:
+        config_from_mapping({"supervision": {"poll_min": 0}})
+    assert "> 0" in refused.value.message

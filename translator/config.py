@@ -77,6 +77,10 @@ class _Rule:
 
     minimum: float | None = None
     maximum: float | None = None
+    above: float | None = None
+    """An exclusive minimum: the value must be greater (``above=0``: 0 makes no sense)."""
+    zero: str | None = None
+    """What 0 means, where it means something (``"disables"``): said in error messages."""
     choices: tuple[str, ...] = ()
     nonempty: bool = False
 
@@ -90,12 +94,26 @@ def _setting(
     *,
     minimum: float | None = None,
     maximum: float | None = None,
+    above: float | None = None,
+    zero: str | None = None,
     choices: tuple[str, ...] = (),
     nonempty: bool = False,
 ) -> _T:
-    """A field with a default and constraints (kept in the field's metadata)."""
-    rule = _Rule(minimum=minimum, maximum=maximum, choices=choices, nonempty=nonempty)
+    """A field with a default and constraints (kept in the field's metadata).
+
+    Every number has a range: a ``maximum``, and either ``above`` (an exclusive minimum) or
+    a ``minimum``; a minimum of 0 on a field where 0 means something names it (``zero``).
+    """
+    rule = _Rule(minimum=minimum, maximum=maximum, above=above, zero=zero, choices=choices,
+                 nonempty=nonempty)
     return field(default=default, metadata={"rule": rule})
+
+
+DAY: Final = 86_400.0
+"""The longest duration any setting in seconds may have."""
+HOUR: Final = 3_600.0
+MILLION: Final = 1_000_000
+GIB: Final = 1 << 30
 
 
 def _required(*, nonempty: bool = False) -> Any:
@@ -112,9 +130,9 @@ class ServerConfig:
 
     host: str = _setting("127.0.0.1", nonempty=True)
     """Address to listen on. Loopback by default: exposing the gateway is a deliberate act."""
-    port: int = _setting(8765, minimum=0, maximum=65535)
+    port: int = _setting(8765, minimum=0, maximum=65535, zero="lets the OS pick")
     """TCP port to listen on; 0 lets the OS pick one (useful in tests)."""
-    linger: float = _setting(5.0, minimum=0)
+    linger: float = _setting(5.0, minimum=0, maximum=DAY, zero="cancels at once")
     """Seconds an unwatched observation lingers before it is cancelled, so a client that
     reconnects quickly does not cost a new CoAP observe; 0 cancels at once."""
     allowed_origins: tuple[str, ...] | None = _setting(None)
@@ -176,34 +194,35 @@ class PolicyConfig:
 class LimitsConfig:
     """``[limits]``: per-connection resource bounds, so one client cannot exhaust the gateway."""
 
-    max_frame_bytes: int = _setting(65536, minimum=1)
+    max_frame_bytes: int = _setting(65536, minimum=1, maximum=64 << 20)
     """Largest WebSocket frame accepted from a client."""
-    max_subscriptions: int = _setting(256, minimum=1)
+    max_subscriptions: int = _setting(256, minimum=1, maximum=MILLION)
     """Most subscriptions one connection may hold at once."""
-    max_inflight: int = _setting(32, minimum=1)
+    max_inflight: int = _setting(32, minimum=1, maximum=MILLION)
     """Most CoAP requests one connection may have outstanding at once."""
-    max_queue: int = _setting(1024, minimum=1)
+    max_queue: int = _setting(1024, minimum=1, maximum=MILLION)
     """Frames queued for a connection before it is closed as a slow consumer."""
-    max_lag: float = _setting(30.0, minimum=0)
+    max_lag: float = _setting(30.0, above=0, maximum=DAY)
     """Seconds a connection may stay behind (frames queued, none written) before it is
     closed as a slow consumer."""
-    max_pending_bytes: int = _setting(1_048_576, minimum=1)
+    max_pending_bytes: int = _setting(1_048_576, minimum=1, maximum=GIB)
     """Bytes queued for a connection before it is closed as a slow consumer."""
-    ping_interval: float = _setting(20.0, minimum=0)
+    ping_interval: float = _setting(20.0, minimum=0, maximum=DAY, zero="disables pings")
     """Seconds between WebSocket keepalive pings; 0 disables them."""
-    ping_timeout: float = _setting(20.0, minimum=0)
+    ping_timeout: float = _setting(20.0, minimum=0, maximum=DAY, zero="waits forever")
     """Seconds without a pong before a connection is considered dead; 0 waits forever."""
-    rate: float = _setting(50.0, minimum=0)
+    rate: float = _setting(50.0, minimum=0, maximum=MILLION, zero="means no limit")
     """`request` frames per second per connection (token bucket refill rate); 0 = no limit."""
-    burst: int = _setting(100, minimum=1)
+    burst: int = _setting(100, minimum=1, maximum=MILLION)
     """Token bucket size for ``rate``."""
-    max_connections: int = _setting(10_000, minimum=1)
+    max_connections: int = _setting(10_000, minimum=1, maximum=MILLION)
     """Open WebSocket connections in all; more get HTTP 503 at the handshake."""
-    max_connections_per_ip: int = _setting(256, minimum=1)
+    max_connections_per_ip: int = _setting(256, minimum=1, maximum=MILLION)
     """Open WebSocket connections from one client address; more get HTTP 503."""
-    handshake_timeout: float = _setting(10.0, minimum=0)
-    """Seconds a client has to complete the WebSocket opening handshake."""
-    max_upstream_bytes: int = _setting(1_048_576, minimum=1)
+    handshake_timeout: float = _setting(10.0, above=0, maximum=HOUR)
+    """Seconds a client has to complete the WebSocket opening handshake (more than 0: a
+    handshake without a deadline would let idle sockets pile up)."""
+    max_upstream_bytes: int = _setting(1_048_576, minimum=1, maximum=GIB)
     """Largest representation taken from a sensor (all blocks together)."""
 
     def __post_init__(self) -> None:
@@ -214,16 +233,16 @@ class LimitsConfig:
 class SupervisionConfig:
     """``[supervision]``: how upstream observations are kept alive."""
 
-    grace: float | None = _setting(None, minimum=0)
+    grace: float | None = _setting(None, minimum=0, maximum=DAY, zero="renews at Max-Age")
     """Seconds past Max-Age without a notification before an observation is stale and
     re-registered. Unset: the smaller of 10 s and 10 % of Max-Age."""
-    backoff_min: float = _setting(1.0, minimum=0)
+    backoff_min: float = _setting(1.0, above=0, maximum=DAY)
     """First delay before re-registering a failed observation (doubles each failure)."""
-    backoff_max: float = _setting(60.0, minimum=0)
+    backoff_max: float = _setting(60.0, above=0, maximum=DAY)
     """Longest delay between re-registration attempts."""
-    poll_min: float = _setting(5.0, minimum=0)
+    poll_min: float = _setting(5.0, above=0, maximum=DAY)
     """Shortest interval for polling a resource that does not support Observe."""
-    registration_timeout: float = _setting(10.0, minimum=0)
+    registration_timeout: float = _setting(10.0, above=0, maximum=HOUR)
     """Seconds a registration may stay unanswered before it counts as failed."""
 
     def __post_init__(self) -> None:
@@ -651,6 +670,8 @@ def _check_value(value: object, annotation: Any, rule: _Rule, key: str) -> objec
             raise fail()
         if rule.minimum is not None and value < rule.minimum:
             raise fail()
+        if rule.above is not None and value <= rule.above:
+            raise fail()
         if rule.maximum is not None and value > rule.maximum:
             raise fail()
         # TOML writes `linger = 5` as an int; float fields store floats.
@@ -687,6 +708,10 @@ def _optional_of(annotation: Any) -> Any:
     return None
 
 
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _describe(annotation: Any, rule: _Rule) -> str:
     """What a valid value looks like, for error messages."""
     optional = _optional_of(annotation)
@@ -697,15 +722,18 @@ def _describe(annotation: Any, rule: _Rule) -> str:
     if annotation is int or annotation is float:
         noun = "an integer" if annotation is int else "a number"
         low, high = rule.minimum, rule.maximum
-        if low is not None and high is not None:
-            return f"{noun} in {low}..{high}"
-        if low == 1 and annotation is int:
-            return "a positive integer"
-        if low is not None:
-            return f"{noun} >= {low}"
+        parts = []
+        if rule.above is not None:
+            parts.append(f"> {_number(rule.above)}")
+        elif low is not None and high is not None:
+            parts.append(f"in {_number(low)}..{_number(high)}")
+            high = None
+        elif low is not None:
+            parts.append(f">= {_number(low)}")
         if high is not None:
-            return f"{noun} <= {high}"
-        return noun
+            parts.append(f"<= {_number(high)}")
+        text = f"{noun} {' and '.join(parts)}" if parts else noun
+        return f"{text} (0 {rule.zero})" if rule.zero else text
     if annotation is str:
         if rule.choices:
             return "one of " + ", ".join(repr(choice) for choice in rule.choices)
