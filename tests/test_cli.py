@@ -119,7 +119,37 @@ async def test_subscribe_subcommand_prints_notify_lines(
 
     uri = f"{sensors.base_uri}/led"
     code, out, _ = await run_cli("subscribe", served.url, uri, "--count", "1")
-    assert code == 0 and json.loads(out)["uri"] == uri
+    notifies = [f for f in map(json.loads, out.splitlines()) if f["type"] == "notify"]
+    assert code == 0 and [f["uri"] for f in notifies] == [uri]
+
+
+async def test_subscribe_timeout(sensors: SimulatedSensors, served: Served) -> None:
+    # Without --count, the timeout is how long to watch: exit 0.
+    code, out, _ = await run_cli("subscribe", served.url, "kitchen/temperature",
+                                 "--timeout", "0.5")
+    assert code == 0 and any(json.loads(line)["type"] == "notify" for line in out.splitlines())
+    # With --count, not reaching it in time is a failure.
+    code, _, err = await run_cli("subscribe", served.url, "kitchen/temperature",
+                                 "--count", "100000", "--timeout", "0.5")
+    assert code == 1 and "fewer than 100000 notify frames within 0.5 s" in err
+
+
+async def test_subscribe_ends_with_exit_1_on_a_resource_that_is_not_there(
+    sensors: SimulatedSensors, served: Served
+) -> None:
+    code, out, _ = await run_cli("subscribe", served.url, f"{sensors.base_uri}/missing",
+                                 timeout=30)
+    frames = [json.loads(line) for line in out.splitlines()]
+    assert code == 1
+    assert frames[-1]["type"] == "status" and frames[-1]["state"] == "offline"
+    assert frames[-1]["code"] == "4.04"
+
+
+async def test_list_subcommand(sensors: SimulatedSensors, served: Served) -> None:
+    code, out, _ = await run_cli("list", served.url)
+    (frame,) = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and frame["type"] == "resources"
+    assert {"kitchen/temperature", "led"} <= {e["name"] for e in frame["resources"]}
 
 
 async def test_request_subcommand_exit_codes(sensors: SimulatedSensors, served: Served) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 from pathlib import Path
@@ -284,3 +285,25 @@ async def test_requests_never_carry_proxy_options(make_gateway: Any, make_client
         assert seen and all(o.proxy_uri is None and o.proxy_scheme is None for o in seen)
     finally:
         await server.shutdown()
+
+
+async def test_cli_clients_take_a_token_and_never_print_it(
+    sensors: SimulatedSensors, make_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .test_cli import run_cli
+
+    gateway = await make_gateway(auth_config(sensors))
+    monkeypatch.delenv("COAP_WS_GATEWAY_TOKEN", raising=False)
+    code, out, err = await run_cli("list", gateway.url)
+    assert code == 2 and "this gateway needs a token" in err and "--token" in err
+    code, out, err = await run_cli("list", gateway.url, "--token", "wrong-" + SECRET)
+    assert code == 2 and "refused the token" in err and SECRET not in out + err
+    code, out, err = await run_cli("request", gateway.url, "GET", "led", "--token", SECRET)
+    assert code == 0 and json.loads(out)["type"] == "response"
+    assert SECRET not in out + err
+    monkeypatch.setenv("COAP_WS_GATEWAY_TOKEN", READER)
+    code, out, err = await run_cli("subscribe", gateway.url, "temperature", "--count", "1")
+    assert code == 0 and json.loads(out.splitlines()[-1])["type"] == "notify"
+    code, out, err = await run_cli("request", gateway.url, "PUT", "led", "--value", "1")
+    assert code == 1 and json.loads(out)["error"] == "forbidden"
+    assert READER not in out + err

@@ -1,8 +1,15 @@
-"""The `coap-ws-gateway` command line: serve, demo, sensors, subscribe, request.
+"""The `coap-ws-gateway` command line: serve, demo, sensors, subscribe, request, list.
 
 `main(argv)` returns the process exit code: 0 on success, 1 when a `request` got a non-2.xx
-answer or an error frame, 2 for a usage or configuration error or an unreachable gateway.
-Long-running subcommands stop cleanly on SIGINT/SIGTERM.
+answer or an error frame (or every target of a `subscribe` failed), 2 for a usage or
+configuration error, an unreachable gateway or a refused token. Long-running subcommands
+stop cleanly on SIGINT/SIGTERM.
+
+The client subcommands print every frame the gateway sends about what was asked (notify,
+status, response, error, resources) on stdout, one JSON object per line, and their own
+messages on stderr. A token comes from ``--token`` or the ``COAP_WS_GATEWAY_TOKEN``
+environment variable and travels in the ``Authorization`` header, never in the URL, and is
+never printed.
 """
 
 from __future__ import annotations
@@ -13,12 +20,15 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .config import ConfigError, GatewayConfig, apply_overrides, config_from_mapping, load_config
+
+TOKEN_ENV = "COAP_WS_GATEWAY_TOKEN"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STOP_BUDGET = 5.0
@@ -74,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("targets", nargs="+", metavar="URI_OR_NAME")
     subscribe.add_argument("--count", type=int, metavar="N",
                            help="stop after N notify frames in total")
+    subscribe.add_argument("--timeout", type=float, metavar="S",
+                           help="stop after S seconds (exit 1 if --count was not reached)")
+    _token_option(subscribe)
+
+    listing = commands.add_parser("list", help="print the resources the gateway knows")
+    listing.add_argument("url", metavar="WS_URL")
+    _token_option(listing)
 
     request = commands.add_parser("request", help="send one CoAP request through the gateway")
     request.add_argument("url", metavar="WS_URL")
@@ -86,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("--accept", type=int, help="Accept option")
     request.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     request.add_argument("--non", action="store_true", help="send as non-confirmable")
+    _token_option(request)
     return parser
+
+
+def _token_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", metavar="TOKEN",
+                        help=f"the gateway's access token (default: ${TOKEN_ENV})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,52 +271,101 @@ def _target_fields(target: str) -> dict[str, str]:
     return {"uri": target} if "://" in target else {"name": target}
 
 
-async def _connect(url: str) -> Any:
+async def _connect(url: str, token: str | None) -> Any:
     from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
 
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        return await connect(url, compression=None, open_timeout=10)
+        return await connect(url, compression=None, open_timeout=10, additional_headers=headers)
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        if status == 401:
+            what = "the gateway refused the token" if token else "this gateway needs a token"
+            raise UsageError(f"{what} (HTTP 401): pass --token or set {TOKEN_ENV}") from None
+        raise UsageError(f"the gateway at {url} refused the connection: HTTP {status}") from None
     except (OSError, TimeoutError) as exc:
         raise UsageError(f"cannot reach the gateway at {url}: {exc}") from None
-    except Exception as exc:  # InvalidURI, InvalidHandshake, InvalidStatus...
+    except Exception as exc:  # InvalidURI, InvalidHandshake...
         raise UsageError(f"cannot connect to {url}: {exc}") from None
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    return args.token or os.environ.get(TOKEN_ENV) or None
+
+
+def _print(frame: dict[str, Any]) -> None:
+    print(json.dumps(frame), flush=True)
 
 
 def _cmd_subscribe(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         raise UsageError("--count must be at least 1")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise UsageError("--timeout must be a number of seconds greater than 0")
 
     async def run() -> int:
-        from websockets.exceptions import ConnectionClosed
-
-        ws = await _connect(args.url)
-        notified = 0
-        failed = 0
+        ws = await _connect(args.url, _token(args))
         try:
-            for number, target in enumerate(args.targets, 1):
-                await ws.send(json.dumps({"type": "subscribe", "id": number,
-                                          **_target_fields(target)}))
-            async for message in ws:
-                frame = json.loads(message)
-                kind = frame.get("type")
-                if kind == "notify":
-                    print(json.dumps(frame), flush=True)
-                    notified += 1
-                    if args.count is not None and notified >= args.count:
-                        return EXIT_OK
-                elif kind == "error":
-                    print(json.dumps(frame), file=sys.stderr, flush=True)
-                    failed += 1
-                    if failed == len(args.targets):
-                        return EXIT_FAILED
-                elif kind == "status":
-                    print(json.dumps(frame), file=sys.stderr, flush=True)
-        except ConnectionClosed:
-            pass
+            async with asyncio.timeout(args.timeout):
+                return await _follow(ws, args.targets, args.count)
+        except TimeoutError:
+            if args.count is None:
+                return EXIT_OK
+            print(f"coap-ws-gateway: fewer than {args.count} notify frames within "
+                  f"{args.timeout:g} s", file=sys.stderr)
+            return EXIT_FAILED
         finally:
             await ws.close()
-        print("coap-ws-gateway: the gateway closed the connection", file=sys.stderr)
-        return EXIT_FAILED
+
+    return _run_client(run)
+
+
+async def _follow(ws: Any, targets: Sequence[str], count: int | None) -> int:
+    """Subscribe to `targets` and print what comes, until `count` notify frames, or every
+    target has failed: an error frame, or `offline` with a 4.xx code (the resource is not
+    there, or the gateway may not have it; retrying will not change that)."""
+    from websockets.exceptions import ConnectionClosed
+
+    subs: dict[str, int] = {}
+    failed: set[int] = set()
+    notified = 0
+    try:
+        for number, target in enumerate(targets, 1):
+            await ws.send(json.dumps({"type": "subscribe", "id": number,
+                                      **_target_fields(target)}))
+        async for message in ws:
+            frame = json.loads(message)
+            kind = frame.get("type")
+            if kind == "subscribed":
+                subs[frame.get("sub")] = frame.get("id")
+                continue
+            _print(frame)
+            if kind == "notify":
+                notified += 1
+                if count is not None and notified >= count:
+                    return EXIT_OK
+            elif kind == "error" and frame.get("id") in range(1, len(targets) + 1):
+                failed.add(frame["id"])
+            elif (kind == "status" and frame.get("state") == "offline"
+                  and str(frame.get("code", "")).startswith("4.") and frame.get("sub") in subs):
+                failed.add(subs[frame["sub"]])
+            if len(failed) == len(targets):
+                return EXIT_FAILED
+    except ConnectionClosed:
+        pass
+    print("coap-ws-gateway: the gateway closed the connection", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        ws = await _connect(args.url, _token(args))
+        try:
+            return await _exchange(ws, {"type": "list", "id": 1},
+                                   lambda reply: reply["type"] == "resources")
+        finally:
+            await ws.close()
 
     return _run_client(run)
 
@@ -319,20 +391,33 @@ def _cmd_request(args: argparse.Namespace) -> int:
         frame["confirmable"] = False
 
     async def run() -> int:
-        ws = await _connect(args.url)
+        ws = await _connect(args.url, _token(args))
         try:
-            await ws.send(json.dumps(frame))
-            async for message in ws:
-                reply = json.loads(message)
-                if reply.get("id") == 1 and reply.get("type") in ("response", "error"):
-                    print(json.dumps(reply), flush=True)
-                    ok = reply["type"] == "response" and str(reply.get("code")).startswith("2.")
-                    return EXIT_OK if ok else EXIT_FAILED
+            return await _exchange(
+                ws, frame,
+                lambda reply: reply["type"] == "response"
+                and str(reply.get("code")).startswith("2."),
+            )
         finally:
             await ws.close()
-        raise UsageError("the gateway closed the connection before answering")
 
     return _run_client(run)
+
+
+async def _exchange(ws: Any, frame: dict[str, Any], ok: Callable[[dict[str, Any]], bool]) -> int:
+    """Send `frame` and print the reply that carries its id: exit 0 when `ok(reply)`."""
+    from websockets.exceptions import ConnectionClosed
+
+    await ws.send(json.dumps(frame))
+    try:
+        async for message in ws:
+            reply = json.loads(message)
+            if reply.get("id") == frame["id"]:
+                _print(reply)
+                return EXIT_OK if ok(reply) else EXIT_FAILED
+    except ConnectionClosed:
+        pass
+    raise UsageError("the gateway closed the connection before answering")
 
 
 def _run_client(run: Callable[[], Awaitable[int]]) -> int:
@@ -350,5 +435,6 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "sensors": _cmd_sensors,
     "subscribe": _cmd_subscribe,
     "request": _cmd_request,
+    "list": _cmd_list,
 }
 
