@@ -600,3 +600,21 @@ def test_a_range_error_says_what_zero_means() -> None:
     with pytest.raises(ConfigError) as refused:
         config_from_mapping({"supervision": {"poll_min": 0}})
     assert "> 0" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("mapping", "key", "hint"),
+    [
+        ({"server": {"log_level": "debug"}}, "server.log_level", "belongs at the top level"),
+        ({"limits": {"linger": 1}}, "limits.linger", "belongs under [server]"),
+        ({"server": {"max_lag": 1}}, "server.max_lag", "belongs under [limits]"),
+        ({"policy": {"backoff_min": 1}}, "policy.backoff_min", "belongs under [supervision]"),
+        ({"server": {"dtls_psk": "k"}}, "server.dtls_psk", "belongs under [[credentials]]"),
+    ],
+)
+def test_a_key_in_the_wrong_table_says_where_it_belongs(
+    mapping: dict[str, Any], key: str, hint: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        config_from_mapping(mapping)
+    assert refused.value.key == key and hint in refused.value.message

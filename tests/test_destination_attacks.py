@@ -272,3 +272,16 @@ async def test_list_shows_a_token_its_sensors_and_its_own_subscriptions_only(
     finally:
         for client in (alice, alice_too, bob, narrow):
             await client.close()
+
+
+async def test_refusals_say_what_to_do(
+    sensors: SimulatedSensors, make_gateway: Any, make_client: Any
+) -> None:
+    gateway: Gateway = await make_gateway(gateway_config(sensors))
+    client = await make_client(gateway.url)
+    reply = await client.call({"type": "subscribe", "name": "temprature"})
+    assert reply["message"] == "no sensor named 'temprature' (did you mean 'temperature'?)"
+    reply = await client.call({"type": "request", "method": "GET",
+                               "uri": "coap://127.0.0.2:5683/x"})
+    assert reply["error"] == "forbidden"
+    assert "add a pattern such as 'coap://127.0.0.2:5683/*' to [policy] allow" in reply["message"]

@@ -582,7 +582,8 @@ def test_decision_for_names_and_ip_literals() -> None:
     assert by_ip.allowed and not by_ip.needs_resolution
     refused = policy.decide("coap://10.0.0.1:1/x")
     assert not refused.allowed and not refused.needs_resolution
-    assert refused.reason == "coap://10.0.0.1:1/x is not allowed by the gateway's policy"
+    assert refused.reason.startswith("coap://10.0.0.1:1/x is not allowed by the gateway's policy")
+    assert "'coap://10.0.0.1:1/*' to [policy] allow (or --allow)" in refused.reason
     multicast = policy.decide("coap://224.0.1.187/x")
     assert multicast.reason.startswith("coap://224.0.1.187:5683/x is a multicast destination")
     assert "broadcast address" in policy.decide("coap://255.255.255.255/x").reason

@@ -770,10 +770,48 @@ def _unknown(name: str, value: object, known: Mapping[str, object]) -> str:
         isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
     )
     message = "unknown section" if is_table else "unknown key"
+    homes = _homes().get(name)
+    if homes:
+        where = " or ".join(
+            "at the top level (before any [table])" if not home else f"under {home}"
+            for home in homes
+        )
+        return f"{message} here: '{name}' belongs {where}"
     close = difflib.get_close_matches(name, list(known), n=1)
     if close:
         return f"{message} (did you mean '{close[0]}'?)"
     return f"{message}; expected one of: {', '.join(known)}"
+
+
+@functools.cache
+def _homes() -> dict[str, tuple[str, ...]]:
+    """Every key of the configuration, and the tables it belongs in (``""``: the top level;
+    ``[server]``, ``[[sensors]]``, ``[[auth.tokens]]``...), for "belongs under" hints."""
+    homes: dict[str, list[str]] = {}
+
+    def walk(cls: type, table: str, array: bool) -> None:
+        hints = _type_hints(cls)
+        for spec in dataclasses.fields(cls):
+            kind = _optional_of(hints[spec.name]) or hints[spec.name]
+            item = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else None
+            child = f"{table}.{spec.name}" if table else spec.name
+            if dataclasses.is_dataclass(kind):
+                homes.setdefault(spec.name, []).append(_table_name(table, array))
+                walk(typing.cast(type, kind), child, False)
+            elif item is not None and dataclasses.is_dataclass(item):
+                homes.setdefault(spec.name, []).append(_table_name(table, array))
+                walk(typing.cast(type, item), child, True)
+            else:
+                homes.setdefault(spec.name, []).append(_table_name(table, array))
+
+    walk(GatewayConfig, "", False)
+    return {name: tuple(dict.fromkeys(tables)) for name, tables in homes.items()}
+
+
+def _table_name(table: str, array: bool) -> str:
+    if not table:
+        return ""
+    return f"[[{table}]]" if array else f"[{table}]"
 
 
 def _join(prefix: str, key: str) -> str:

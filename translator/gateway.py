@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import http
 import logging
 import os
@@ -348,7 +349,10 @@ class Gateway:
             # A name this token may not reach gets the same answer as an unknown one, so that
             # a narrowed token can neither enumerate names nor learn their URIs.
             if found is None or not principal.allows(found, self.hub.sensor_uris):
-                raise FrameError(frames.NOT_FOUND, f"no sensor named {name!r}", frame_id)
+                raise FrameError(
+                    frames.NOT_FOUND, f"no sensor named {name!r}{self._nearest(name, principal)}",
+                    frame_id,
+                )
             uri_text = found
         assert uri_text is not None
         try:
@@ -361,7 +365,10 @@ class Gateway:
         if not principal.allows(uri, self.hub.sensor_uris):
             # The client wrote this URI itself: naming it reveals nothing.
             raise FrameError(
-                frames.FORBIDDEN, f"{uri} is not allowed for {principal.name!r}", frame_id
+                frames.FORBIDDEN,
+                f"{uri} is not allowed for {principal.name!r}: the token's allow list does not "
+                "cover it",
+                frame_id,
             )
         if uri.scheme == "coaps" and self._no_dtls is not None:
             raise FrameError(frames.UNSUPPORTED, self._no_dtls, frame_id)
@@ -369,6 +376,14 @@ class Gateway:
             # A configured sensor's host was named by the operator, not by a client.
             return dataclasses.replace(decision, needs_resolution=False)
         return decision
+
+    def _nearest(self, name: str, principal: Principal) -> str:
+        """A hint naming the configured sensors closest to `name` that `principal` may reach
+        (never one it may not: that would let a narrowed token enumerate names)."""
+        sensors = self.hub.sensor_uris
+        reachable = [n for n, uri in sensors.items() if principal.allows(uri, sensors)]
+        close = difflib.get_close_matches(name, reachable, n=3)
+        return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 
     async def _check_addresses(
         self, principal: Principal, decision: Decision, frame_id: FrameId

@@ -565,7 +565,11 @@ class Policy:
                     break
         if not matched:
             return Decision(
-                target, False, False, f"{normalized} is not allowed by the gateway's policy"
+                target,
+                False,
+                False,
+                f"{normalized} is not allowed by the gateway's policy; to allow it, add a "
+                f"pattern such as '{target.origin}/*' to [policy] allow (or --allow)",
             )
         if kind is not None and not names_host:
             return Decision(
