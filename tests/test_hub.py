@@ -748,6 +748,10 @@ class HubMachine(RuleBasedStateMachine):
     # -- invariants -----------------------------------------------------------------------
 
     @invariant()
+    def observing_count_is_the_observed_resources(self) -> None:
+        assert self.hub.observing_count == sum(self.observing.values())
+
+    @invariant()
     def observing_iff_needed(self) -> None:
         needed = {
             uri for uri in URIS
@@ -985,3 +989,77 @@ def test_too_large_after_stop_is_ignored() -> None:
     sub = sub_of(hub, "a", TEMP)
     hub.unsubscribe("a", sub)
     assert hub.upstream_too_large(TEMP, 5000) == []
+
+
+# --- bounded observations (issue 13 §3) -------------------------------------------------------
+
+
+def _observing(hub: Hub[Conn]) -> set[str]:
+    return set(hub.observed_uris)
+
+
+def test_churn_on_one_connection_keeps_its_observations_within_its_subscriptions() -> None:
+    hub = make_hub(linger=5.0, max_subscriptions=2)
+    hub.connect("a")
+    stops = 0
+    for index in range(500):
+        uri = f"{ORIGIN}/r{index}"
+        commands = hub.subscribe("a", uri, index)
+        stops += sum(isinstance(c, StopObservation) for c in commands)
+        sub = hub.resource(uri)
+        assert sub is not None
+        hub.unsubscribe("a", sub.sub)
+        assert len(_observing(hub)) <= 2
+        assert hub.observing_count == len(_observing(hub))
+    assert stops >= 497  # each new observation past the bound ended a lingering one
+
+
+def test_a_connection_full_of_subscriptions_gets_limit_not_a_reclaim_of_others() -> None:
+    hub = make_hub(linger=5.0, max_subscriptions=2)
+    for conn in ("a", "b"):
+        hub.connect(conn)
+    hub.subscribe("b", f"{ORIGIN}/b1")
+    hub.unsubscribe("b", hub.resource(f"{ORIGIN}/b1").sub)  # type: ignore[union-attr]
+    hub.subscribe("a", f"{ORIGIN}/a1")
+    hub.subscribe("a", f"{ORIGIN}/a2")
+    with pytest.raises(FrameError) as refused:
+        hub.subscribe("a", f"{ORIGIN}/a3", "x")
+    assert refused.value.code == LIMIT and refused.value.frame_id == "x"
+    assert f"{ORIGIN}/b1" in _observing(hub)  # b's lingering one was not taken
+
+
+def test_the_global_bound_ends_the_oldest_lingering_observation_or_refuses() -> None:
+    hub = make_hub(linger=5.0, max_observations=3, pinned=[TEMP])
+    hub.startup()
+    for conn in ("a", "b"):
+        hub.connect(conn)
+    hub.subscribe("a", f"{ORIGIN}/a1")
+    hub.unsubscribe("a", hub.resource(f"{ORIGIN}/a1").sub)  # type: ignore[union-attr]
+    hub.subscribe("b", f"{ORIGIN}/b1")
+    assert _observing(hub) == {TEMP, f"{ORIGIN}/a1", f"{ORIGIN}/b1"}
+    commands = hub.subscribe("b", f"{ORIGIN}/b2")
+    assert lifecycle(commands) == [StopObservation(f"{ORIGIN}/a1"),
+                                   StartObservation(f"{ORIGIN}/b2")]
+    with pytest.raises(FrameError) as refused:  # nothing left to end: the pinned one stays
+        hub.subscribe("a", f"{ORIGIN}/a2")
+    assert refused.value.code == LIMIT and "max_observations" in refused.value.message
+    assert hub.observing_count == 3
+
+
+def test_resubscribing_to_a_lingering_observation_needs_no_room() -> None:
+    hub = make_hub(linger=5.0, max_observations=1)
+    hub.connect("a")
+    hub.subscribe("a", TEMP)
+    hub.unsubscribe("a", hub.resource(TEMP).sub)  # type: ignore[union-attr]
+    assert lifecycle(hub.subscribe("a", TEMP)) == []
+    assert hub.observing_count == 1
+
+
+def test_what_a_gone_connection_left_lingering_counts_only_globally() -> None:
+    hub = make_hub(linger=5.0, max_subscriptions=1, max_observations=10)
+    hub.connect("a")
+    hub.subscribe("a", TEMP)
+    hub.disconnect("a")
+    hub.connect("a")  # the same object again, as a new connection
+    assert lifecycle(hub.subscribe("a", HUM)) == [StartObservation(HUM)]
+    assert _observing(hub) == {TEMP, HUM}

@@ -219,7 +219,38 @@ async def test_request_rate_limit(sensors: SimulatedSensors, make_gateway: Any) 
     assert (await client.call(get))["type"] == "response"
     limited = await client.call(get)
     assert limited["type"] == "error" and limited["error"] == "rate_limited"
-    assert (await client.call({"type": "ping"}))["type"] == "pong"
+    # Every frame type draws on the same bucket, each by its cost.
+    limited = await client.call({"type": "ping"})
+    assert limited["type"] == "error" and limited["error"] == "rate_limited"
+    await client.close()
+
+
+async def test_every_frame_type_is_rate_limited_by_its_cost(
+    sensors: SimulatedSensors, make_gateway: Any
+) -> None:
+    from translator import frames
+    from translator.gateway import FRAME_COSTS
+
+    gateway = await make_gateway({**gateway_config(sensors),
+                                  "limits": {"rate": 0.001, "burst": 1}})
+    client = await open_client(gateway.url)
+    pings = round(1 / FRAME_COSTS[frames.Ping])
+    for _ in range(pings):
+        assert (await client.call({"type": "ping"}))["type"] == "pong"
+    for frame in ({"type": "ping"}, {"type": "list"}, {"type": "subscribe", "name": "led"},
+                  {"type": "unsubscribe", "sub": "s1"}, "not json at all"):
+        if isinstance(frame, str):
+            await client.send(frame)
+            reply = await client.recv()
+        else:
+            reply = await client.call(frame)
+        assert reply["type"] == "error" and reply["error"] == "rate_limited", (frame, reply)
+    await client.close()
+
+    # A cost above the bucket takes the whole bucket: a list still goes through once.
+    client = await open_client(gateway.url)
+    assert (await client.call({"type": "list"}))["type"] == "resources"
+    assert (await client.call({"type": "ping"}))["error"] == "rate_limited"
     await client.close()
 
 

@@ -212,7 +212,9 @@ class LimitsConfig:
     ping_timeout: float = _setting(20.0, minimum=0, maximum=DAY, zero="waits forever")
     """Seconds without a pong before a connection is considered dead; 0 waits forever."""
     rate: float = _setting(50.0, minimum=0, maximum=MILLION, zero="means no limit")
-    """`request` frames per second per connection (token bucket refill rate); 0 = no limit."""
+    """Frames per second per connection, in request-sized units (token bucket refill rate;
+    each frame type has its cost, see :data:`translator.gateway.FRAME_COSTS`); 0 = no
+    limit."""
     burst: int = _setting(100, minimum=1, maximum=MILLION)
     """Token bucket size for ``rate``."""
     max_connections: int = _setting(10_000, minimum=1, maximum=MILLION)
@@ -224,6 +226,10 @@ class LimitsConfig:
     handshake without a deadline would let idle sockets pile up)."""
     max_upstream_bytes: int = _setting(1_048_576, minimum=1, maximum=GIB)
     """Largest representation taken from a sensor (all blocks together)."""
+    max_observations: int = _setting(1000, minimum=1, maximum=MILLION)
+    """Upstream observations the gateway keeps at once, lingering ones and pinned sensors
+    included; a subscription that needs one more ends the oldest lingering one, or gets
+    ``limit``."""
 
     def __post_init__(self) -> None:
         _check_fields(self)

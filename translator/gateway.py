@@ -9,6 +9,7 @@ order live here too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import difflib
 import http
@@ -17,6 +18,7 @@ import os
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -49,6 +51,23 @@ log = logging.getLogger(__name__)
 DISCOVERY_REFRESH: Final = 60.0
 """A `list` reads the sensors' /.well-known/core again at most this often (seconds)."""
 
+FRAME_COSTS: Final[dict[type, float]] = {
+    frames.Request: 1.0,
+    frames.ListResources: 5.0,  # serializes an entry per known resource
+    frames.Subscribe: 0.5,
+    frames.Unsubscribe: 0.25,
+    frames.Ping: 0.1,
+}
+"""What each client frame takes from its connection's token bucket (`[limits] rate` and
+`burst` are in these units): every frame type is rate limited, by what it costs."""
+UNPARSABLE_COST: Final = 1.0
+"""A frame that does not parse costs as much as a request: it is answered for nothing."""
+HELD_FRAMES_MAX: Final = 32
+"""Frames a connection may send while one of its subscriptions waits for its host name to
+resolve. They wait, in order, so that replies keep the order of their frames."""
+LOOKUP_TIMEOUT: Final = 5.0
+"""Seconds a host name may take to resolve before the frame fails with `upstream_error`."""
+
 
 def _tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
     """The server TLS context for `wss://`, or None; unusable files are a ConfigError."""
@@ -75,13 +94,28 @@ class Session:
     bucket: TokenBucket
     """`request` frames allowed per second (`[limits] rate` / `burst`)."""
     requests: set[asyncio.Task[None]] = field(default_factory=set)
-    """CoAP requests in flight (at most `[limits] max_inflight`)."""
+    """CoAP requests in flight."""
     lookups: set[asyncio.Task[None]] = field(default_factory=set)
-    """Subscriptions waiting for their host name to be resolved."""
+    """Subscriptions waiting for their host name to be resolved (one at a time)."""
+    lists: set[asyncio.Task[None]] = field(default_factory=set)
+    """`list` frames being answered."""
+    held: deque[str | bytes] | None = None
+    """While a lookup runs: the frames that arrived after it, to be handled in order."""
+    held_bytes: int = 0
 
     @property
     def tasks(self) -> set[asyncio.Task[None]]:
-        return self.requests | self.lookups
+        return self.requests | self.lookups | self.lists
+
+    @property
+    def in_flight(self) -> int:
+        """Work in flight for this connection: requests, lookups and lists, together at most
+        `[limits] max_inflight`."""
+        return len(self.requests) + len(self.lookups) + len(self.lists)
+
+    def track(self, task: asyncio.Task[None], into: set[asyncio.Task[None]]) -> None:
+        into.add(task)
+        task.add_done_callback(into.discard)
 
 
 class Gateway:
@@ -99,6 +133,7 @@ class Gateway:
             sensors={s.name: s.uri for s in config.sensors},
             pinned=[s.uri for s in config.sensors if s.observe],
             max_upstream_bytes=config.limits.max_upstream_bytes,
+            max_observations=config.limits.max_observations,
         )
         self.coap = CoapSide(
             self,
@@ -136,6 +171,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._discovered_at: float | None = None
         self._discovery: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def url(self) -> str:
@@ -161,7 +197,12 @@ class Gateway:
             self._discovery = self._spawn(self._discover(), "discovery")
 
     async def stop(self) -> None:
-        """Cancel upstream observations, close WebSockets with 1001, stop everything."""
+        """Close WebSockets with 1001, deregister upstream observations, stop everything.
+
+        Nothing that happens while stopping (a client going away) arms a linger timer or
+        starts an observation.
+        """
+        self._stopping = True
         for handle in self._lingers.values():
             handle.cancel()
         self._lingers.clear()
@@ -186,6 +227,8 @@ class Gateway:
 
     def _execute(self, commands: list[Command[Connection]]) -> None:
         for command in commands:
+            if self._stopping and isinstance(command, StartObservation | StartLinger):
+                continue
             if isinstance(command, Deliver):
                 # Frame once, send to many: the same bytes go to every target.
                 fan_out(command.targets, command.text, command.replaces)
@@ -284,29 +327,98 @@ class Gateway:
         self._execute(self.hub.disconnect(conn))
 
     def received(self, conn: Connection, message: str | bytes) -> None:
+        session = self._sessions.get(conn)
+        if session is None:
+            return
+        if session.held is not None:
+            self._hold(session, message)
+        else:
+            self._handle(session, message)
+
+    def _handle(self, session: Session, message: str | bytes) -> None:
+        conn = session.conn
         try:
-            frame = frames.parse(message)
-            self._dispatch(conn, frame)
+            try:
+                frame = frames.parse(message)
+            except FrameError:
+                if not session.bucket.take(UNPARSABLE_COST):
+                    raise self._rate_limited(session, None) from None
+                raise
+            # A cost above the bucket's size could never be paid: it takes the whole bucket.
+            if not session.bucket.take(min(FRAME_COSTS[type(frame)], session.bucket.burst)):
+                raise self._rate_limited(session, frame.id)
+            self._dispatch(session, frame)
         except FrameError as exc:
             conn.send(exc.to_frame().serialize())
         except Exception:  # never let one frame take the connection or the gateway down
             log.exception("%r: internal error handling a frame", conn)
             conn.send(frames.ErrorFrame(None, "internal_error", "internal error").serialize())
 
-    def _dispatch(self, conn: Connection, frame: frames.ClientFrame) -> None:
-        session = self._sessions[conn]
+    def _rate_limited(self, session: Session, frame_id: FrameId) -> FrameError:
+        return FrameError(
+            frames.RATE_LIMITED,
+            f"more than {self.config.limits.rate:g} requests per second (or their cost in "
+            f"other frames); retry in {session.bucket.retry_after():.2f} s",
+            frame_id,
+        )
+
+    def _hold(self, session: Session, message: str | bytes) -> None:
+        """Keep a frame until the lookup ahead of it is done; refuse it past the bound."""
+        assert session.held is not None
+        if (
+            len(session.held) >= HELD_FRAMES_MAX
+            or session.held_bytes + len(message) > self.config.limits.max_frame_bytes
+        ):
+            frame_id: FrameId = None
+            with contextlib.suppress(FrameError):
+                frame_id = frames.parse(message).id
+            session.conn.send(frames.ErrorFrame(
+                frame_id, frames.LIMIT,
+                f"at most {HELD_FRAMES_MAX} frames may wait behind a host-name lookup",
+            ).serialize())
+            return
+        session.held.append(message)
+        session.held_bytes += len(message)
+
+    def _release(self, session: Session) -> None:
+        """A lookup is done: handle the frames held behind it, in order, until one of them
+        starts another lookup (the rest then wait behind that one)."""
+        if self._sessions.get(session.conn) is not session or session.held is None:
+            return
+        held, session.held, session.held_bytes = session.held, None, 0
+        while held:
+            self._handle(session, held.popleft())
+            if session.held is not None:
+                session.held.extend(held)
+                session.held_bytes = sum(len(m) for m in held)
+                return
+
+    def _require_room(self, session: Session, frame_id: FrameId) -> None:
+        limit = self.config.limits.max_inflight
+        if session.in_flight >= limit:
+            raise FrameError(
+                frames.LIMIT,
+                f"at most {limit} requests, lookups and lists in flight per connection",
+                frame_id,
+            )
+
+    def _dispatch(self, session: Session, frame: frames.ClientFrame) -> None:
+        conn = session.conn
         match frame:
             case frames.Subscribe():
                 decision = self._target(session, frame.uri, frame.name, READ, frame.id)
                 if decision.needs_resolution:
+                    self._require_room(session, frame.id)
                     task = asyncio.create_task(
                         self._answering(
                             conn, frame.id, self._subscribe_resolved(session, decision, frame.id)
                         ),
                         name=f"resolve {decision.uri.host} for #{conn.id}",
                     )
-                    session.lookups.add(task)
-                    task.add_done_callback(session.lookups.discard)
+                    session.track(task, session.lookups)
+                    # Later frames wait for it, so that their replies stay in frame order.
+                    session.held = deque()
+                    task.add_done_callback(lambda _: self._release(session))
                 else:
                     self._execute(self.hub.subscribe(conn, str(decision.uri), frame.id))
             case frames.Unsubscribe():
@@ -315,9 +427,13 @@ class Gateway:
                 self._start_request(session, frame)
             case frames.ListResources():
                 self._require(session.principal, READ, frame.id)
-                self._spawn(
-                    self._answering(conn, frame.id, self._list(session, frame.id)),
-                    f"list for #{conn.id}",
+                self._require_room(session, frame.id)
+                session.track(
+                    asyncio.create_task(
+                        self._answering(conn, frame.id, self._list(session, frame.id)),
+                        name=f"list for #{conn.id}",
+                    ),
+                    session.lists,
                 )
             case frames.Ping():
                 conn.send(frames.Pong(frame.id).serialize())
@@ -393,9 +509,16 @@ class Gateway:
         destination, or an address outside the address patterns, past either."""
         uri = decision.uri
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                uri.host, uri.port, type=socket.SOCK_DGRAM
-            )
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    uri.host, uri.port, type=socket.SOCK_DGRAM
+                )
+        except TimeoutError:
+            raise FrameError(
+                frames.UPSTREAM_ERROR,
+                f"cannot resolve {uri.host!r}: no answer within {LOOKUP_TIMEOUT:g} s",
+                frame_id,
+            ) from None
         except OSError as exc:
             raise FrameError(
                 frames.UPSTREAM_ERROR, f"cannot resolve {uri.host!r}: {exc}", frame_id
@@ -435,22 +558,10 @@ class Gateway:
 
     def _start_request(self, session: Session, frame: frames.Request) -> None:
         conn = session.conn
-        if not session.bucket.take():
-            raise FrameError(
-                frames.RATE_LIMITED,
-                f"more than {self.config.limits.rate:g} requests per second; retry in "
-                f"{session.bucket.retry_after():.2f} s",
-                frame.id,
-            )
         decision = self._target(
             session, frame.uri, frame.name, scope_for_method(frame.method), frame.id
         )
-        if len(session.requests) >= self.config.limits.max_inflight:
-            raise FrameError(
-                frames.LIMIT,
-                f"at most {self.config.limits.max_inflight} requests in flight per connection",
-                frame.id,
-            )
+        self._require_room(session, frame.id)
         payload = frame.payload or b""
         if frame.has_value:
             assert frame.cf is not None
@@ -462,8 +573,7 @@ class Gateway:
             self._answering(conn, frame.id, self._request(session, frame, decision, payload)),
             name=f"request {frame.id!r} #{conn.id}",
         )
-        session.requests.add(task)
-        task.add_done_callback(session.requests.discard)
+        session.track(task, session.requests)
 
     async def _request(
         self, session: Session, frame: frames.Request, decision: Decision, payload: bytes

@@ -8,6 +8,8 @@ linger timer fired) and returns *commands* for the I/O layers to carry out:
     ---------------------------------  ----------------------------------------------------
     subscribe (first subscriber)       Deliver(subscribed) [+ cached notify/status]
                                        + StartObservation when not already observed
+                                       [+ StopObservation of a lingering one, to stay
+                                       within the bounds below]
     unsubscribe / disconnect (last)    StopObservation, or StartLinger when linger > 0
     linger_expired (still unwatched)   StopObservation
     upstream_registering               (counts the registration)
@@ -20,6 +22,13 @@ linger timer fired) and returns *commands* for the I/O layers to carry out:
 
 The upstream state of a resource (online / stale / offline) follows one table,
 `TRANSITIONS`, in the style of h11's `_state.py`; see there for the rule.
+
+Upstream observations are bounded, so that one client's subscribe/unsubscribe churn cannot
+turn into traffic toward sensors: a connection's subscriptions plus the lingering
+observations it left behind stay within `max_subscriptions`, and all observations within
+`max_observations`. A subscription that needs a new observation past a bound first ends the
+oldest lingering observation (that connection's own, then anyone's); with none to end, it is
+refused with `limit`. Pinned resources count toward the global bound but are never ended.
 
 There is exactly one upstream observation per resource however many connections watch it.
 A notification is decoded once and serialized once; `Deliver.text` is the same `str` object
@@ -241,6 +250,7 @@ class Hub(Generic[C]):
         clock: Callable[[], float] | None = None,
         max_idle_resources: int = 10_000,
         max_upstream_bytes: int = 1_048_576,
+        max_observations: int = 1000,
     ) -> None:
         """`sensors` maps configured names to normalized URIs; `pinned` lists the URIs
         configured with `observe = true`; `max_upstream_bytes` is the limit the CoAP side
@@ -249,6 +259,13 @@ class Hub(Generic[C]):
 
         self.linger = linger
         self.max_subscriptions = max_subscriptions
+        self.max_observations = max_observations
+        self.observing_count = 0
+        """Resources the hub has asked the CoAP side to observe (and not yet to stop)."""
+        # Lingering observations, oldest first, with the connection whose leaving started
+        # the linger (None once it is gone), and the same per connection.
+        self._lingering: dict[str, C | None] = {}
+        self._lingering_by: dict[C, dict[str, None]] = {}
         self.max_upstream_bytes = max_upstream_bytes
         self.clock = clock or time.time
         self.sensor_uris: dict[str, str] = dict(sensors or {})
@@ -310,8 +327,7 @@ class Hub(Generic[C]):
         commands: list[Command[C]] = []
         for resource in self._resources.values():
             if resource.pinned and not resource.observing:
-                resource.observing = True
-                commands.append(StartObservation(resource.uri))
+                commands.extend(self._start(resource))
         return commands
 
     def connect(self, conn: C) -> None:
@@ -328,9 +344,12 @@ class Hub(Generic[C]):
                 f"at most {self.max_subscriptions} subscriptions per connection",
                 frame_id,
             )
+        commands: list[Command[C]] = []
+        if resource is None or not resource.observing:
+            commands.extend(self._make_room(conn, uri, frame_id))
         resource = self._resource(uri)
         self._idle.pop(uri, None)
-        commands: list[Command[C]] = []
+        self._end_linger(uri)
         if not already:
             subs[resource.sub] = resource
             resource.subscribers += (conn,)
@@ -343,9 +362,48 @@ class Hub(Generic[C]):
         if resource.last_status is not None and resource.state != "online":
             commands.append(Deliver((conn,), resource.last_status))
         if not resource.observing:
-            resource.observing = True
-            commands.append(StartObservation(uri))
+            commands.extend(self._start(resource))
         return commands
+
+    def _make_room(self, conn: C, uri: str, frame_id: FrameId) -> list[Command[C]]:
+        """Make room for one more observation on behalf of `conn` (see the module
+        docstring), or raise `limit` without changing anything."""
+        own = self._lingering_by.get(conn, {})
+        victims: list[str] = []
+        if len(self._connections.get(conn, {})) + len(own) >= self.max_subscriptions:
+            if not own:
+                raise FrameError(
+                    LIMIT, f"at most {self.max_subscriptions} subscriptions per connection, "
+                    "lingering observations it left included", frame_id,
+                )
+            victims.append(next(iter(own)))
+        if self.observing_count - len(victims) >= self.max_observations:
+            spare = next((u for u in self._lingering if u not in victims and u != uri), None)
+            if spare is None:
+                raise FrameError(
+                    LIMIT, f"the gateway observes its maximum of {self.max_observations} "
+                    "resources ([limits] max_observations)", frame_id,
+                )
+            victims.append(spare)
+        commands: list[Command[C]] = []
+        for victim in victims:
+            commands.extend(self._stop(self._resources[victim]))
+        return commands
+
+    def _start(self, resource: Resource[C]) -> list[Command[C]]:
+        resource.observing = True
+        self.observing_count += 1
+        return [StartObservation(resource.uri)]
+
+    def _end_linger(self, uri: str) -> None:
+        if uri in self._lingering:
+            who = self._lingering.pop(uri)
+            if who is not None:
+                own = self._lingering_by.get(who)
+                if own is not None:
+                    own.pop(uri, None)
+                    if not own:
+                        del self._lingering_by[who]
 
     def unsubscribe(self, conn: C, sub: str, frame_id: FrameId = None) -> list[Command[C]]:
         subs = self._connections.get(conn, {})
@@ -363,6 +421,9 @@ class Hub(Generic[C]):
         commands: list[Command[C]] = []
         for resource in self._connections.pop(conn, {}).values():
             commands.extend(self._drop_subscriber(resource, conn))
+        # What it left lingering still counts globally, no longer toward a connection.
+        for uri in self._lingering_by.pop(conn, {}):
+            self._lingering[uri] = None
         return commands
 
     def _drop_subscriber(self, resource: Resource[C], conn: C) -> list[Command[C]]:
@@ -375,6 +436,10 @@ class Hub(Generic[C]):
         if self.linger <= 0:
             return self._stop(resource)
         resource.linger_generation += 1
+        self._end_linger(resource.uri)
+        self._lingering[resource.uri] = conn
+        if conn in self._connections:
+            self._lingering_by.setdefault(conn, {})[resource.uri] = None
         return [StartLinger(resource.uri, self.linger, resource.linger_generation)]
 
     def linger_expired(self, uri: str, generation: int) -> list[Command[C]]:
@@ -391,6 +456,8 @@ class Hub(Generic[C]):
 
     def _stop(self, resource: Resource[C]) -> list[Command[C]]:
         resource.observing = False
+        self.observing_count -= 1
+        self._end_linger(resource.uri)
         if resource.name is None:
             self._idle[resource.uri] = None
             while len(self._idle) > self.max_idle_resources:

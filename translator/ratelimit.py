@@ -1,7 +1,7 @@
 """Counting limits for clients: a token bucket per connection and the connection limiter.
 
-This module owns the arithmetic of ``[limits] rate``/``burst`` (each ``request`` frame takes
-a token from its connection's bucket; an empty bucket is answered ``rate_limited``) and of
+This module owns the arithmetic of ``[limits] rate``/``burst`` (each frame takes its cost in
+tokens from its connection's bucket; an empty bucket is answered ``rate_limited``) and of
 ``max_connections``/``max_connections_per_ip`` (checked at the handshake; a refusal is
 HTTP 503). It is pure: no I/O, no asyncio, no threads. Time comes from an injectable clock
 (``time.monotonic`` by default), so tests drive it by hand.
@@ -60,7 +60,7 @@ class TokenBucket:
         self._stamp = now
         self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
 
-    def take(self, tokens: int = 1) -> bool:
+    def take(self, tokens: float = 1) -> bool:
         """Take ``tokens`` if the bucket holds them; False (taking nothing) if not."""
         if tokens < 0:
             raise ValueError("cannot take a negative number of tokens")
