@@ -25,7 +25,6 @@ import http
 import itertools
 import logging
 import os
-import re
 import ssl
 import struct
 import weakref
@@ -41,6 +40,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 
+from .logs import install_redaction
 from .outbox import Outbox
 from .ratelimit import ConnectionLimiter
 
@@ -339,6 +339,9 @@ class WebSocketServer:
 
     async def start(self) -> None:
         settings = self.settings
+        # Clients put tokens in request lines and headers, which websockets logs at debug
+        # level (and in the exceptions of malformed requests): every record is redacted.
+        install_redaction()
         self._server = await serve(
             self._serve_connection,
             settings.host,
@@ -356,7 +359,6 @@ class WebSocketServer:
             open_timeout=settings.handshake_timeout,
             ssl=settings.ssl_context,
             server_header="coap-ws-gateway",
-            logger=_server_logger(),
         )
         sockets = list(self._server.sockets)
         if sockets:
@@ -570,33 +572,6 @@ def _forget_handshake_headers(ws: ServerConnection) -> None:
     for message in (ws.request, ws.response):
         if message is not None:
             message.headers.clear()
-
-
-class _RedactSecrets(logging.Filter):
-    """Keeps tokens out of websockets' own (debug) logs: request lines lose their query
-    string, where `access_token` travels, and Authorization headers their value."""
-
-    _patterns: Final = (
-        (re.compile(r"(GET \S*?)\?\S*"), r"\1?<redacted>"),
-        (re.compile(r"(?i)(authorization:\s*)\S.*"), r"\1<redacted>"),
-        (re.compile(r"(?i)(access_token=)[^&\s]*"), r"\1<redacted>"),
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = message
-        for pattern, replacement in self._patterns:
-            redacted = pattern.sub(replacement, redacted)
-        if redacted != message:
-            record.msg, record.args = redacted, ()
-        return True
-
-
-def _server_logger() -> logging.Logger:
-    logger = logging.getLogger("websockets.server")
-    if not any(isinstance(f, _RedactSecrets) for f in logger.filters):
-        logger.addFilter(_RedactSecrets())
-    return logger
 
 
 def fan_out(targets: Iterable[Connection], text: str, replaces: str | None = None) -> None:
