@@ -1,9 +1,10 @@
 """The WebSocket side: the websockets server, one reader and one bounded writer per client.
 
 It owns I/O toward web clients and nothing else: the handshake (only the `/ws` path is a
-WebSocket endpoint; a small HTML page that shows live values is served at `/`), reading
-messages and handing them to the `MessageHandler`, and writing queued text frames. It knows
-nothing of CoAP, the hub or the frames' meaning.
+WebSocket endpoint), reading messages and handing them to the `MessageHandler`, and writing
+queued text frames. It knows nothing of CoAP, the hub or the frames' meaning. What a plain
+HTTP request gets (the page at `/`, 404, 405, ...) is `http_front`'s decision; this module
+reads the request head for it and sends its answer (`_ServerConnection`).
 
 Outgoing frames go through `Connection.send()`, which never blocks: each connection has a
 bounded queue drained by its own writer task. A queue that overflows means the client does
@@ -31,7 +32,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib import resources
+from email.utils import formatdate
 from typing import Any, Final, Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -40,13 +41,15 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 
+from . import http_front
+from .http_front import WS_PATH, Answer, HeadReader, HttpError
 from .logs import install_redaction
 from .outbox import Outbox
 from .ratelimit import ConnectionLimiter
 
 log = logging.getLogger(__name__)
 
-WS_PATH: Final = "/ws"
+SERVER_HEADER: Final = "coap-ws-gateway"
 SLOW_CONSUMER: Final = (1008, "slow consumer")
 CLOSE_TIMEOUT: Final = 2.0
 """Seconds to wait for a closing handshake before the TCP connection is dropped."""
@@ -271,10 +274,6 @@ class _PingRound:
         self.deadline = 0.0
 
 
-def _html_page() -> bytes:
-    return resources.files("translator").joinpath("static/index.html").read_bytes()
-
-
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     """How the WebSocket side listens and treats its clients."""
@@ -347,6 +346,7 @@ class WebSocketServer:
             settings.host,
             settings.port,
             process_request=self._process_request,
+            process_response=_process_response,
             max_size=settings.max_frame_bytes,
             # permessage-deflate costs more CPU per frame than it saves on loopback-sized
             # JSON, and halves fan-out throughput.
@@ -358,7 +358,7 @@ class WebSocketServer:
             ping_interval=None,
             open_timeout=settings.handshake_timeout,
             ssl=settings.ssl_context,
-            server_header="coap-ws-gateway",
+            server_header=SERVER_HEADER,
         )
         sockets = list(self._server.sockets)
         if sockets:
@@ -465,28 +465,29 @@ class WebSocketServer:
                     log.exception("%r: closing after an unanswered ping failed", conn)
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
-        path = request.path.partition("?")[0]
-        if path == WS_PATH:
-            address = ws.remote_address
-            ip = str(address[0]) if address else ""
-            refusal = self._count_connection(ws, ip) or self._check_origin(request.headers)
-            if refusal is None and self.gatekeeper is not None:
-                verdict = self.gatekeeper.admit(request.path, request.headers, ip)
-                if isinstance(verdict, Refusal):
-                    refusal = verdict
-                else:
-                    self._grants[ws] = verdict
-            if refusal is None:
-                return None
-            log.info("handshake from %s refused: %d %s", _peer(ws), refusal.status,
-                     refusal.message)
-            response = ws.respond(refusal.status, refusal.message + "\n")
-            for name, value in refusal.headers:
-                response.headers[name] = value
-            return response
-        if path in ("/", "/index.html"):
-            return _http_response(http.HTTPStatus.OK, _html_page(), "text/html; charset=utf-8")
-        return ws.respond(http.HTTPStatus.NOT_FOUND, f"no such path; WebSocket is at {WS_PATH}\n")
+        """Decide on a WebSocket handshake: None lets websockets check and accept it.
+
+        `_ServerConnection` hands websockets only GETs on `/ws` (`http_front` answers every
+        other request), so the limits, the Origin and the gatekeeper are all asked here.
+        """
+        if request.path.partition("?")[0] != WS_PATH:  # not expected: see the docstring
+            return _response(http_front.error_answer(http.HTTPStatus.NOT_FOUND, "no such path"))
+        address = ws.remote_address
+        ip = str(address[0]) if address else ""
+        refusal = self._count_connection(ws, ip) or self._check_origin(request.headers)
+        if refusal is None and self.gatekeeper is not None:
+            verdict = self.gatekeeper.admit(request.path, request.headers, ip)
+            if isinstance(verdict, Refusal):
+                refusal = verdict
+            else:
+                self._grants[ws] = verdict
+        if refusal is None:
+            return None
+        log.info("handshake from %s refused: %d %s", _peer(ws), refusal.status, refusal.message)
+        response = ws.respond(refusal.status, refusal.message + "\n")
+        for name, value in refusal.headers:
+            response.headers[name] = value
+        return response
 
     def _count_connection(self, ws: ServerConnection, ip: str) -> Refusal | None:
         """Admit one more connection from `ip` within the limits, until its TCP closes."""
@@ -541,16 +542,33 @@ class WebSocketServer:
 
 
 class _ServerConnection(ServerConnection):
-    """websockets' connection, with every attribute named when it is created.
+    """websockets' connection, behind a front that reads the request head first.
 
-    CPython 3.11 lets a class's instances share one table of attribute names, which has
-    room for a few more names than the first instance sets, and each new instance takes
-    one of those spare places away. websockets sets `recv_messages` and `transport` only in
-    `connection_made()`, which runs after every connection accepted in the same loop turn
-    has been created: after a burst of five or more, the table has no room left for them,
-    and from then on every connection of the process carries a private `__dict__` (about
-    1.5 KiB more per connection). Naming them in `__init__` lets the first instance put
-    every name in the table.
+    The front (`data_received` until the head is answered) exists because websockets reads
+    a connection's first bytes as one request and nothing else:
+
+    * bytes after the request head (a second, pipelined request, junk, a body) were parsed
+      as WebSocket frames before the answer went out; failing on them ended the stream, and
+      the answer then failed on an assertion (no answer, an ERROR traceback);
+    * a head websockets cannot parse (a body, an unknown HTTP version, a malformed header
+      line) got no answer at all, only the end of the stream.
+
+    So the head is read here (`http_front.HeadReader`, `parse_head`). A GET on `/ws` goes to
+    websockets, without what follows it: those bytes wait until the handshake is answered,
+    then go to websockets too (frames after a 101; after a refusal websockets discards
+    them). Every other request gets `http_front`'s answer through websockets' Sans-I/O
+    `send_response()`, which logs it, ends the stream and discards what the client sends
+    until it closes (at most `CLOSE_TIMEOUT` seconds later, the TCP connection is dropped).
+    Only public websockets API is used: `create_connection`, `data_received`, the
+    protocol's `send_response()` and `data_to_send()`.
+
+    Every attribute is named when the connection is created: CPython 3.11 lets a class's
+    instances share one table of attribute names, which has room for a few more names than
+    the first instance sets, and each new instance takes one of those spare places away.
+    websockets sets `recv_messages` and `transport` only in `connection_made()`, which runs
+    after every connection accepted in the same loop turn has been created: after a burst
+    of five or more, the table has no room left for them, and from then on every connection
+    of the process carries a private `__dict__` (about 1.5 KiB more per connection).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -558,6 +576,86 @@ class _ServerConnection(ServerConnection):
         # Placeholders until connection_made() sets the real values.
         self.recv_messages = None  # type: ignore[assignment]
         self.transport = None  # type: ignore[assignment]
+        self.head_reader: HeadReader | None = HeadReader()
+        """Reads the request head; None once it is complete."""
+        self.early: bytearray | None = None
+        """Bytes after the head of a handshake, until websockets has answered it; None once
+        they are handed on (or when there is no handshake)."""
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_reader is not None:
+            self._read_head(data)
+        elif self.early is not None:
+            # The handshake's answer is decided once `response` is set; data_received cannot
+            # run between that and send_response(), so it has gone out.
+            if self.response is None:
+                self.early += data
+            else:
+                self.release_early(data)
+        else:
+            super().data_received(data)
+
+    def _read_head(self, data: bytes) -> None:
+        assert self.head_reader is not None
+        try:
+            found = self.head_reader.feed(data)
+            if found is None:
+                return
+            self.head_reader = None
+            head_bytes, rest = found
+            head = http_front.parse_head(head_bytes)
+        except HttpError as error:
+            self.head_reader = None
+            log.debug("%s: unreadable request (%s)", _peer(self), error.message)
+            self._answer(http_front.error_answer(error.status, error.message))
+            return
+        answer = http_front.answer_request(head)
+        if answer is not None:
+            log.debug("%s: %s %s answered %d", _peer(self), head.method, head.path,
+                      answer.status)
+            self._answer(answer)
+            return
+        # A WebSocket handshake. websockets answers it in a later loop turn (a task runs
+        # process_request), so at most a read or two arrive meanwhile: `early` stays small.
+        self.early = bytearray(rest)
+        super().data_received(head_bytes)
+
+    def release_early(self, data: bytes = b"") -> None:
+        """Hand the bytes that came after the handshake's head on to websockets, now that
+        the handshake is answered (`process_response` schedules this)."""
+        if self.early is None:
+            return
+        early, self.early = bytes(self.early) + data, None
+        if early and not self.transport.is_closing():
+            self.data_received(early)
+
+    def _answer(self, answer: Answer) -> None:
+        """Send `answer` and end the stream, as websockets does with its own refusals."""
+        self.protocol.send_response(_response(answer))
+        for data in self.protocol.data_to_send():
+            if data:
+                self.transport.write(data)
+            elif self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:  # TLS: no half-close
+                self.transport.close()
+        # websockets' handshake task waits for a request that never comes, or for the
+        # connection to close: a client that keeps it open is dropped after the grace time.
+        self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+
+
+def _process_response(
+    ws: ServerConnection, request: Request, response: Response
+) -> Response | None:
+    """Every handshake answer but a 101 gets `http_front`'s security headers; bytes that
+    came after the handshake's head are handed on once the answer is out."""
+    if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+        for name, value in http_front.security_headers():
+            response.headers[name] = value
+    if isinstance(ws, _ServerConnection):
+        # send_response() follows this call in the same step of websockets' handshake task.
+        ws.loop.call_soon(ws.release_early)
+    return None
 
 
 def _forget_handshake_headers(ws: ServerConnection) -> None:
@@ -642,12 +740,8 @@ def _peer(ws: ServerConnection) -> str:
     return f"{address[0]}:{address[1]}" if address else "?"
 
 
-def _http_response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers(
-        [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-        ]
-    )
-    return Response(status.value, status.phrase, headers, body)
+def _response(answer: Answer) -> Response:
+    """websockets' form of an `http_front` answer, with the headers only I/O can know."""
+    headers = Headers([("Date", formatdate(usegmt=True)), *answer.headers])
+    headers["Server"] = SERVER_HEADER
+    return Response(answer.status.value, answer.status.phrase, headers, answer.body)
