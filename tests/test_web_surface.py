@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -441,3 +442,67 @@ async def test_an_unreadable_head_gets_a_clear_answer(
     assert answer.status == status
     assert_not_frameable(answer)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+# --- item 5: ping floods -----------------------------------------------------------------
+
+MAX_PENDING = 65536
+
+
+async def test_a_client_that_pings_and_never_reads_is_closed_within_a_bound(
+    make_gateway: Any, make_client: Any
+) -> None:
+    gateway: Gateway = await make_gateway(
+        gateway_mapping(limits={"max_pending_bytes": MAX_PENDING, "ping_interval": 0})
+    )
+    port = gateway.ws.port
+    bystander = await make_client(gateway.url)
+    # A receive buffer as small as the kernel allows, so that the pongs pile up in the
+    # gateway rather than in this socket (set before connecting: it sets the TCP window).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(handshake_request(port))
+    async with asyncio.timeout(WAIT):
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+    # The gateway's side of this connection, to watch what waits in its memory.
+    [flooder] = [
+        c for c in gateway.ws.connections if c.ws.remote_address[1] == sock.getsockname()[1]
+    ]
+    pings = masked_frame(0x9, b"p" * 125) * 512  # 65 KiB of the largest pings
+    sent = peak = 0
+    # The kernel's buffers on both sides hold some of the flood once the gateway stops
+    # reading; past them (plus a margin), an unbounded gateway would still be answering.
+    bound = kernel_buffer_bytes() + 16 * 2**20
+    closed = False
+    try:
+        while sent < bound:
+            writer.write(pings)
+            async with asyncio.timeout(WAIT):
+                await writer.drain()
+            sent += len(pings)
+            peak = max(peak, flooder.ws.transport.get_write_buffer_size())
+    except (ConnectionResetError, BrokenPipeError):
+        closed = True
+    finally:
+        writer.close()
+    assert closed, f"still open after {sent} bytes of pings"
+    # What waits in the gateway's memory for this client: the bound, plus the pongs of one
+    # read (asyncio reads at most 256 KiB at a time).
+    assert peak <= MAX_PENDING + 256 * 1024, peak
+    assert gateway.ws.slow_consumers_closed == 1
+    # The others are served as before.
+    assert (await bystander.call({"type": "ping"}))["type"] == "pong"
+
+
+def kernel_buffer_bytes() -> int:
+    """The most a TCP receive buffer and a send buffer can hold together on this system."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_rmem") as rmem:
+            receive = int(rmem.read().split()[2])
+        with open("/proc/sys/net/ipv4/tcp_wmem") as wmem:
+            return receive + int(wmem.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 48 * 2**20

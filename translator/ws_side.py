@@ -9,7 +9,10 @@ reads the request head for it and sends its answer (`_ServerConnection`).
 Outgoing frames go through `Connection.send()`, which never blocks: each connection has a
 bounded queue drained by its own writer task. A queue that overflows means the client does
 not keep up; it is closed with 1008 "slow consumer" so that one slow client can neither
-grow the gateway's memory nor delay the others.
+grow the gateway's memory nor delay the others. The bound counts every byte waiting for the
+client: its queue, and its transport's buffer, where websockets also writes the pongs and
+close frames it answers on its own. A client that sends pings and never reads fills the
+latter only; it is checked after each read (`Connection.check_backlog`).
 
 Keepalive is this module's too: one sweeper task pings every open connection each
 `ping_interval` and closes one whose ping is still unanswered after `ping_timeout` with 1011
@@ -44,7 +47,7 @@ from websockets.protocol import OPEN
 from . import http_front
 from .http_front import WS_PATH, Answer, HeadReader, HttpError
 from .logs import install_redaction
-from .outbox import Outbox
+from .outbox import OVERFLOW_BYTES, Outbox
 from .ratelimit import ConnectionLimiter
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,7 @@ class Connection:
         "_writer",
         "_writing",
         "closing",
+        "deaf",
         "finished",
         "grant",
         "id",
@@ -134,6 +138,10 @@ class Connection:
         """Done once the connection is gone and the gateway has forgotten it."""
         self.grant: object = None
         """What the gatekeeper granted at the handshake (for the gateway: who this is)."""
+        self.deaf = False
+        """True once nothing more the client sends is read (see `check_backlog`)."""
+        if isinstance(ws, _ServerConnection):
+            ws.owner = self
 
     def __repr__(self) -> str:
         return f"<Connection #{self.id} {self.remote}>"
@@ -156,12 +164,37 @@ class Connection:
             # high-water mark, so write the shared bytes straight away, with no task switch.
             self._transport.write(frame if frame is not None else text_frame(text))
             return
-        overflow = self.outbox.push(text, replaces, self._loop.time())
+        outbox = self.outbox
+        overflow = outbox.push(text, replaces, self._loop.time())
+        if overflow is None and (
+            outbox.pending_bytes + self._transport.get_write_buffer_size()
+            > outbox.max_pending_bytes
+        ):
+            overflow = OVERFLOW_BYTES
         if overflow is not None:
             self.drop_slow(overflow)
             return
         if self._writer is None:
             self._writer = asyncio.create_task(self._write(), name=f"ws writer #{self.id}")
+
+    def check_backlog(self) -> None:
+        """Close the client as a slow consumer at once, and stop reading from it, when more
+        than `max_pending_bytes` wait for it: queued frames plus the transport's buffer.
+
+        Called after every read that leaves bytes in the transport's buffer. websockets
+        answers each ping with a pong (and a close frame with its echo) straight into that
+        buffer, which asyncio never bounds: a client that sends pings and never reads grew
+        it by all it sent. Once over the bound nothing more the client sends is read, so
+        nothing more is answered while the close runs its course (`CLOSE_TIMEOUT`).
+        """
+        waiting = self.outbox.pending_bytes + self._transport.get_write_buffer_size()
+        if waiting <= self.outbox.max_pending_bytes:
+            return
+        if not self.deaf:
+            self.deaf = True
+            self._transport.pause_reading()
+            if not self.closing:
+                self.drop_slow(f"{waiting} bytes waiting to be sent")
 
     def drop_slow(self, why: str) -> None:
         log.warning("%r: slow consumer (%s), closing", self, why)
@@ -259,6 +292,8 @@ class Connection:
     async def finish(self) -> None:
         """Stop the writer once the connection is gone."""
         self.closing = True
+        if isinstance(self.ws, _ServerConnection):
+            self.ws.owner = None  # no reference cycle left behind
         tasks = [t for t in (self._writer, self._closer) if t is not None]
         if self._writer is not None:
             self._writer.cancel()
@@ -576,56 +611,67 @@ class _ServerConnection(ServerConnection):
         # Placeholders until connection_made() sets the real values.
         self.recv_messages = None  # type: ignore[assignment]
         self.transport = None  # type: ignore[assignment]
-        self.head_reader: HeadReader | None = HeadReader()
-        """Reads the request head; None once it is complete."""
-        self.early: bytearray | None = None
-        """Bytes after the head of a handshake, until websockets has answered it; None once
-        they are handed on (or when there is no handshake)."""
+        # Two attributes only: a 30th and 31st name would overflow the shared table.
+        self.front: _Front | None = _Front()
+        """The request head being read, then the bytes after a handshake's head; None
+        once websockets reads everything itself."""
+        self.owner: Connection | None = None
+        """The gateway's side of this connection, once open: told of every read that
+        leaves bytes in the transport's buffer (`Connection.check_backlog`)."""
 
     def data_received(self, data: bytes) -> None:
-        if self.head_reader is not None:
-            self._read_head(data)
-        elif self.early is not None:
+        front = self.front
+        if front is not None:
+            if front.reader is not None:
+                self._read_head(front, front.reader, data)
             # The handshake's answer is decided once `response` is set; data_received cannot
             # run between that and send_response(), so it has gone out.
-            if self.response is None:
-                self.early += data
+            elif self.response is None:
+                front.early += data
             else:
                 self.release_early(data)
-        else:
+            return
+        owner = self.owner
+        if owner is None:
             super().data_received(data)
+        elif not owner.deaf:
+            super().data_received(data)
+            if self.transport.get_write_buffer_size():
+                owner.check_backlog()
 
-    def _read_head(self, data: bytes) -> None:
-        assert self.head_reader is not None
+    def _read_head(self, front: _Front, reader: HeadReader, data: bytes) -> None:
         try:
-            found = self.head_reader.feed(data)
+            found = reader.feed(data)
             if found is None:
                 return
-            self.head_reader = None
             head_bytes, rest = found
             head = http_front.parse_head(head_bytes)
         except HttpError as error:
-            self.head_reader = None
+            self.front = None
             log.debug("%s: unreadable request (%s)", _peer(self), error.message)
             self._answer(http_front.error_answer(error.status, error.message))
             return
         answer = http_front.answer_request(head)
         if answer is not None:
+            self.front = None
             log.debug("%s: %s %s answered %d", _peer(self), head.method, head.path,
                       answer.status)
             self._answer(answer)
             return
         # A WebSocket handshake. websockets answers it in a later loop turn (a task runs
         # process_request), so at most a read or two arrive meanwhile: `early` stays small.
-        self.early = bytearray(rest)
+        front.reader = None
+        front.early += rest
         super().data_received(head_bytes)
 
     def release_early(self, data: bytes = b"") -> None:
         """Hand the bytes that came after the handshake's head on to websockets, now that
         the handshake is answered (`process_response` schedules this)."""
-        if self.early is None:
+        front = self.front
+        if front is None or front.reader is not None:
             return
-        early, self.early = bytes(self.early) + data, None
+        self.front = None
+        early = bytes(front.early) + data
         if early and not self.transport.is_closing():
             self.data_received(early)
 
@@ -642,6 +688,18 @@ class _ServerConnection(ServerConnection):
         # websockets' handshake task waits for a request that never comes, or for the
         # connection to close: a client that keeps it open is dropped after the grace time.
         self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+
+
+class _Front:
+    """What `_ServerConnection` keeps until websockets reads the connection itself."""
+
+    __slots__ = ("early", "reader")
+
+    def __init__(self) -> None:
+        self.reader: HeadReader | None = HeadReader()
+        """Reads the request head; None once it is complete."""
+        self.early = bytearray()
+        """Bytes after the head of a handshake, until websockets has answered it."""
 
 
 def _process_response(
