@@ -75,7 +75,7 @@ async def test_a_burst_of_connections_shares_one_attribute_table() -> None:
     async with serve(handler, "127.0.0.1", 0, create_connection=fresh) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         clients = await asyncio.gather(
-            *(connect(f"ws://127.0.0.1:{port}/", compression=None) for _ in range(burst))
+            *(connect(f"ws://127.0.0.1:{port}/ws", compression=None) for _ in range(burst))
         )
         try:
             async with asyncio.timeout(WAIT):

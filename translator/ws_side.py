@@ -1,14 +1,18 @@
 """The WebSocket side: the websockets server, one reader and one bounded writer per client.
 
 It owns I/O toward web clients and nothing else: the handshake (only the `/ws` path is a
-WebSocket endpoint; a small HTML page that shows live values is served at `/`), reading
-messages and handing them to the `MessageHandler`, and writing queued text frames. It knows
-nothing of CoAP, the hub or the frames' meaning.
+WebSocket endpoint), reading messages and handing them to the `MessageHandler`, and writing
+queued text frames. It knows nothing of CoAP, the hub or the frames' meaning. What a plain
+HTTP request gets (the page at `/`, 404, 405, ...) is `http_front`'s decision; this module
+reads the request head for it and sends its answer (`_ServerConnection`).
 
 Outgoing frames go through `Connection.send()`, which never blocks: each connection has a
 bounded queue drained by its own writer task. A queue that overflows means the client does
 not keep up; it is closed with 1008 "slow consumer" so that one slow client can neither
-grow the gateway's memory nor delay the others.
+grow the gateway's memory nor delay the others. The bound counts every byte waiting for the
+client: its queue, and its transport's buffer, where websockets also writes the pongs and
+close frames it answers on its own. A client that sends pings and never reads fills the
+latter only; it is checked after each read (`Connection.check_backlog`).
 
 Keepalive is this module's too: one sweeper task pings every open connection each
 `ping_interval` and closes one whose ping is still unanswered after `ping_timeout` with 1011
@@ -25,14 +29,13 @@ import http
 import itertools
 import logging
 import os
-import re
 import ssl
 import struct
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib import resources
+from email.utils import formatdate
 from typing import Any, Final, Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -41,12 +44,15 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 
-from .outbox import Outbox
+from . import http_front
+from .http_front import WS_PATH, Answer, HeadReader, HttpError
+from .logs import install_redaction
+from .outbox import OVERFLOW_BYTES, Outbox
 from .ratelimit import ConnectionLimiter
 
 log = logging.getLogger(__name__)
 
-WS_PATH: Final = "/ws"
+SERVER_HEADER: Final = "coap-ws-gateway"
 SLOW_CONSUMER: Final = (1008, "slow consumer")
 CLOSE_TIMEOUT: Final = 2.0
 """Seconds to wait for a closing handshake before the TCP connection is dropped."""
@@ -97,6 +103,7 @@ class Connection:
         "_writer",
         "_writing",
         "closing",
+        "deaf",
         "finished",
         "grant",
         "id",
@@ -131,6 +138,10 @@ class Connection:
         """Done once the connection is gone and the gateway has forgotten it."""
         self.grant: object = None
         """What the gatekeeper granted at the handshake (for the gateway: who this is)."""
+        self.deaf = False
+        """True once nothing more the client sends is read (see `check_backlog`)."""
+        if isinstance(ws, _ServerConnection):
+            ws.owner = self
 
     def __repr__(self) -> str:
         return f"<Connection #{self.id} {self.remote}>"
@@ -153,12 +164,37 @@ class Connection:
             # high-water mark, so write the shared bytes straight away, with no task switch.
             self._transport.write(frame if frame is not None else text_frame(text))
             return
-        overflow = self.outbox.push(text, replaces, self._loop.time())
+        outbox = self.outbox
+        overflow = outbox.push(text, replaces, self._loop.time())
+        if overflow is None and (
+            outbox.pending_bytes + self._transport.get_write_buffer_size()
+            > outbox.max_pending_bytes
+        ):
+            overflow = OVERFLOW_BYTES
         if overflow is not None:
             self.drop_slow(overflow)
             return
         if self._writer is None:
             self._writer = asyncio.create_task(self._write(), name=f"ws writer #{self.id}")
+
+    def check_backlog(self) -> None:
+        """Close the client as a slow consumer at once, and stop reading from it, when more
+        than `max_pending_bytes` wait for it: queued frames plus the transport's buffer.
+
+        Called after every read that leaves bytes in the transport's buffer. websockets
+        answers each ping with a pong (and a close frame with its echo) straight into that
+        buffer, which asyncio never bounds: a client that sends pings and never reads grew
+        it by all it sent. Once over the bound nothing more the client sends is read, so
+        nothing more is answered while the close runs its course (`CLOSE_TIMEOUT`).
+        """
+        waiting = self.outbox.pending_bytes + self._transport.get_write_buffer_size()
+        if waiting <= self.outbox.max_pending_bytes:
+            return
+        if not self.deaf:
+            self.deaf = True
+            self._transport.pause_reading()
+            if not self.closing:
+                self.drop_slow(f"{waiting} bytes waiting to be sent")
 
     def drop_slow(self, why: str) -> None:
         log.warning("%r: slow consumer (%s), closing", self, why)
@@ -256,6 +292,8 @@ class Connection:
     async def finish(self) -> None:
         """Stop the writer once the connection is gone."""
         self.closing = True
+        if isinstance(self.ws, _ServerConnection):
+            self.ws.owner = None  # no reference cycle left behind
         tasks = [t for t in (self._writer, self._closer) if t is not None]
         if self._writer is not None:
             self._writer.cancel()
@@ -269,10 +307,6 @@ class _PingRound:
 
     def __init__(self) -> None:
         self.deadline = 0.0
-
-
-def _html_page() -> bytes:
-    return resources.files("translator").joinpath("static/index.html").read_bytes()
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,11 +373,15 @@ class WebSocketServer:
 
     async def start(self) -> None:
         settings = self.settings
+        # Clients put tokens in request lines and headers, which websockets logs at debug
+        # level (and in the exceptions of malformed requests): every record is redacted.
+        install_redaction()
         self._server = await serve(
             self._serve_connection,
             settings.host,
             settings.port,
             process_request=self._process_request,
+            process_response=_process_response,
             max_size=settings.max_frame_bytes,
             # permessage-deflate costs more CPU per frame than it saves on loopback-sized
             # JSON, and halves fan-out throughput.
@@ -355,8 +393,7 @@ class WebSocketServer:
             ping_interval=None,
             open_timeout=settings.handshake_timeout,
             ssl=settings.ssl_context,
-            server_header="coap-ws-gateway",
-            logger=_server_logger(),
+            server_header=SERVER_HEADER,
         )
         sockets = list(self._server.sockets)
         if sockets:
@@ -463,28 +500,29 @@ class WebSocketServer:
                     log.exception("%r: closing after an unanswered ping failed", conn)
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
-        path = request.path.partition("?")[0]
-        if path == WS_PATH:
-            address = ws.remote_address
-            ip = str(address[0]) if address else ""
-            refusal = self._count_connection(ws, ip) or self._check_origin(request.headers)
-            if refusal is None and self.gatekeeper is not None:
-                verdict = self.gatekeeper.admit(request.path, request.headers, ip)
-                if isinstance(verdict, Refusal):
-                    refusal = verdict
-                else:
-                    self._grants[ws] = verdict
-            if refusal is None:
-                return None
-            log.info("handshake from %s refused: %d %s", _peer(ws), refusal.status,
-                     refusal.message)
-            response = ws.respond(refusal.status, refusal.message + "\n")
-            for name, value in refusal.headers:
-                response.headers[name] = value
-            return response
-        if path in ("/", "/index.html"):
-            return _http_response(http.HTTPStatus.OK, _html_page(), "text/html; charset=utf-8")
-        return ws.respond(http.HTTPStatus.NOT_FOUND, f"no such path; WebSocket is at {WS_PATH}\n")
+        """Decide on a WebSocket handshake: None lets websockets check and accept it.
+
+        `_ServerConnection` hands websockets only GETs on `/ws` (`http_front` answers every
+        other request), so the limits, the Origin and the gatekeeper are all asked here.
+        """
+        if request.path.partition("?")[0] != WS_PATH:  # not expected: see the docstring
+            return _response(http_front.error_answer(http.HTTPStatus.NOT_FOUND, "no such path"))
+        address = ws.remote_address
+        ip = str(address[0]) if address else ""
+        refusal = self._count_connection(ws, ip) or self._check_origin(request.headers)
+        if refusal is None and self.gatekeeper is not None:
+            verdict = self.gatekeeper.admit(request.path, request.headers, ip)
+            if isinstance(verdict, Refusal):
+                refusal = verdict
+            else:
+                self._grants[ws] = verdict
+        if refusal is None:
+            return None
+        log.info("handshake from %s refused: %d %s", _peer(ws), refusal.status, refusal.message)
+        response = ws.respond(refusal.status, refusal.message + "\n")
+        for name, value in refusal.headers:
+            response.headers[name] = value
+        return response
 
     def _count_connection(self, ws: ServerConnection, ip: str) -> Refusal | None:
         """Admit one more connection from `ip` within the limits, until its TCP closes."""
@@ -539,16 +577,33 @@ class WebSocketServer:
 
 
 class _ServerConnection(ServerConnection):
-    """websockets' connection, with every attribute named when it is created.
+    """websockets' connection, behind a front that reads the request head first.
 
-    CPython 3.11 lets a class's instances share one table of attribute names, which has
-    room for a few more names than the first instance sets, and each new instance takes
-    one of those spare places away. websockets sets `recv_messages` and `transport` only in
-    `connection_made()`, which runs after every connection accepted in the same loop turn
-    has been created: after a burst of five or more, the table has no room left for them,
-    and from then on every connection of the process carries a private `__dict__` (about
-    1.5 KiB more per connection). Naming them in `__init__` lets the first instance put
-    every name in the table.
+    The front (`data_received` until the head is answered) exists because websockets reads
+    a connection's first bytes as one request and nothing else:
+
+    * bytes after the request head (a second, pipelined request, junk, a body) were parsed
+      as WebSocket frames before the answer went out; failing on them ended the stream, and
+      the answer then failed on an assertion (no answer, an ERROR traceback);
+    * a head websockets cannot parse (a body, an unknown HTTP version, a malformed header
+      line) got no answer at all, only the end of the stream.
+
+    So the head is read here (`http_front.HeadReader`, `parse_head`). A GET on `/ws` goes to
+    websockets, without what follows it: those bytes wait until the handshake is answered,
+    then go to websockets too (frames after a 101; after a refusal websockets discards
+    them). Every other request gets `http_front`'s answer through websockets' Sans-I/O
+    `send_response()`, which logs it, ends the stream and discards what the client sends
+    until it closes (at most `CLOSE_TIMEOUT` seconds later, the TCP connection is dropped).
+    Only public websockets API is used: `create_connection`, `data_received`, the
+    protocol's `send_response()` and `data_to_send()`.
+
+    Every attribute is named when the connection is created: CPython 3.11 lets a class's
+    instances share one table of attribute names, which has room for a few more names than
+    the first instance sets, and each new instance takes one of those spare places away.
+    websockets sets `recv_messages` and `transport` only in `connection_made()`, which runs
+    after every connection accepted in the same loop turn has been created: after a burst
+    of five or more, the table has no room left for them, and from then on every connection
+    of the process carries a private `__dict__` (about 1.5 KiB more per connection).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -556,6 +611,109 @@ class _ServerConnection(ServerConnection):
         # Placeholders until connection_made() sets the real values.
         self.recv_messages = None  # type: ignore[assignment]
         self.transport = None  # type: ignore[assignment]
+        # Two attributes only: a 30th and 31st name would overflow the shared table.
+        self.front: _Front | None = _Front()
+        """The request head being read, then the bytes after a handshake's head; None
+        once websockets reads everything itself."""
+        self.owner: Connection | None = None
+        """The gateway's side of this connection, once open: told of every read that
+        leaves bytes in the transport's buffer (`Connection.check_backlog`)."""
+
+    def data_received(self, data: bytes) -> None:
+        front = self.front
+        if front is not None:
+            if front.reader is not None:
+                self._read_head(front, front.reader, data)
+            # The handshake's answer is decided once `response` is set; data_received cannot
+            # run between that and send_response(), so it has gone out.
+            elif self.response is None:
+                front.early += data
+            else:
+                self.release_early(data)
+            return
+        owner = self.owner
+        if owner is None:
+            super().data_received(data)
+        elif not owner.deaf:
+            super().data_received(data)
+            if self.transport.get_write_buffer_size():
+                owner.check_backlog()
+
+    def _read_head(self, front: _Front, reader: HeadReader, data: bytes) -> None:
+        try:
+            found = reader.feed(data)
+            if found is None:
+                return
+            head_bytes, rest = found
+            head = http_front.parse_head(head_bytes)
+        except HttpError as error:
+            self.front = None
+            log.debug("%s: unreadable request (%s)", _peer(self), error.message)
+            self._answer(http_front.error_answer(error.status, error.message))
+            return
+        answer = http_front.answer_request(head)
+        if answer is not None:
+            self.front = None
+            log.debug("%s: %s %s answered %d", _peer(self), head.method, head.path,
+                      answer.status)
+            self._answer(answer)
+            return
+        # A WebSocket handshake. websockets answers it in a later loop turn (a task runs
+        # process_request), so at most a read or two arrive meanwhile: `early` stays small.
+        front.reader = None
+        front.early += rest
+        super().data_received(head_bytes)
+
+    def release_early(self, data: bytes = b"") -> None:
+        """Hand the bytes that came after the handshake's head on to websockets, now that
+        the handshake is answered (`process_response` schedules this)."""
+        front = self.front
+        if front is None or front.reader is not None:
+            return
+        self.front = None
+        early = bytes(front.early) + data
+        if early and not self.transport.is_closing():
+            self.data_received(early)
+
+    def _answer(self, answer: Answer) -> None:
+        """Send `answer` and end the stream, as websockets does with its own refusals."""
+        self.protocol.send_response(_response(answer))
+        for data in self.protocol.data_to_send():
+            if data:
+                self.transport.write(data)
+            elif self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:  # TLS: no half-close
+                self.transport.close()
+        # websockets' handshake task waits for a request that never comes, or for the
+        # connection to close: a client that keeps it open is dropped after the grace time.
+        self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+
+
+class _Front:
+    """What `_ServerConnection` keeps until websockets reads the connection itself."""
+
+    __slots__ = ("early", "reader")
+
+    def __init__(self) -> None:
+        self.reader: HeadReader | None = HeadReader()
+        """Reads the request head; None once it is complete."""
+        self.early = bytearray()
+        """Bytes after the head of a handshake, until websockets has answered it."""
+
+
+def _process_response(
+    ws: ServerConnection, request: Request, response: Response
+) -> Response | None:
+    """Every handshake answer but a 101 gets `http_front`'s security headers; bytes that
+    came after the handshake's head are handed on once the answer is out."""
+    if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+        for name, value in http_front.security_headers():
+            response.headers[name] = value
+    if isinstance(ws, _ServerConnection):
+        # send_response() follows this call in the same step of websockets' handshake task.
+        ws.loop.call_soon(ws.release_early)
+    return None
 
 
 def _forget_handshake_headers(ws: ServerConnection) -> None:
@@ -570,33 +728,6 @@ def _forget_handshake_headers(ws: ServerConnection) -> None:
     for message in (ws.request, ws.response):
         if message is not None:
             message.headers.clear()
-
-
-class _RedactSecrets(logging.Filter):
-    """Keeps tokens out of websockets' own (debug) logs: request lines lose their query
-    string, where `access_token` travels, and Authorization headers their value."""
-
-    _patterns: Final = (
-        (re.compile(r"(GET \S*?)\?\S*"), r"\1?<redacted>"),
-        (re.compile(r"(?i)(authorization:\s*)\S.*"), r"\1<redacted>"),
-        (re.compile(r"(?i)(access_token=)[^&\s]*"), r"\1<redacted>"),
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = message
-        for pattern, replacement in self._patterns:
-            redacted = pattern.sub(replacement, redacted)
-        if redacted != message:
-            record.msg, record.args = redacted, ()
-        return True
-
-
-def _server_logger() -> logging.Logger:
-    logger = logging.getLogger("websockets.server")
-    if not any(isinstance(f, _RedactSecrets) for f in logger.filters):
-        logger.addFilter(_RedactSecrets())
-    return logger
 
 
 def fan_out(targets: Iterable[Connection], text: str, replaces: str | None = None) -> None:
@@ -667,12 +798,8 @@ def _peer(ws: ServerConnection) -> str:
     return f"{address[0]}:{address[1]}" if address else "?"
 
 
-def _http_response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers(
-        [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-        ]
-    )
-    return Response(status.value, status.phrase, headers, body)
+def _response(answer: Answer) -> Response:
+    """websockets' form of an `http_front` answer, with the headers only I/O can know."""
+    headers = Headers([("Date", formatdate(usegmt=True)), *answer.headers])
+    headers["Server"] = SERVER_HEADER
+    return Response(answer.status.value, answer.status.phrase, headers, answer.body)

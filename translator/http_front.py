@@ -1,0 +1,295 @@
+"""Plain HTTP on the WebSocket port: the request head, and every answer but the upgrade.
+
+Pure (no I/O, no event loop, no websockets): `ws_side` feeds it a connection's first bytes
+and carries out what it decides. It owns
+
+* finding the end of the request head in a byte stream (`HeadReader`) and parsing it
+  (`parse_head`), at least as strictly as websockets does, so that every head it hands to
+  websockets is one websockets answers (websockets closes the connection without a word on
+  a head it cannot parse);
+* the answers to everything that is not a WebSocket handshake on `/ws` (`answer_request`):
+  the page at `/`, `HEAD`, 404, 405, and 400/414/431/505 for heads that are not HTTP;
+* the headers that keep a browser from framing, sniffing or leaking what it gets
+  (`security_headers`), on every answer, including websockets' own refusals.
+
+The port speaks one request per connection: every answer says `Connection: close`, and
+bytes after the request head (a body, a second pipelined request, junk) are never read as a
+request. After a WebSocket upgrade they are the first frames.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http
+import re
+from dataclasses import dataclass, replace
+from functools import cache
+from importlib import resources
+from typing import Final
+
+WS_PATH: Final = "/ws"
+PAGE_PATHS: Final = ("/", "/index.html")
+
+MAX_LINE_BYTES: Final = 8192
+"""Longest request or header line, CRLF included (websockets' limit too)."""
+MAX_HEADERS: Final = 128
+"""Most header lines in a head (websockets' limit too)."""
+MAX_HEAD_BYTES: Final = 65536
+"""Longest request head. A browser's is 1-2 KiB, with large cookies some 10 KiB."""
+
+PAGE_METHODS: Final = "GET, HEAD"
+WS_METHODS: Final = "GET"
+
+_TOKEN: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_TARGET: Final = re.compile(rb"[\x21-\x7e]+")
+_FIELD_VALUE: Final = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_HTTP_VERSION: Final = re.compile(rb"HTTP/[0-9](?:\.[0-9])?")
+_SUPPORTED_VERSIONS: Final = (b"HTTP/1.1", b"HTTP/1.0")
+_BARE_LF: Final = re.compile(rb"(?<!\r)\n")
+# A host (and port) that may stand in a CSP source expression: a DNS name or IPv4 address.
+_CSP_HOST: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?(?::[0-9]{1,5})?")
+
+_NOT_FRAMED: Final = "frame-ancestors 'none'"
+PLAIN_CSP: Final = f"default-src 'none'; {_NOT_FRAMED}"
+"""The Content-Security-Policy of every answer that is not the page: it runs nothing."""
+
+
+class HttpError(Exception):
+    """A request head that gets an HTTP error instead of a look at its path."""
+
+    def __init__(self, status: http.HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    target: str
+    version: str
+    headers: tuple[tuple[str, str], ...]
+
+    @property
+    def path(self) -> str:
+        """The target without its query (where a browser's token travels)."""
+        return self.target.partition("?")[0]
+
+    def get_all(self, name: str) -> list[str]:
+        lowered = name.lower()
+        return [value for key, value in self.headers if key.lower() == lowered]
+
+    @property
+    def has_body(self) -> bool:
+        """Whether a body follows the head. No endpoint takes one; `Content-Length: 0` is
+        tolerated because some clients send it with a GET."""
+        return bool(self.get_all("Transfer-Encoding")) or any(
+            value != "0" for value in self.get_all("Content-Length")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An HTTP answer: status, headers (Date and Server are the I/O layer's), body."""
+
+    status: http.HTTPStatus
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    """What to send after the headers: empty for HEAD, whose Content-Length is the GET's."""
+
+
+class HeadReader:
+    """Collects a connection's first bytes until the request head is complete."""
+
+    __slots__ = ("_buffer", "_scanned")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._scanned = 0
+        """Bytes already searched for the end of the head and for bare LFs."""
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """The complete head (up to its blank line) and the bytes after it, or None while
+        the head is incomplete. Raises HttpError as soon as the bytes cannot become a head
+        the gateway reads (too long, or lines not ended by CRLF), rather than waiting for the
+        handshake timeout."""
+        buffer = self._buffer
+        buffer += data
+        start = self._scanned
+        end = buffer.find(b"\r\n\r\n", max(start - 3, 0))
+        limit = len(buffer) if end < 0 else end + 4
+        # Only the new bytes are searched; the look-behind still sees the byte before them.
+        if _BARE_LF.search(buffer, start, limit):
+            raise HttpError(http.HTTPStatus.BAD_REQUEST, "lines must end with CRLF")
+        if end < 0:
+            self._scanned = len(buffer)
+            first_line_end = buffer.find(b"\n")
+            if (first_line_end < 0 and len(buffer) > MAX_LINE_BYTES) or (
+                first_line_end + 1 > MAX_LINE_BYTES
+            ):
+                raise HttpError(http.HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
+            if len(buffer) > MAX_HEAD_BYTES:
+                raise HttpError(
+                    http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"
+                )
+            return None
+        if end + 4 > MAX_HEAD_BYTES:
+            raise HttpError(
+                http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"
+            )
+        head, rest = bytes(buffer[: end + 4]), bytes(buffer[end + 4 :])
+        buffer.clear()
+        return head, rest
+
+
+def parse_head(head: bytes) -> RequestHead:
+    """Parse a request head ending with an empty line (RFC 9112 §2-5; no obsolete line
+    folding). Raises HttpError; its message never repeats the request's bytes (they may hold
+    a token, and an error page must not reflect them)."""
+    if not head.endswith(b"\r\n\r\n"):
+        raise HttpError(http.HTTPStatus.BAD_REQUEST, "incomplete request head")
+    request_line, *header_lines = head[:-4].split(b"\r\n")
+    if len(request_line) + 2 > MAX_LINE_BYTES:
+        raise HttpError(http.HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
+    parts = request_line.split(b" ")
+    if len(parts) != 3:
+        raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed method")
+    if not _TARGET.fullmatch(target):
+        raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed request target")
+    if version not in _SUPPORTED_VERSIONS:
+        if _HTTP_VERSION.fullmatch(version):
+            raise HttpError(
+                http.HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "only HTTP/1.1 and HTTP/1.0"
+            )
+        raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed HTTP version")
+    if len(header_lines) > MAX_HEADERS:
+        raise HttpError(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
+    headers = []
+    for line in header_lines:
+        if len(line) + 2 > MAX_LINE_BYTES:
+            raise HttpError(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header too long")
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed header line")
+        value = value.strip(b" \t")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed header value")
+        # Values are ISO-8859-1, as websockets reads them: any byte maps to one character.
+        headers.append((name.decode("ascii"), value.decode("latin-1")))
+    parsed = RequestHead(method.decode(), target.decode(), version.decode(), tuple(headers))
+    if not all(value.isdigit() and value.isascii() for value in parsed.get_all("Content-Length")):
+        raise HttpError(http.HTTPStatus.BAD_REQUEST, "malformed Content-Length")
+    return parsed
+
+
+def answer_request(head: RequestHead) -> Answer | None:
+    """The answer to `head`, or None for a WebSocket handshake (GET on /ws), which is
+    websockets' to check and answer. An answer to HEAD has the headers of the GET's, and
+    no body."""
+    answer = _route(head)
+    if answer is not None and head.method == "HEAD":
+        return replace(answer, body=b"")
+    return answer
+
+
+def _route(head: RequestHead) -> Answer | None:
+    path = head.path
+    if path in PAGE_PATHS:
+        if head.method not in ("GET", "HEAD"):
+            return method_not_allowed(PAGE_METHODS)
+        if head.has_body:
+            return error_answer(http.HTTPStatus.BAD_REQUEST, "a request body is not accepted")
+        return page_answer(_single(head, "Host"))
+    if path == WS_PATH:
+        if head.method != "GET":
+            return method_not_allowed(WS_METHODS)
+        if head.has_body:
+            return error_answer(http.HTTPStatus.BAD_REQUEST, "a request body is not accepted")
+        return None
+    return error_answer(http.HTTPStatus.NOT_FOUND, f"no such path; WebSocket is at {WS_PATH}")
+
+
+def method_not_allowed(allowed: str) -> Answer:
+    answer = error_answer(http.HTTPStatus.METHOD_NOT_ALLOWED, f"allowed methods: {allowed}")
+    return Answer(answer.status, (*answer.headers, ("Allow", allowed)), answer.body)
+
+
+def error_answer(status: http.HTTPStatus, message: str) -> Answer:
+    """A short plain-text answer, which closes the connection."""
+    body = f"{message}\n".encode()
+    return _answer(status, "text/plain; charset=utf-8", body, PLAIN_CSP)
+
+
+def page_answer(host: str | None) -> Answer:
+    """The page at `/` (`static/index.html`); `host` is the request's Host header, which
+    the page's WebSocket connects back to."""
+    return _answer(http.HTTPStatus.OK, "text/html; charset=utf-8", page_bytes(), page_csp(host))
+
+
+def _answer(status: http.HTTPStatus, content_type: str, body: bytes, csp: str) -> Answer:
+    headers = (
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        *security_headers(csp),
+    )
+    return Answer(status, headers, body)
+
+
+def security_headers(csp: str = PLAIN_CSP) -> tuple[tuple[str, str], ...]:
+    """What keeps a browser from framing an answer (clickjacking: the page has buttons that
+    drive actuators), from guessing another type for it, and from sending the page's URL,
+    which may carry `access_token`, to anywhere as a Referer."""
+    return (
+        ("Content-Security-Policy", csp),
+        ("X-Frame-Options", "DENY"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Referrer-Policy", "no-referrer"),
+    )
+
+
+def page_csp(host: str | None) -> str:
+    """The page's Content-Security-Policy: its own inline script and style (by hash, so
+    nothing injected runs), WebSocket connections to the gateway itself, nothing else.
+
+    `'self'` covers `ws:`/`wss:` to the same host in CSP Level 3; older browsers need the
+    host spelled out, which is done when the Host header is a plain name or IPv4 address
+    (anything else could inject directives, and IPv6 literals have no CSP spelling).
+    """
+    scripts, styles = _inline_hashes()
+    connect = "'self'"
+    if host is not None and _CSP_HOST.fullmatch(host):
+        connect += f" ws://{host} wss://{host}"
+    return (
+        f"default-src 'none'; script-src {scripts}; style-src {styles}; "
+        f"connect-src {connect}; img-src 'self'; base-uri 'none'; form-action 'none'; "
+        f"{_NOT_FRAMED}"
+    )
+
+
+@cache
+def page_bytes() -> bytes:
+    return resources.files("translator").joinpath("static/index.html").read_bytes()
+
+
+@cache
+def _inline_hashes() -> tuple[str, str]:
+    """CSP hash sources of the page's inline <script> and <style> elements."""
+    page = page_bytes()
+
+    def sources(element: bytes) -> str:
+        pattern = re.compile(rb"<%s>(.*?)</%s>" % (element, element), re.DOTALL)
+        digests = [hashlib.sha256(m.group(1)).digest() for m in pattern.finditer(page)]
+        found = " ".join(f"'sha256-{base64.b64encode(d).decode()}'" for d in digests)
+        return found or "'none'"
+
+    return sources(b"script"), sources(b"style")
+
+
+def _single(head: RequestHead, name: str) -> str | None:
+    values = head.get_all(name)
+    return values[0] if len(values) == 1 else None
