@@ -1,0 +1,178 @@
+"""One rate limiter for repeated log lines, so that whoever can make the gateway log cannot
+make it log without bound.
+
+A line that anyone outside can trigger at will (a datagram from an unknown address, a frame
+that does not parse) is logged through :class:`LimitedLog` under a *kind*, a short name for
+what happened (``"coap.unmatched"``). Per kind and per interval the first `first`
+occurrences are written in full; the rest are counted, and when the interval has passed one
+summary line says how many there were::
+
+    unmatched datagram from 127.0.0.2:5683 (token 0102): dropped
+    ... (2 more lines in full)
+    coap.unmatched: ...and 5996 more in the last 60 s (6000 in all)
+
+The decisions are :class:`RepeatLimiter`'s, pure and clocked by the caller (tests inject the
+time); :class:`LimitedLog` writes them to a :class:`logging.Logger` and, inside an event
+loop, arms one timer so that the summary comes out when the interval ends even if nothing
+more happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+__all__ = ["FIRST", "INTERVAL", "LimitedLog", "RepeatLimiter", "Summary"]
+
+FIRST: Final = 3
+"""Occurrences of one kind written in full per interval."""
+INTERVAL: Final = 60.0
+"""Seconds of one interval."""
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The occurrences of `kind` that were counted, not written, in one interval."""
+
+    kind: str
+    suppressed: int
+    seconds: float
+    total: int
+    """Every occurrence of the kind so far, written or not."""
+
+    def text(self) -> str:
+        return (f"{self.kind}: ...and {self.suppressed} more in the last {self.seconds:g} s "
+                f"({self.total} in all)")
+
+
+class _Window:
+    __slots__ = ("seen", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.seen = 0
+
+
+class RepeatLimiter:
+    """Which occurrences of each kind to write, and the summaries of the others.
+
+    An interval starts at the first occurrence of a kind; within it `first` occurrences are
+    admitted and the rest counted. An interval that ends with some counted yields a
+    :class:`Summary` (from :meth:`summaries`); one that ends without is just forgotten, so
+    an idle kind costs nothing. `now` is any monotonic clock in seconds.
+    """
+
+    def __init__(self, first: int = FIRST, interval: float = INTERVAL) -> None:
+        if first < 0 or interval <= 0:
+            raise ValueError("first must be >= 0 and interval > 0")
+        self.first = first
+        self.interval = interval
+        self._windows: dict[str, _Window] = {}
+        self.totals: dict[str, int] = {}
+        """Every occurrence of each kind ever reported, written or not."""
+
+    def hit(self, kind: str, now: float) -> bool:
+        """One occurrence of `kind`: True when it is to be written in full.
+
+        An occurrence after its kind's interval ended while a summary of it is still due
+        (not yet collected by :meth:`summaries`) is counted into that summary."""
+        self.totals[kind] = self.totals.get(kind, 0) + 1
+        window = self._windows.get(kind)
+        if window is None or (now >= window.started + self.interval and window.seen <= self.first):
+            window = self._windows[kind] = _Window(now)
+        window.seen += 1
+        return window.seen <= self.first
+
+    def summaries(self, now: float) -> list[Summary]:
+        """The summaries of every interval that has ended by `now`; those intervals are
+        closed (a kind's next occurrence starts a new one)."""
+        due: list[Summary] = []
+        for kind, window in list(self._windows.items()):
+            if now < window.started + self.interval:
+                continue
+            del self._windows[kind]
+            if window.seen > self.first:
+                due.append(Summary(kind, window.seen - self.first,
+                                   round(now - window.started, 1), self.totals[kind]))
+        return due
+
+    def next_due(self) -> float | None:
+        """When the earliest interval with something counted ends (None: nothing pending)."""
+        ends = [w.started + self.interval for w in self._windows.values() if w.seen > self.first]
+        return min(ends, default=None)
+
+    def count(self, kind: str) -> int:
+        return self.totals.get(kind, 0)
+
+
+class LimitedLog:
+    """A :class:`logging.Logger` whose lines of each kind go through a :class:`RepeatLimiter`.
+
+    ``log.write("coap.unmatched", logging.INFO, "unmatched datagram from %s", address)``
+    writes the line or counts it. Summaries come out at the next write, at :meth:`flush`,
+    or (inside a running event loop) from a timer at the end of the interval.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        limiter: RepeatLimiter | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        summary_level: int = logging.WARNING,
+    ) -> None:
+        self.logger = logger
+        self.limiter = limiter or RepeatLimiter()
+        self.clock = clock
+        self.summary_level = summary_level
+        self._timer: asyncio.TimerHandle | None = None
+
+    def write(self, kind: str, level: int, message: str, *args: Any) -> bool:
+        """Write (True) or count (False) one occurrence of `kind`. Never a traceback: pass
+        the exception's text as an argument instead."""
+        now = self.clock()
+        due = self.limiter.next_due()
+        if due is not None and now >= due:
+            self.flush()
+        written = self.limiter.hit(kind, now)
+        if written:
+            self.logger.log(level, message, *args)
+        elif self._timer is None:
+            self._arm()
+        return written
+
+    def count(self, kind: str) -> int:
+        """How many occurrences of `kind` were reported, written or not."""
+        return self.limiter.count(kind)
+
+    def flush(self) -> None:
+        """Write the summaries of the intervals that have ended."""
+        for summary in self.limiter.summaries(self.clock()):
+            self.logger.log(self.summary_level, "%s", summary.text())
+
+    def _arm(self) -> None:
+        due = self.limiter.next_due()
+        if due is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # outside a loop: summaries come out at flush()
+        delay = max(0.0, due - self.clock())
+        self._timer = loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+        self._arm()
+
+    def close(self) -> None:
+        """Cancel the summary timer (and write what is due)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
