@@ -105,9 +105,6 @@ _IPV6_RECVERR: Final = 25
 _IP_RECVERR: Final = 11
 _MSG_TRUNC: Final = socket.MSG_TRUNC
 
-Datagram = tuple[bytes, list[Any], int, Any]
-"""What recvmsg returns: data, ancillary data, flags, address."""
-
 _readers: weakref.WeakKeyDictionary[Any, list[_BatchReader]] = weakref.WeakKeyDictionary()
 
 
@@ -144,17 +141,6 @@ def batch_reads(
 def readers_of(context: Any) -> list[_BatchReader]:
     """The readers `batch_reads` installed on `context`."""
     return _readers.get(context, [])
-
-
-def observation_key(datagram: Datagram) -> tuple[Any, bytes] | None:
-    """(remote, token) of a response, from the raw header (RFC 7252 §3); None otherwise."""
-    data, _, _, address = datagram
-    if len(data) < 4:
-        return None
-    token_length = data[0] & 0x0F
-    if data[1] >> 5 < 2 or token_length > 8 or len(data) < 4 + token_length:
-        return None  # a request, an empty ACK/RST, or malformed
-    return address, bytes(data[4 : 4 + token_length])
 
 
 class _Sender:
