@@ -19,6 +19,8 @@ REQUIRE_ENV: Final = "GATEWAY_TESTS_REQUIRE"
 PARTS: Final = {
     "dtls": "pip install 'coap-ws-gateway[dtls]' (needs a C compiler and the autotools)",
     "cc": "a C compiler on PATH as cc",
+    "raw-sockets": "Linux and root (or CAP_NET_RAW): spoofed datagrams and forged ICMP errors "
+                   "go out through a raw IPv4 socket (tests/spoof.py)",
 }
 """Each optional part, and what provides it."""
 

@@ -290,11 +290,11 @@ class StandInSide(CoapSide):
     async def _register(self, observation: _Observation) -> Any:
         if not self.answers:
             observation.stopping = True
-            return None
+            return None, None
         request, self.first = self.answers.pop()
-        return request
+        return request, self.first.request
 
-    async def _registered(self, observation: _Observation, request: Any) -> Any:
+    async def _registered(self, observation: _Observation, request: Any, sent: Any) -> Any:
         return self.first
 
 
@@ -343,7 +343,7 @@ async def test_follow_reports_stale_then_ends_when_silent() -> None:
     assert recorder.events[1][1] == "no notification within Max-Age (1 s)"
     assert observation.timer is None and observation.following is None
     assert request.observation.cancelled  # aiocoap's observation ended with the silence
-    assert observation.orphan is first.request  # to be deregistered after the next one
+    assert observation.orphans == (first.request,)  # to be deregistered after the next one
 
 
 # --- the bounded block-wise fetcher ---------------------------------------------------------------

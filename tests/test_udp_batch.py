@@ -106,37 +106,38 @@ def raw(mtype: Type, token: bytes, code: Code = Code.CONTENT, observe: int = 1) 
     return bytes(message.encode())
 
 
-def test_superseded_keeps_the_newest_non_notification_per_remote_and_token() -> None:
-    from translator.udp_batch import observation_key, superseded
+class _Everything:
+    """Every (token, address) is an open request: the guard lets every response through."""
 
-    a, b = ("127.0.0.1", 1), ("127.0.0.1", 2)
-    batch = [
-        (raw(Type.NON, b"t1", observe=1), [], 0, a),   # moot: t1 from a comes again
-        (raw(Type.NON, b"t1", observe=1), [], 0, b),   # another sensor, same token: kept
-        (raw(Type.CON, b"t1", observe=2), [], 0, a),   # CON: must be acknowledged, kept
-        (raw(Type.NON, b"t2", code=Code.NOT_FOUND), [], 0, a),  # an error, kept
-        (raw(Type.NON, b"t1", observe=3), [], 0, a),   # the newest of t1 from a
-        (b"\x40", [], 0, a),                           # too short to judge: kept
-    ]
-    assert superseded(batch) == [True, False, False, False, False, False]
-    assert observation_key(batch[0]) == (a, b"t1") and observation_key(batch[5]) is None
+    def __contains__(self, key: object) -> bool:
+        return True
 
 
 class _Recorder:
-    """Stands in for aiocoap's UDP message interface: records what it is handed."""
+    """Stands in for aiocoap's side of the socket (compat.UdpStack): records what it is
+    handed, and takes every response as expected."""
 
     def __init__(self) -> None:
         self.handed: list[int] = []
-        self.senders: list[tuple[Any, Any]] = []
+        self.senders: list[Any] = []
 
-    def datagram_msg_received(self, data: bytes, ancdata: Any, flags: int, address: Any) -> None:
-        self.handed.append(aiocoap.Message.decode(data).opt.observe)
-        self.senders.append((address, ancdata))
-
-    def datagram_errqueue_received(self, *args: Any) -> None:
+    def release_reading(self, loop: Any) -> None:
         pass
 
-    def error_received(self, exc: Exception) -> None:
+    def take_sending(self, send: Any) -> None:
+        pass
+
+    def endpoint(self, address: Any, pktinfo: bytes | None) -> Any:
+        return (address, pktinfo)
+
+    def open_requests(self) -> Any:
+        return _Everything()
+
+    def deliver(self, data: bytes, remote: Any) -> None:
+        self.handed.append(aiocoap.Message.decode(data).opt.observe)
+        self.senders.append(remote)
+
+    def fail(self, exc: Exception, remote: Any) -> None:
         raise AssertionError(exc)
 
 
@@ -233,8 +234,8 @@ async def test_messages_of_one_sender_share_its_address(
         # another observation each time: all are handed on
         rig.arrive(bytes([number]), number, sender=sender)
     assert rig.recorder.handed == [1, 2, 3]
-    (first, first_anc), (second, second_anc), (third, _) = rig.recorder.senders
-    assert first == second and first is second and first_anc is second_anc
+    first, second, third = rig.recorder.senders
+    assert first == second and first is second
     assert third != first
     assert len(rig.reader.senders) == 1
 
@@ -250,3 +251,27 @@ async def test_a_queued_notification_gives_way_to_one_still_in_the_socket(rig: _
     rig.send(token, 3)
     rig.turns.next_turn()  # the queued hand-on, before the loop polls the socket
     assert rig.recorder.handed == [1, 3]
+
+
+async def test_behind_a_non_notification_gives_way_only_to_a_newer_one_of_its_sender_and_token(
+    rig: _Rig,
+) -> None:
+    receiver = rig.receiver.getsockname()
+    a, b = rig.senders
+
+    def send(sender: socket.socket, message: bytes) -> None:
+        sender.sendto(message, receiver)
+
+    # Enough CON notifications of other observations queued to count as behind.
+    for number in range(COALESCE_ABOVE + 1):
+        send(a, raw(Type.CON, bytes([0x10, number]), observe=1000 + number))
+    send(a, raw(Type.NON, b"t1", observe=1))   # moot: t1 from a comes again
+    send(b, raw(Type.NON, b"t1", observe=2))   # another sensor, same token: kept
+    send(a, raw(Type.CON, b"t1", observe=3))   # CON: must be acknowledged, kept
+    send(a, raw(Type.NON, b"t2", code=Code.NOT_FOUND, observe=4))  # an error, kept
+    send(a, raw(Type.NON, b"t1", observe=5))   # the newest of t1 from a
+    rig.reader._read()
+    for _ in range(10):
+        rig.reader._hand_on(read=False)
+    handed = [n for n in rig.recorder.handed if n < 1000]
+    assert handed == [2, 3, 4, 5]

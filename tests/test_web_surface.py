@@ -23,7 +23,7 @@ import pytest
 
 from translator.gateway import Gateway
 from translator.http_front import page_bytes
-from translator.logs import REDACTED, install_redaction, redact
+from translator.redaction import REDACTED, install_redaction, redact
 
 from .conftest import WAIT, handshake_request
 

@@ -143,10 +143,12 @@ async def client_context(credentials: Mapping[str, Mapping[str, Any]]) -> Any:
     context.client_credentials = _OriginCredentials()
     try:
         _load(context.client_credentials, credentials)
+        # Reads and writes its UDP socket through the guard, with random tokens; refuses an
+        # aiocoap without the internals that needs (compat.CompatError).
+        batch_reads(context)
     except BaseException:
         await close_client_context(context)
         raise
-    batch_reads(context)
     for interface in _dtls_interfaces(context):
         _adapt_dtls(interface)
     for interface in _oscore_transports(context):

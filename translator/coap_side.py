@@ -43,7 +43,10 @@ that sensor when its retransmissions run out. Block fetches and client commands 
 
 Stopping an observation deregisters it at the sensor (a CON GET with Observe = 1 and the
 observation's token, RFC 7641 §3.6) so that a sensor notifying with NON stops at once rather
-than talking to a gateway that ignores it. An observation given up for silence is
+than talking to a gateway that ignores it. Whenever an observation is replaced, the old one
+is deregistered before the new registration goes out, so that a sensor never holds more
+than one observation of a resource from the gateway: one given up for silence or broken by
+an error, and a registration that got no answer (the answer may be what was lost), is
 deregistered with NON, once at once and once more after the next successful registration.
 (An OSCORE observation cannot be deregistered that way; it is dropped at once.)
 
@@ -73,10 +76,11 @@ import aiocoap
 from aiocoap import error as coap_error
 from aiocoap.numbers.codes import Code
 from aiocoap.protocol import BlockwiseRequest
-from aiocoap.tokenmanager import TokenManager
 
+from . import compat
 from .coap_security import client_context, close_client_context
 from .config import SupervisionConfig
+from .udp_batch import readers_of
 from .uris import UriError, parse_coap_uri
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,9 @@ GRACE_SHARE: Final = 0.1
 JITTER: Final = 0.2
 """A backoff delay is shortened by a random share of up to this much, so that many
 observations failing together do not register again in lockstep."""
+MAX_ORPHANS: Final = 4
+"""Registrations given up (silence, an error, no answer) that are deregistered once more
+after the next successful registration, at most (`CoapSide._abandon`)."""
 MAX_BLOCK_RESTARTS: Final = 2
 """A block-wise fetch whose representation changed under it (another ETag) starts over from
 block 0 at most this many times before it gives up and waits for the next notification."""
@@ -353,7 +360,7 @@ class _Observation:
     with slots: a dict per instance would cost more than the fields)."""
 
     __slots__ = (
-        "deadline", "fetch", "following", "freshness", "orphan", "registering", "registration",
+        "deadline", "fetch", "following", "freshness", "orphans", "registering", "registration",
         "side", "stopping", "task", "timer", "uri",
     )
 
@@ -371,9 +378,10 @@ class _Observation:
         self.fetch: asyncio.Task[None] | None = None
         """The block-wise completion of the newest partial notification, if one is running."""
         self.freshness = Freshness(grace)
-        self.orphan: aiocoap.Message | None = None
-        """The request of a registration given up for silence, to deregister once the
-        sensor answers again. The request alone: its answer is not needed for that."""
+        self.orphans: tuple[aiocoap.Message, ...] = ()
+        """The requests of registrations given up since the last successful one (`_abandon`),
+        to deregister once the sensor answers again. The requests alone: their answers are
+        not needed for that."""
         self.following: Any = None
         """aiocoap's observation (`ClientObservation`) whose notifications are iterated,
         while they are: ending it ends the iteration."""
@@ -406,9 +414,7 @@ def _forget(request: Any) -> None:
         observation.cancel()
     # aiocoap acts on a cancelled observation only when its next notification arrives; a
     # silent sensor never sends one, so the token would stay registered for good.
-    stop_interest = getattr(request, "_stop_interest", None)
-    if callable(stop_interest):
-        stop_interest()
+    compat.stop_interest(request)
 
 
 class CoapSide:
@@ -468,6 +474,18 @@ class CoapSide:
         if self._context is None:
             raise RuntimeError("the CoAP side is not started")
         return self._context
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """What the CoAP socket dropped, by kind (``coap.unmatched``, ``coap.request``,
+        ``coap.icmp-unmatched``...): datagrams and ICMP errors that answered nothing in
+        flight, could not be handled, or were too long (translator/udp_batch.py)."""
+        counts: dict[str, int] = {}
+        if self._context is not None:
+            for reader in readers_of(self._context):
+                for kind, count in reader.dropped.items():
+                    counts[kind] = counts.get(kind, 0) + count
+        return counts
 
     @property
     def observed(self) -> tuple[str, ...]:
@@ -544,12 +562,13 @@ class CoapSide:
         try:
             while not observation.stopping:
                 request: Any = None
+                sent: Any = None
                 first: Any = None
                 notification: Any = None
                 try:
-                    request = await self._register(observation)
+                    request, sent = await self._register(observation)
                     first = None if request is None else await self._registered(
-                        observation, request
+                        observation, request, sent
                     )
                     if first is None:
                         established = False
@@ -576,7 +595,7 @@ class CoapSide:
                     if request is not None:
                         _forget(request)
                     # Nothing of this registration is kept through the wait.
-                    request = first = notification = None
+                    request = sent = first = notification = None
                 if observation.stopping:
                     return
                 if established:
@@ -598,9 +617,10 @@ class CoapSide:
             if self._observations.get(observation.uri) is observation:
                 del self._observations[observation.uri]
 
-    async def _register(self, observation: _Observation) -> Any:
+    async def _register(self, observation: _Observation) -> tuple[Any, aiocoap.Message | None]:
         """Send a registration (GET with Observe = 0) for the observation's URI; returns
-        aiocoap's request, or None when the sensor's address was not found (reported)."""
+        aiocoap's request and the message sent (aiocoap gives it its token), or None twice
+        when the sensor's address was not found (reported)."""
         uri = observation.uri
         self._listener.registering(uri)
         message = aiocoap.Message(
@@ -612,8 +632,8 @@ class CoapSide:
                 await self._address(origin, message)
             except (coap_error.Error, OSError) as exc:
                 self._failed(observation, _describe(exc))
-                return None
-        return self.context.request(message, handle_blockwise=False)
+                return None, None
+        return self.context.request(message, handle_blockwise=False), message
 
     async def _address(self, origin: str, message: aiocoap.Message) -> None:
         """Address `message` to the sensor at `origin` (see `_origin`), resolved once for
@@ -657,9 +677,14 @@ class CoapSide:
             return None
         return parsed.origin if parsed.scheme == "coap" and parsed.is_ip_literal else None
 
-    async def _registered(self, observation: _Observation, request: Any) -> Any:
-        """The sensor's 2.xx answer to the registration, or None once a failure (no answer,
-        RST, ICMP, 4.xx/5.xx) is reported, or when the observation is being stopped.
+    async def _registered(
+        self, observation: _Observation, request: Any, sent: aiocoap.Message | None
+    ) -> Any:
+        """The sensor's 2.xx answer to the registration `sent`, or None once a failure (no
+        answer, RST, ICMP, 4.xx/5.xx) is reported, or when the observation is being stopped.
+
+        A registration without an answer may still have reached the sensor (the answer is
+        what was lost): it is deregistered before the next one is sent (`_abandon`).
 
         The deadline is kept by the observation's timer, which then cancels the awaited
         answer (`_check`), rather than by an `asyncio.timeout`: its timer would stay in the
@@ -677,9 +702,11 @@ class CoapSide:
             if task is not None and task.cancelling():
                 raise  # the observation's task is cancelled, not the answer
             self._failed(observation, f"no answer within {timeout:g} s")
+            self._abandon(observation, sent)
             return None
         except (coap_error.Error, OSError) as exc:
             self._failed(observation, _describe(exc))
+            self._abandon(observation, sent)
             return None
         finally:
             observation.registering = None
@@ -696,11 +723,12 @@ class CoapSide:
         Observe): forward that and watch the notifications' freshness. Returns the order
         that later notifications must keep (`_notified`)."""
         observation.registration = first.request
-        if observation.orphan is not None:
+        if observation.orphans:
             # The sensor is reachable again: now the deregistration of the observation
-            # given up for silence can arrive (if it still exists there).
-            self._send_deregistration(observation.orphan, confirmable=False)
-            observation.orphan = None
+            # given up can arrive (if it still exists there).
+            for orphan in observation.orphans:
+                self._send_deregistration(orphan, confirmable=False)
+            observation.orphans = ()
         now = asyncio.get_running_loop().time()
         order = ObserveOrder()
         order.accept(first.opt.observe, now)
@@ -734,16 +762,29 @@ class CoapSide:
         elif isinstance(ended_by, _Silence):
             log.info("observation of %s silent for Max-Age + grace; registering again",
                      observation.uri)
-            # End the old observation at the sensor too, or it may go on sending NON
-            # notifications nobody reads: now, in case the sensor hears us, and again after
-            # the next successful registration. NON, because a CON would hold back the
-            # re-registrations behind its retransmissions (aiocoap keeps NSTART = 1).
-            registration = observation.registration
-            if registration is not None:
-                self._send_deregistration(registration, confirmable=False)
-                observation.orphan = registration
+            self._abandon(observation, observation.registration)
         else:
             self._failed(observation, _describe(ended_by))
+            self._abandon(observation, observation.registration)
+
+    def _abandon(self, observation: _Observation, registration: aiocoap.Message | None) -> None:
+        """Give up the registration `registration`, which may hold an observation at the
+        sensor, before another one is sent: a sensor must never hold more than one
+        observation of a resource from the gateway (each costs a notification per update
+        on the constrained network). Deregistered (RFC 7641 §3.6) now, in case the sensor
+        hears us, and again after the next successful registration (`_follow`). NON,
+        because a CON would hold back the re-registrations behind its retransmissions
+        (aiocoap keeps NSTART = 1).
+
+        At most `MAX_ORPHANS` wait for the second try: the first (the observation that was
+        followed, when one was: it surely exists at the sensor) and the latest tries."""
+        if registration is None:
+            return
+        self._send_deregistration(registration, confirmable=False)
+        orphans = (*observation.orphans, registration)
+        if len(orphans) > MAX_ORPHANS:
+            orphans = (orphans[0], *orphans[len(orphans) - MAX_ORPHANS + 1 :])
+        observation.orphans = orphans
 
     def _unfollow(self, observation: _Observation) -> None:
         """Forget the registration that was followed (or polled, or tried). Its timer may
@@ -1004,31 +1045,19 @@ class CoapSide:
         for an observation that no token manager can reach: an OSCORE one (its requests are
         protected by the OSCORE transport, above the token managers).
         """
-        if request.remote is None:
+        if request.remote is None or not request.token:
+            return False  # never sent
+        message = request.copy(observe=1, mid=None)
+        message.token = request.token
+        message.remote = request.remote
+        if not confirmable:
+            message.mtype = None
+            message.transport_tuning = _UNRELIABLE
+        try:
+            return compat.deregister(self.context, request, message)
+        except Exception:  # the fallback (cancel) still happens in _stop
+            log.debug("deregistration of %s not sent", request.remote, exc_info=True)
             return False
-        key = (request.token, request.remote)
-        managers = [i for i in self.context.request_interfaces if isinstance(i, TokenManager)]
-        # The token manager still holding the observation, else (for an observation already
-        # given up) the one whose transport the sensor's address belongs to.
-        holding = [m for m in managers if key in m.outgoing_requests] or [
-            m for m in managers
-            if getattr(m.token_interface, "message_interface", None)
-            is getattr(request.remote, "interface", object())
-        ]
-        for manager in holding:
-            message = request.copy(observe=1, mid=None)
-            message.token = request.token
-            message.remote = request.remote
-            if not confirmable:
-                message.mtype = None
-                message.transport_tuning = _UNRELIABLE
-            try:
-                manager.token_interface.send_message(message, lambda: None)
-            except Exception:  # the fallback (cancel) still happens in _stop
-                log.debug("deregistration of %s not sent", request.remote, exc_info=True)
-                return False
-            return True
-        return False
 
     # -- requests ----------------------------------------------------------------------------
 

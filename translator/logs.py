@@ -1,115 +1,178 @@
-"""What the gateway's log records may contain: no secret a client presented.
+"""One rate limiter for repeated log lines, so that whoever can make the gateway log cannot
+make it log without bound.
 
-This module owns one rule for every log record of the process, whatever logger made it (the
-gateway's, websockets', aiocoap's, asyncio's) and whatever handler writes it: the text of the
-message, the text of an attached exception and the stack text are redacted when the record
-is created, before any handler or formatter sees it.
+A line that anyone outside can trigger at will (a datagram from an unknown address, a frame
+that does not parse) is logged through :class:`LimitedLog` under a *kind*, a short name for
+what happened (``"coap.unmatched"``). Per kind and per interval the first `first`
+occurrences are written in full; the rest are counted, and when the interval has passed one
+summary line says how many there were::
 
-What is redacted (see `redact`), so that no spelling the authentication accepts survives:
+    unmatched datagram from 127.0.0.2:5683 (token 0102): dropped
+    ... (2 more lines in full)
+    coap.unmatched: ...and 5996 more in the last 60 s (6000 in all)
 
-* the query of a URL or request target (`/ws?access_token=...` becomes `/ws?<redacted>`),
-  however the method, the path or the HTTP version look, and whether or not the request was
-  well formed; CoAP URIs keep theirs (no secret travels there, and it helps debugging);
-* the value of any `name=value` pair whose name, percent- and plus-decoded and in any case,
-  contains `token` (`access%5Ftoken=...`, `ACCESS_TOKEN=...`, in a `Referer` as anywhere);
-* everything after `Authorization` (with or without the colon) and after `Bearer` on a line.
-
-Records are redacted by a log record factory rather than by a `logging.Filter`: a filter on a
-logger sees only the records that logger creates (not those of its children, nor asyncio's),
-and a filter on a handler misses handlers added later, such as a test's capture handler.
+The decisions are :class:`RepeatLimiter`'s, pure and clocked by the caller (tests inject the
+time); :class:`LimitedLog` writes them to a :class:`logging.Logger` and, inside an event
+loop, arms one timer so that the summary comes out when the interval ends even if nothing
+more happens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import unquote_plus
 
-REDACTED: Final = "<redacted>"
+__all__ = ["FIRST", "INTERVAL", "LimitedLog", "RepeatLimiter", "Summary"]
 
-_URL_QUERY: Final = re.compile(
-    # An absolute path or URL followed by a query: the query goes, up to the next space.
-    r"(?P<target>(?:(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://[^\s/?#]*)?/[^\s?#]*)\?\S*"
-)
-_NAMED_VALUE: Final = re.compile(r"(?P<name>[^\s=&?]+)=(?P<value>[^\s&]*)")
-_AUTHORIZATION: Final = re.compile(r"(?i)(authorization\b[^\S\r\n]*:?[^\S\r\n]*)[^\r\n]+")
-_BEARER: Final = re.compile(r"(?i)\b(bearer[^\S\r\n]+)[^\r\n]+")
-_COAP_SCHEMES: Final = frozenset({"coap", "coaps", "coap+tcp", "coaps+tcp", "coap+ws", "coaps+ws"})
+FIRST: Final = 3
+"""Occurrences of one kind written in full per interval."""
+INTERVAL: Final = 60.0
+"""Seconds of one interval."""
 
 
-def redact(text: str) -> str:
-    """`text` without the secrets a client may present (see the module docstring)."""
-    if "?" in text:
-        text = _URL_QUERY.sub(_without_query, text)
-    if "=" in text:
-        text = _NAMED_VALUE.sub(_without_token_value, text)
-    lowered = text.lower()
-    if "authorization" in lowered:
-        text = _AUTHORIZATION.sub(rf"\1{REDACTED}", text)
-    if "bearer" in lowered:
-        text = _BEARER.sub(rf"\1{REDACTED}", text)
-    return text
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The occurrences of `kind` that were counted, not written, in one interval."""
+
+    kind: str
+    suppressed: int
+    seconds: float
+    total: int
+    """Every occurrence of the kind so far, written or not."""
+
+    def text(self) -> str:
+        return (f"{self.kind}: ...and {self.suppressed} more in the last {self.seconds:g} s "
+                f"({self.total} in all)")
 
 
-def _without_query(match: re.Match[str]) -> str:
-    scheme = match["scheme"]
-    if scheme is not None and scheme.lower() in _COAP_SCHEMES:
-        return match[0]
-    return f"{match['target']}?{REDACTED}"
+class _Window:
+    __slots__ = ("seen", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.seen = 0
 
 
-def _without_token_value(match: re.Match[str]) -> str:
-    name = match["name"]
-    # Decode as often as a client could have encoded it (bounded: each round shortens it).
-    for _ in range(4):
-        decoded = unquote_plus(name)
-        if decoded == name:
-            break
-        name = decoded
-    if "token" not in name.lower() or match["value"] == REDACTED:
-        return match[0]
-    return f"{match['name']}={REDACTED}"
+class RepeatLimiter:
+    """Which occurrences of each kind to write, and the summaries of the others.
 
-
-def redact_record(record: logging.LogRecord) -> None:
-    """Redact `record` in place: its message (arguments merged in), exception and stack text.
-
-    The exception itself is dropped from the record once its text is kept (redacted): a
-    handler that formatted `exc_info` on its own would show the original text again.
-    Never raises: a record whose arguments do not format keeps its format string, redacted,
-    without the arguments (which could hold a secret that no pattern recognizes).
+    An interval starts at the first occurrence of a kind; within it `first` occurrences are
+    admitted and the rest counted. An interval that ends with some counted yields a
+    :class:`Summary` (from :meth:`summaries`); one that ends without is just forgotten, so
+    an idle kind costs nothing. `now` is any monotonic clock in seconds.
     """
-    try:
-        message = record.getMessage()
-    except Exception:
-        message = f"{record.msg!r} (its arguments do not format)"
-    redacted = redact(message)
-    if redacted != message:
-        record.msg, record.args = redacted, None
-    if record.exc_info and record.exc_info[0] is not None:
-        if not record.exc_text:
-            record.exc_text = _EXCEPTION_FORMATTER.formatException(record.exc_info)
-        record.exc_info = None
-    if record.exc_text:
-        record.exc_text = redact(record.exc_text)
-    if record.stack_info:
-        record.stack_info = redact(record.stack_info)
+
+    def __init__(self, first: int = FIRST, interval: float = INTERVAL) -> None:
+        if first < 0 or interval <= 0:
+            raise ValueError("first must be >= 0 and interval > 0")
+        self.first = first
+        self.interval = interval
+        self._windows: dict[str, _Window] = {}
+        self.totals: dict[str, int] = {}
+        """Every occurrence of each kind ever reported, written or not."""
+
+    def hit(self, kind: str, now: float) -> bool:
+        """One occurrence of `kind`: True when it is to be written in full.
+
+        An occurrence after its kind's interval ended while a summary of it is still due
+        (not yet collected by :meth:`summaries`) is counted into that summary."""
+        self.totals[kind] = self.totals.get(kind, 0) + 1
+        window = self._windows.get(kind)
+        if window is None or (now >= window.started + self.interval and window.seen <= self.first):
+            window = self._windows[kind] = _Window(now)
+        window.seen += 1
+        return window.seen <= self.first
+
+    def summaries(self, now: float) -> list[Summary]:
+        """The summaries of every interval that has ended by `now`; those intervals are
+        closed (a kind's next occurrence starts a new one)."""
+        due: list[Summary] = []
+        for kind, window in list(self._windows.items()):
+            if now < window.started + self.interval:
+                continue
+            del self._windows[kind]
+            if window.seen > self.first:
+                due.append(Summary(kind, window.seen - self.first,
+                                   round(now - window.started, 1), self.totals[kind]))
+        return due
+
+    def next_due(self) -> float | None:
+        """When the earliest interval with something counted ends (None: nothing pending)."""
+        ends = [w.started + self.interval for w in self._windows.values() if w.seen > self.first]
+        return min(ends, default=None)
+
+    def count(self, kind: str) -> int:
+        return self.totals.get(kind, 0)
 
 
-_EXCEPTION_FORMATTER: Final = logging.Formatter()
+class LimitedLog:
+    """A :class:`logging.Logger` whose lines of each kind go through a :class:`RepeatLimiter`.
 
+    ``log.write("coap.unmatched", logging.INFO, "unmatched datagram from %s", address)``
+    writes the line or counts it. Summaries come out at the next write, at :meth:`flush`,
+    or (inside a running event loop) from a timer at the end of the interval.
+    """
 
-def install_redaction() -> None:
-    """Redact every log record created from now on in this process (idempotent)."""
-    previous = logging.getLogRecordFactory()
-    if getattr(previous, "redacts_secrets", False):
-        return
+    def __init__(
+        self,
+        logger: logging.Logger,
+        limiter: RepeatLimiter | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        summary_level: int = logging.WARNING,
+    ) -> None:
+        self.logger = logger
+        self.limiter = limiter or RepeatLimiter()
+        self.clock = clock
+        self.summary_level = summary_level
+        self._timer: asyncio.TimerHandle | None = None
 
-    def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = previous(*args, **kwargs)
-        redact_record(record)
-        return record
+    def write(self, kind: str, level: int, message: str, *args: Any) -> bool:
+        """Write (True) or count (False) one occurrence of `kind`. Never a traceback: pass
+        the exception's text as an argument instead."""
+        now = self.clock()
+        due = self.limiter.next_due()
+        if due is not None and now >= due:
+            self.flush()
+        written = self.limiter.hit(kind, now)
+        if written:
+            self.logger.log(level, message, *args)
+        elif self._timer is None:
+            self._arm()
+        return written
 
-    redacting_factory.redacts_secrets = True  # type: ignore[attr-defined]
-    logging.setLogRecordFactory(redacting_factory)
+    def count(self, kind: str) -> int:
+        """How many occurrences of `kind` were reported, written or not."""
+        return self.limiter.count(kind)
+
+    def flush(self) -> None:
+        """Write the summaries of the intervals that have ended."""
+        for summary in self.limiter.summaries(self.clock()):
+            self.logger.log(self.summary_level, "%s", summary.text())
+
+    def _arm(self) -> None:
+        due = self.limiter.next_due()
+        if due is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # outside a loop: summaries come out at flush()
+        delay = max(0.0, due - self.clock())
+        self._timer = loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+        self._arm()
+
+    def close(self) -> None:
+        """Cancel the summary timer (and write what is due)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()

@@ -46,9 +46,9 @@ from websockets.protocol import OPEN
 
 from . import http_front
 from .http_front import WS_PATH, Answer, HeadReader, HttpError
-from .logs import install_redaction
 from .outbox import OVERFLOW_BYTES, Outbox
 from .ratelimit import ConnectionLimiter
+from .redaction import install_redaction
 
 log = logging.getLogger(__name__)
 
