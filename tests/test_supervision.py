@@ -536,6 +536,44 @@ async def test_stop_deregisters_at_the_sensor_and_observe_true_starts_again() ->
             await sensors.wait_observers("/temperature", 0, timeout=1)
 
 
+class SlowToAnswer(Counter):
+    """A counter that answers a registration only when `answer` is set."""
+
+    def __init__(self, changes: _Changes) -> None:
+        super().__init__(changes, max_age=60)
+        self.answer = asyncio.Event()
+        self.asked = asyncio.Event()
+
+    async def render_get(self, request: Any) -> Any:
+        self.asked.set()
+        await self.answer.wait()
+        return await super().render_get(request)
+
+
+async def test_an_observation_stopped_while_its_answer_is_on_the_way_is_deregistered(
+    make_gateway: Any, make_client: Any
+) -> None:
+    changes = _Changes()
+    slow = SlowToAnswer(changes)
+    site = resource.Site()
+    site.add_resource(["slow"], slow)
+    context = await aiocoap.Context.create_server_context(
+        site, bind=("127.0.0.1", 0), transports=["udp6"]
+    )
+    try:
+        base = f"coap://127.0.0.1:{_bound_port(context)}"
+        gateway = await make_gateway(config_for(base, registration_timeout=5))
+        client = await make_client(gateway.url)
+        uri = f"{base}/slow"
+        await client.subscribe(uri=uri)
+        await asyncio.wait_for(slow.asked.wait(), WAIT)
+        gateway.coap.stop_observation(uri)  # what unsubscribing or stopping the gateway does
+        slow.answer.set()  # the sensor accepts the registration only now
+        await changes.until(lambda: slow.registrations == 1 and slow.observers == 0)
+    finally:
+        await context.shutdown()
+
+
 async def test_500_connect_subscribe_disconnect_cycles_leave_nothing_behind(
     sensors: SimulatedSensors, make_gateway: Any
 ) -> None:

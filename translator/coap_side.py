@@ -527,9 +527,13 @@ class CoapSide:
         if task is None or task.done():
             return
         registration = observation.registration
-        if registration is not None and self._send_deregistration(registration):
+        if (registration is not None and self._send_deregistration(registration)) or (
+            registration is None and observation.registering is not None
+        ):
             # The sensor's answer to the deregistration ends aiocoap's observation, and
-            # with it the task. (Nothing to wait for when none could be sent, as for OSCORE.)
+            # with it the task. A registration still waiting for its answer is let finish:
+            # if the sensor accepts it, the task deregisters it at once (`_registered`).
+            # (Nothing to wait for when nothing could be sent, as for OSCORE.)
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), DEREGISTRATION_TIMEOUT)
         if not task.done():
@@ -712,6 +716,11 @@ class CoapSide:
             observation.registering = None
             observation.deadline = 0.0  # (the deadline's float is not kept with every one)
         if observation.stopping:
+            if first.code.is_successful() and first.opt.observe is not None:
+                # Stopped while the answer was on its way: the sensor holds the observation
+                # now, and only a deregistration ends it (its next CON notification would
+                # meet an RST too, but a NON one nothing).
+                self._send_deregistration(first.request, confirmable=False)
             return None
         if not first.code.is_successful():
             self._answer(observation, to_answer(first))

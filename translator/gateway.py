@@ -197,7 +197,7 @@ class Gateway:
             self._discovery = self._spawn(self._discover(), "discovery")
 
     async def stop(self) -> None:
-        """Close WebSockets with 1001, deregister upstream observations, stop everything.
+        """Deregister upstream observations, close WebSockets with 1001, stop everything.
 
         Nothing that happens while stopping (a client going away) arms a linger timer or
         starts an observation.
@@ -206,6 +206,11 @@ class Gateway:
         for handle in self._lingers.values():
             handle.cancel()
         self._lingers.clear()
+        # The deregistrations go out first (they are what the sensors see); the clients are
+        # closed while the sensors answer, so that a silent sensor and a stalled client cost
+        # their timeouts side by side, within the CLI's 5 s.
+        for uri in self.coap.observed:
+            self.coap.stop_observation(uri)
         await self.ws.stop()
         for task in list(self._tasks):
             task.cancel()
