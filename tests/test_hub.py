@@ -1063,3 +1063,20 @@ def test_what_a_gone_connection_left_lingering_counts_only_globally() -> None:
     hub.connect("a")  # the same object again, as a new connection
     assert lifecycle(hub.subscribe("a", HUM)) == [StartObservation(HUM)]
     assert _observing(hub) == {TEMP, HUM}
+
+
+def test_idle_resources_are_bounded_in_bytes_with_their_cached_values() -> None:
+    hub = make_hub(linger=0, max_idle_bytes=64 * 1024)
+    hub.connect("a")
+    big = b"x" * 10_000  # a 10 kB text value, cached in each notify
+    for index in range(50):
+        uri = f"{ORIGIN}/r{index}"
+        hub.subscribe("a", uri)
+        hub.upstream_response(uri, code="2.05", cf=0, payload=big)
+        hub.unsubscribe("a", hub.resource(uri).sub)  # type: ignore[union-attr]
+        assert hub.idle_bytes <= 64 * 1024
+    kept = [i for i in range(50) if hub.resource(f"{ORIGIN}/r{i}") is not None]
+    assert 3 <= len(kept) <= 6 and kept == list(range(50 - len(kept), 50))  # the newest
+    # A resource subscribed again leaves the idle ones, and its bytes with it.
+    hub.subscribe("a", f"{ORIGIN}/r49")
+    assert hub.idle_bytes < 64 * 1024 - 10_000

@@ -226,6 +226,10 @@ class LimitsConfig:
     handshake without a deadline would let idle sockets pile up)."""
     max_upstream_bytes: int = _setting(1_048_576, minimum=1, maximum=GIB)
     """Largest representation taken from a sensor (all blocks together)."""
+    max_idle_bytes: int = _setting(16 << 20, minimum=0, maximum=GIB, zero="keeps none")
+    """Memory for resources nobody watches any more, cached values included: kept so that a
+    client that comes back finds the same ``sub`` and ``seq``; past it the oldest are
+    forgotten (at most 10 000 of them in any case)."""
     max_observations: int = _setting(1000, minimum=1, maximum=MILLION)
     """Upstream observations the gateway keeps at once, lingering ones and pinned sensors
     included; a subscription that needs one more ends the oldest lingering one, or gets

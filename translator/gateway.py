@@ -134,6 +134,7 @@ class Gateway:
             pinned=[s.uri for s in config.sensors if s.observe],
             max_upstream_bytes=config.limits.max_upstream_bytes,
             max_observations=config.limits.max_observations,
+            max_idle_bytes=config.limits.max_idle_bytes,
         )
         self.coap = CoapSide(
             self,

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Generic, Literal, TypeVar
@@ -59,6 +60,11 @@ from .frames import (
 from .uris import UriError, parse_coap_uri
 
 C = TypeVar("C", bound=Hashable)
+
+IDLE_OVERHEAD: Final = 400
+"""Bytes an unwatched resource costs besides its URI and cached value: the Resource object
+with its fields, its `sub` and the dictionary entries that find it (tracemalloc on CPython
+3.11: about 350, over 2000 idle resources)."""
 
 DEFAULT_MAX_AGE = 60
 """RFC 7252 §5.10.5: a response without Max-Age is fresh for 60 seconds."""
@@ -251,6 +257,7 @@ class Hub(Generic[C]):
         max_idle_resources: int = 10_000,
         max_upstream_bytes: int = 1_048_576,
         max_observations: int = 1000,
+        max_idle_bytes: int = 16 << 20,
     ) -> None:
         """`sensors` maps configured names to normalized URIs; `pinned` lists the URIs
         configured with `observe = true`; `max_upstream_bytes` is the limit the CoAP side
@@ -272,11 +279,15 @@ class Hub(Generic[C]):
         self._sensor_uri_set = frozenset(self.sensor_uris.values())
         self._resources: dict[str, Resource[C]] = {}
         self._sub_ids = itertools.count(1)
-        # Resources nobody watches, oldest first: kept so that `sub` and `seq` stay stable
-        # for a client that comes back, but only up to `max_idle_resources`, so that clients
-        # cycling through many URIs cannot grow the gateway's memory without bound.
-        self._idle: dict[str, None] = {}
+        # Resources nobody watches, oldest first, with what each costs in memory: kept so
+        # that `sub` and `seq` stay stable for a client that comes back, but only up to
+        # `max_idle_resources` of them and `max_idle_bytes` in all (their cached values can
+        # be large), so that clients cycling through many URIs cannot grow the gateway's
+        # memory without bound.
+        self._idle: dict[str, int] = {}
+        self.idle_bytes = 0
         self.max_idle_resources = max_idle_resources
+        self.max_idle_bytes = max_idle_bytes
         self._connections: dict[C, dict[str, Resource[C]]] = {}
         self._links: dict[str, LinkInfo] = {}
         self._links_by_origin: dict[str, tuple[str, ...]] = {}
@@ -348,7 +359,7 @@ class Hub(Generic[C]):
         if resource is None or not resource.observing:
             commands.extend(self._make_room(conn, uri, frame_id))
         resource = self._resource(uri)
-        self._idle.pop(uri, None)
+        self.idle_bytes -= self._idle.pop(uri, 0)
         self._end_linger(uri)
         if not already:
             subs[resource.sub] = resource
@@ -458,15 +469,26 @@ class Hub(Generic[C]):
         resource.observing = False
         self.observing_count -= 1
         self._end_linger(resource.uri)
-        if resource.name is None:
-            self._idle[resource.uri] = None
-            while len(self._idle) > self.max_idle_resources:
-                oldest = next(iter(self._idle))
-                del self._idle[oldest], self._resources[oldest]
         # Nobody watches the resource any more: what we knew of the upstream state is moot.
         resource.state = resource.state_reason = resource.state_code = None
         resource.last_status = None
+        if resource.name is None:
+            self._remember_idle(resource)
         return [StopObservation(resource.uri)]
+
+    def _remember_idle(self, resource: Resource[C]) -> None:
+        """Keep an unwatched resource within the idle bounds, forgetting the oldest ones."""
+        size = IDLE_OVERHEAD + len(resource.uri) + (
+            sys.getsizeof(resource.last_notify) if resource.last_notify is not None else 0
+        )
+        self._idle[resource.uri] = size
+        self.idle_bytes += size
+        while self._idle and (
+            len(self._idle) > self.max_idle_resources or self.idle_bytes > self.max_idle_bytes
+        ):
+            oldest = next(iter(self._idle))
+            self.idle_bytes -= self._idle.pop(oldest)
+            del self._resources[oldest]
 
     # -- upstream events ---------------------------------------------------------------------
 
