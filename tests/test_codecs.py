@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import time
 from typing import Any
 
 import cbor2
@@ -217,10 +216,9 @@ def test_cbor_non_string_keys() -> None:
 def test_cbor_nested_map_keys_do_not_blow_up() -> None:
     # Each level re-escapes the quotes of the level below: without a limit the key text
     # would double per level.
+    # (Without the limit this would never finish: 2**200 characters.)
     payload = b"\xa1" * 200 + b"\x00" + b"\x00" * 200
-    start = time.monotonic()
     assert_decode_error(60, payload, "map key")
-    assert time.monotonic() - start < 2
 
 
 def test_cbor_integers_beyond_2_53_become_strings() -> None:
@@ -305,12 +303,10 @@ def test_cbor_errors(payload: bytes, fragment: str) -> None:
     assert_decode_error(60, payload, fragment)
 
 
-def test_cbor_deep_nesting_is_an_error_quickly() -> None:
-    start = time.monotonic()
+def test_cbor_deep_nesting_is_an_error_not_a_recursion_error() -> None:
     assert_decode_error(60, b"\x81" * 100_000 + b"\x00", "invalid CBOR")
     assert_decode_error(60, b"\xc6" * 100_000 + b"\x00", "invalid CBOR")
     assert_decode_error(60, b"\xa1\x00" * 100_000 + b"\x00", "invalid CBOR")
-    assert time.monotonic() - start < 2
 
 
 def test_cbor_nesting_up_to_the_limit_decodes() -> None:

@@ -2,7 +2,6 @@
 
 import dataclasses
 import ipaddress
-import time
 
 import pytest
 from hypothesis import example, given
@@ -171,15 +170,14 @@ def test_runs_of_stars_are_one_star() -> None:
 
 
 def test_many_stars_on_a_long_segment_do_not_backtrack_catastrophically() -> None:
-    # A naive ".*a.*a...b" translation takes effectively forever on this (ReDoS): the URI
-    # is client-controlled, so matching must stay polynomial of low degree.
+    # A naive ".*a.*a...b" translation takes effectively forever on this (ReDoS: this test
+    # would not finish): the URI is client-controlled, so matching must stay polynomial of
+    # low degree.
     pattern = compile_pattern("coap://h:5683/" + "*a" * 20 + "*b/x")
-    started = time.perf_counter()
     assert not pattern.matches(parse_coap_uri("coap://h/" + "a" * 2000 + "/x"))
     assert pattern.matches(parse_coap_uri("coap://h/" + "a" * 2000 + "b/x"))
     host = compile_pattern("coap://" + "*a" * 20 + "*b.lan/*")
     assert not host.matches(parse_coap_uri("coap://" + "a" * 60 + ".lan/x"))
-    assert time.perf_counter() - started < 1.0
 
 
 def _reference_match(pattern: str, text: str) -> bool:
