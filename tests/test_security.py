@@ -39,9 +39,12 @@ async def test_allowed_origins_setting(sensors: SimulatedSensors, make_gateway: 
     gateway = await make_gateway(config)
     ws = await connect(gateway.url, origin="https://app.example", open_timeout=WAIT)  # type: ignore[arg-type]
     await ws.close()
+    # The gateway's own origin stays allowed (its page keeps working); others do not.
     own = f"http://127.0.0.1:{gateway.ws.port}"
+    ws = await connect(gateway.url, origin=own, open_timeout=WAIT)  # type: ignore[arg-type]
+    await ws.close()
     with pytest.raises(InvalidStatus) as refused:
-        await connect(gateway.url, origin=own, open_timeout=WAIT)  # type: ignore[arg-type]
+        await connect(gateway.url, origin="https://other.example", open_timeout=WAIT)  # type: ignore[arg-type]
     assert refused.value.response.status_code == 403
 
 
@@ -338,3 +341,62 @@ async def test_cli_clients_take_a_token_and_never_print_it(
     code, out, err = await run_cli("request", gateway.url, "PUT", "led", "--value", "1")
     assert code == 1 and json.loads(out)["error"] == "forbidden"
     assert READER not in out + err
+
+
+# -- DNS rebinding, wrong paths (issue 13 §2, §10) --------------------------------------------
+
+
+async def raw_exchange(port: int, request: bytes) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        async with asyncio.timeout(WAIT):
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            # Every answer but a 101 closes the connection after its body.
+            return status, head + (b"" if status == 101 else await reader.read())
+    finally:
+        writer.close()
+
+
+def upgrade(port: int, host: str, path: str = "/ws", origin: str | None = None) -> bytes:
+    from .conftest import handshake_request
+
+    request = handshake_request(port, path).replace(
+        f"Host: 127.0.0.1:{port}".encode(), f"Host: {host}".encode()
+    )
+    if origin is not None:
+        request = request.replace(b"\r\n\r\n", f"\r\nOrigin: {origin}\r\n\r\n".encode())
+    return request
+
+
+async def test_a_rebound_host_name_gets_421_before_the_upgrade_and_the_page(
+    sensors: SimulatedSensors, make_gateway: Any
+) -> None:
+    gateway = await make_gateway(gateway_config(sensors, server_names=["gateway.example"]))
+    port = gateway.ws.port
+    evil = f"evil.example:{port}"
+    status, answer = await raw_exchange(port, upgrade(port, evil, origin=f"http://{evil}"))
+    assert status == 421 and b"server_names" in answer
+    status, _ = await raw_exchange(port, f"GET / HTTP/1.1\r\nHost: {evil}\r\n\r\n".encode())
+    assert status == 421
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}",
+                 f"gateway.example:{port}", "GATEWAY.example."):
+        status, _ = await raw_exchange(port, upgrade(port, host, origin=f"http://{host}"))
+        assert status == 101, host
+        status, _ = await raw_exchange(port, f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert status == 200, host
+
+
+async def test_an_upgrade_on_a_wrong_path_gets_404_naming_the_endpoint(
+    sensors: SimulatedSensors, make_gateway: Any
+) -> None:
+    gateway = await make_gateway(gateway_config(sensors))
+    port = gateway.ws.port
+    for path in ("/", "/index.html", "/websocket"):
+        status, answer = await raw_exchange(port, upgrade(port, f"127.0.0.1:{port}", path))
+        assert status == 404 and b"it is at /ws" in answer, (path, answer)
+    from .test_cli import run_cli
+
+    code, _, err = await run_cli("list", f"ws://127.0.0.1:{port}/")
+    assert code == 2 and "HTTP 404" in err

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from translator.policy import PatternError, Policy, UriPattern, compile_pattern
-from translator.uris import DEFAULT_PORTS, UriError, parse_coap_uri
+from translator.uris import DEFAULT_PORTS, UriError, host_name_problem, parse_coap_uri
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -136,9 +136,13 @@ class ServerConfig:
     """Seconds an unwatched observation lingers before it is cancelled, so a client that
     reconnects quickly does not cost a new CoAP observe; 0 cancels at once."""
     allowed_origins: tuple[str, ...] | None = _setting(None)
-    """Origins (``https://app.example``) whose browsers may open a WebSocket; a handshake
-    with another Origin gets HTTP 403. Unset: only the gateway's own origin. A handshake
-    without Origin (not from a browser) is always allowed."""
+    """Origins (``https://app.example``) whose browsers may open a WebSocket besides the
+    gateway's own (its page keeps working); a handshake with another Origin gets HTTP 403.
+    A handshake without Origin (not from a browser) is always allowed."""
+    server_names: tuple[str, ...] = _setting(())
+    """Host names the gateway is reached by (``gateway.example``), besides ``localhost`` and
+    its listen address: a request whose ``Host`` names anything else gets HTTP 421, which
+    stops DNS rebinding. IP literals are always accepted."""
     tls_cert: str | None = _setting(None)
     """PEM certificate (chain) file: with ``tls_key``, serve ``wss://``."""
     tls_key: str | None = _setting(None)
@@ -146,6 +150,10 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        for index, name in enumerate(self.server_names):
+            problem = host_name_problem(name.lower().rstrip("."))
+            if problem is not None:
+                raise ConfigError(f"server_names[{index}]", problem)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_key" if self.tls_key is None else "tls_cert",
                               "tls_cert and tls_key go together")

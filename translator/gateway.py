@@ -159,6 +159,7 @@ class Gateway:
                 handshake_timeout=limits.handshake_timeout or None,
                 ssl_context=_tls_context(config),
                 allowed_origins=config.server.allowed_origins,
+                server_names=config.server.server_names,
                 max_connections=limits.max_connections,
                 max_connections_per_ip=limits.max_connections_per_ip,
             ),

@@ -8,7 +8,12 @@ and carries out what it decides. It owns
   websockets is one websockets answers (websockets closes the connection without a word on
   a head it cannot parse);
 * the answers to everything that is not a WebSocket handshake on `/ws` (`answer_request`):
-  the page at `/`, `HEAD`, 404, 405, and 400/414/431/505 for heads that are not HTTP;
+  the page at `/`, `HEAD`, 404 (an upgrade on another path says where the endpoint is),
+  405, and 400/414/431/505 for heads that are not HTTP;
+* which host names the port answers to (`HostNames`): a request whose `Host` is a name the
+  gateway does not serve gets 421 before anything else, page and handshake alike, so that
+  a page on `evil.example` that its DNS points at the gateway (DNS rebinding) can neither
+  read the page nor pass the handshake's Origin check as the gateway's own origin;
 * the headers that keep a browser from framing, sniffing or leaking what it gets
   (`security_headers`), on every answer, including websockets' own refusals.
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http
+import ipaddress
 import re
 from dataclasses import dataclass, replace
 from functools import cache
@@ -186,11 +192,53 @@ def parse_head(head: bytes) -> RequestHead:
     return parsed
 
 
-def answer_request(head: RequestHead) -> Answer | None:
+@dataclass(frozen=True, slots=True)
+class HostNames:
+    """The host names the gateway serves: a `Host` header must name one of them, or be an
+    IP literal (an address cannot be rebound: a browser's origin for it is the address).
+
+    `names` are lower case, without a trailing dot: ``localhost``, the listen address when
+    it is a name, and ``[server] server_names``. The port is not compared (a reverse proxy
+    may serve the gateway on another one).
+    """
+
+    names: frozenset[str] = frozenset({"localhost"})
+
+    def refusal(self, host: str | None) -> Answer | None:
+        """None when `host` (the Host header's value; None when absent or repeated) is
+        served here, else the answer: 400 without a single Host, 421 for another name."""
+        if host is None:
+            return error_answer(http.HTTPStatus.BAD_REQUEST, "exactly one Host header is needed")
+        name = _host_name(host)
+        if name is None or name in self.names:
+            return None
+        return error_answer(
+            http.HTTPStatus.MISDIRECTED_REQUEST,
+            f"this gateway does not serve the host name {name[:80]!r} (if it is the gateway's,"
+            " add it to [server] server_names)",
+        )
+
+
+def _host_name(host: str) -> str | None:
+    """The name in a Host header's value (lower case, no port, no trailing dot), or None
+    when it is an IP literal."""
+    value = host.strip().lower()
+    if value.startswith("["):
+        return None  # an IPv6 literal (a malformed one fails websockets' own checks)
+    name = value.rpartition(":")[0] if ":" in value else value
+    name = name.rstrip(".")
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return name
+    return None
+
+
+def answer_request(head: RequestHead, hosts: HostNames | None = None) -> Answer | None:
     """The answer to `head`, or None for a WebSocket handshake (GET on /ws), which is
     websockets' to check and answer. An answer to HEAD has the headers of the GET's, and
-    no body."""
-    answer = _route(head)
+    no body. `hosts`: the names served (default: ``localhost`` and IP literals)."""
+    answer = (hosts or HostNames()).refusal(_single(head, "Host")) or _route(head)
     if answer is not None and head.method == "HEAD":
         return replace(answer, body=b"")
     return answer
@@ -198,6 +246,12 @@ def answer_request(head: RequestHead) -> Answer | None:
 
 def _route(head: RequestHead) -> Answer | None:
     path = head.path
+    if path != WS_PATH and any(
+        "websocket" in value.lower() for value in head.get_all("Upgrade")
+    ):
+        return error_answer(
+            http.HTTPStatus.NOT_FOUND, f"no WebSocket endpoint at {path[:80]}; it is at {WS_PATH}"
+        )
     if path in PAGE_PATHS:
         if head.method not in ("GET", "HEAD"):
             return method_not_allowed(PAGE_METHODS)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import ipaddress
 import itertools
 import logging
 import os
@@ -45,7 +46,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 
 from . import http_front
-from .http_front import WS_PATH, Answer, HeadReader, HttpError
+from .http_front import WS_PATH, Answer, HeadReader, HostNames, HttpError
 from .outbox import OVERFLOW_BYTES, Outbox
 from .ratelimit import ConnectionLimiter
 from .redaction import install_redaction
@@ -324,7 +325,9 @@ class ServerSettings:
     handshake_timeout: float | None = 10.0
     ssl_context: ssl.SSLContext | None = None
     allowed_origins: tuple[str, ...] | None = None
-    """Origins allowed to open a WebSocket; None: only the gateway's own origin."""
+    """Origins allowed to open a WebSocket besides the gateway's own."""
+    server_names: tuple[str, ...] = ()
+    """Host names the gateway serves besides ``localhost`` and its listen address."""
     max_connections: int = 10_000
     max_connections_per_ip: int = 256
 
@@ -387,7 +390,7 @@ class WebSocketServer:
             # JSON, and halves fan-out throughput.
             compression=None,
             close_timeout=CLOSE_TIMEOUT,
-            create_connection=_ServerConnection,
+            create_connection=_ServerConnection.serving(self._host_names()),
             # The sweeper below pings for every connection: websockets' keepalive would keep
             # a task, a coroutine and a timer per connection (about 1.5 KiB each).
             ping_interval=None,
@@ -534,19 +537,31 @@ class WebSocketServer:
         ws.connection_lost_waiter.add_done_callback(lambda _: self._limiter.release(ip))
         return None
 
+    def _host_names(self) -> HostNames:
+        """The names `Host` may carry: ``localhost``, the listen address when it is a name,
+        and the configured server names (IP literals are always accepted)."""
+        names = {"localhost", *(n.lower().rstrip(".") for n in self.settings.server_names)}
+        host = self.settings.host.lower()
+        if host and not _is_ip_literal(host):
+            names.add(host.rstrip("."))
+        return HostNames(frozenset(names))
+
     def _check_origin(self, headers: Headers) -> Refusal | None:
-        """Browsers say where a page came from; refuse pages from other sites (CSWSH)."""
+        """Browsers say where a page came from; refuse pages from other sites (CSWSH).
+
+        The gateway's own origin (the page it serves, as the request's Host names it; Host
+        was checked against the names served, so a rebound name cannot pose as it) is always
+        allowed, and `allowed_origins` adds others.
+        """
         origins = headers.get_all("Origin")
         if not origins:
             return None  # not a browser: nothing to protect against
         if len(origins) > 1:
             return Refusal(http.HTTPStatus.FORBIDDEN, "more than one Origin header")
         origin = origins[0]
-        allowed = self.settings.allowed_origins
-        if allowed is None:
-            hosts = headers.get_all("Host")
-            host = hosts[0] if len(hosts) == 1 else ""
-            allowed = (f"http://{host}", f"https://{host}")
+        hosts = headers.get_all("Host")
+        host = hosts[0] if len(hosts) == 1 else ""
+        allowed = [f"http://{host}", f"https://{host}", *(self.settings.allowed_origins or ())]
         if origin.lower().rstrip("/") in {o.lower().rstrip("/") for o in allowed}:
             return None
         return Refusal(http.HTTPStatus.FORBIDDEN, f"origin {origin!r} is not allowed")
@@ -606,13 +621,22 @@ class _ServerConnection(ServerConnection):
     of the process carries a private `__dict__` (about 1.5 KiB more per connection).
     """
 
+    hosts: HostNames = HostNames()
+    """The names a request's Host may carry: a class attribute (see `serving`), so that it
+    costs no name in the instances' shared attribute table."""
+
+    @classmethod
+    def serving(cls, hosts: HostNames) -> type[_ServerConnection]:
+        """This class for a server that answers to `hosts`."""
+        return type(cls.__name__, (cls,), {"hosts": hosts})
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Placeholders until connection_made() sets the real values.
         self.recv_messages = None  # type: ignore[assignment]
         self.transport = None  # type: ignore[assignment]
         # Two attributes only: a 30th and 31st name would overflow the shared table.
-        self.front: _Front | None = _Front()
+        self.front: _Front | None = _Front(self.hosts)
         """The request head being read, then the bytes after a handshake's head; None
         once websockets reads everything itself."""
         self.owner: Connection | None = None
@@ -651,7 +675,7 @@ class _ServerConnection(ServerConnection):
             log.debug("%s: unreadable request (%s)", _peer(self), error.message)
             self._answer(http_front.error_answer(error.status, error.message))
             return
-        answer = http_front.answer_request(head)
+        answer = http_front.answer_request(head, front.hosts)
         if answer is not None:
             self.front = None
             log.debug("%s: %s %s answered %d", _peer(self), head.method, head.path,
@@ -693,9 +717,11 @@ class _ServerConnection(ServerConnection):
 class _Front:
     """What `_ServerConnection` keeps until websockets reads the connection itself."""
 
-    __slots__ = ("early", "reader")
+    __slots__ = ("early", "hosts", "reader")
 
-    def __init__(self) -> None:
+    def __init__(self, hosts: HostNames) -> None:
+        self.hosts = hosts
+        """The names the request's Host may carry (shared by every connection)."""
         self.reader: HeadReader | None = HeadReader()
         """Reads the request head; None once it is complete."""
         self.early = bytearray()
@@ -791,6 +817,14 @@ def text_frame(text: str) -> bytes:
     else:
         header = struct.pack("!BBQ", 0x81, 127, length)
     return header + payload
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _peer(ws: ServerConnection) -> str:
