@@ -85,7 +85,8 @@ def test_first_subscribe_replies_and_starts_one_observation() -> None:
     assert isinstance(reply, Deliver)
     assert reply.targets == ("a",)
     frame = json.loads(reply.text)
-    assert frame == {"type": "subscribed", "id": 1, "sub": frame["sub"], "uri": TEMP}
+    assert frame == {"type": "subscribed", "id": 1, "sub": frame["sub"], "uri": TEMP,
+                     "epoch": f"{hub.epoch}-{frame['sub']}"}
     assert isinstance(frame["sub"], str) and frame["sub"]
     assert commands[1] == StartObservation(TEMP)
     assert hub.observed_uris == (TEMP,)
@@ -98,7 +99,8 @@ def test_second_subscriber_shares_observation_and_sub() -> None:
     commands = hub.subscribe("b", TEMP, "x")
     assert lifecycle(commands) == []
     assert frames_to(commands, "b") == [
-        {"type": "subscribed", "id": "x", "sub": first, "uri": TEMP}
+        {"type": "subscribed", "id": "x", "sub": first, "uri": TEMP,
+         "epoch": f"{hub.epoch}-{first}"}
     ]
     assert frames_to(commands, "a") == []
     assert hub.subscriptions_of("b") == (first,)
@@ -121,7 +123,8 @@ def test_subscribing_twice_is_idempotent() -> None:
     sub = sub_of(hub, "a", TEMP)
     again = hub.subscribe("a", TEMP, 2)
     assert lifecycle(again) == []
-    assert frames_to(again, "a")[0] == {"type": "subscribed", "id": 2, "sub": sub, "uri": TEMP}
+    assert frames_to(again, "a")[0] == {"type": "subscribed", "id": 2, "sub": sub, "uri": TEMP,
+                                        "epoch": f"{hub.epoch}-{sub}"}
     assert hub.subscriptions_of("a") == (sub,)
     notify = delivers(ok(hub, TEMP))
     assert len(notify) == 2  # status online, then the notification

@@ -35,6 +35,7 @@ __all__ = [
     "ConfigError",
     "CredentialConfig",
     "GatewayConfig",
+    "HistoryConfig",
     "LimitsConfig",
     "PolicyConfig",
     "SensorConfig",
@@ -269,6 +270,20 @@ class SupervisionConfig:
             raise ConfigError("backoff_max", "must be at least backoff_min")
 
 
+@dataclass(frozen=True)
+class HistoryConfig:
+    """``[history]``: the recent notify frames kept so that a client can resume after a
+    reconnect (``subscribe`` with ``since``)."""
+
+    size: int = _setting(32, minimum=0, maximum=100_000, zero="turns history off")
+    """Notify frames kept per resource (the newest)."""
+    max_bytes: int = _setting(16 << 20, minimum=0, maximum=GIB, zero="turns history off")
+    """Memory for all resources' history together; past it the oldest frames go first."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
 DTLS_PSK_MAX_BYTES: Final = 16
 """Longest DTLS pre-shared key the gateway's DTLS stack (tinydtls, through DTLSSocket) takes.
 Its buffer is this size and a longer key would overrun it, so the limit is checked here."""
@@ -467,6 +482,8 @@ class GatewayConfig:
     """``[limits]``."""
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     """``[supervision]``."""
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    """``[history]``."""
     auth: AuthConfig = field(default_factory=AuthConfig)
     """``[auth]``."""
     credentials: tuple[CredentialConfig, ...] = _setting(())

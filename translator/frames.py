@@ -92,7 +92,22 @@ class Subscribe:
     id: FrameId
     uri: str | None = None
     name: str | None = None
+    since: Since | None = None
+    """Where the client's copy of the resource's stream ends, to resume from there."""
     type: Literal["subscribe"] = "subscribe"
+
+
+MAX_EPOCH_LENGTH: Final = 64
+MAX_SEQ: Final = 2**53 - 1
+"""The largest `seq` a client may name: JSON numbers are exact up to here."""
+
+
+@dataclass(frozen=True, slots=True)
+class Since:
+    """A point in a resource's stream: its `epoch` and the last `seq` seen."""
+
+    epoch: str
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +220,21 @@ class _Fields:
 
 def _parse_subscribe(f: _Fields) -> Subscribe:
     uri, name = f.target()
-    return Subscribe(id=f.frame_id, uri=uri, name=name)
+    return Subscribe(id=f.frame_id, uri=uri, name=name, since=_parse_since(f))
+
+
+def _parse_since(f: _Fields) -> Since | None:
+    if "since" not in f.obj:
+        return None
+    since = f.obj["since"]
+    if not isinstance(since, dict) or set(since) != {"epoch", "seq"}:
+        raise f.fail("'since' must be an object with exactly 'epoch' and 'seq'")
+    epoch, seq = since["epoch"], since["seq"]
+    if not isinstance(epoch, str) or not 0 < len(epoch) <= MAX_EPOCH_LENGTH:
+        raise f.fail(f"'since.epoch' must be a string of 1 to {MAX_EPOCH_LENGTH} characters")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
+        raise f.fail(f"'since.seq' must be an integer in 0..{MAX_SEQ}")
+    return Since(epoch, seq)
 
 
 def _parse_unsubscribe(f: _Fields) -> Unsubscribe:
@@ -319,9 +348,20 @@ class Subscribed:
     id: FrameId
     sub: str
     uri: str
+    epoch: str | None = None
+    """Names, with `seq`, a point in the resource's stream (see `Since`)."""
+    recovered: bool | None = None
+    """With `since`: whether every update after it follows (as `replay` notifies)."""
 
     def serialize(self) -> str:
-        return dumps({**_with_id("subscribed", self.id), "sub": self.sub, "uri": self.uri})
+        obj: dict[str, JSONValue] = {
+            **_with_id("subscribed", self.id), "sub": self.sub, "uri": self.uri,
+        }
+        if self.epoch is not None:
+            obj["epoch"] = self.epoch
+        if self.recovered is not None:
+            obj["recovered"] = self.recovered
+        return dumps(obj)
 
 
 @dataclass(frozen=True, slots=True)

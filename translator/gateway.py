@@ -33,6 +33,7 @@ from .codecs import UnsupportedValue, decode_payload, encode_value
 from .config import ConfigError, GatewayConfig, policy_for
 from .credentials import client_credentials
 from .frames import FrameError, FrameId
+from .history import History
 from .hub import Command, Deliver, Hub, StartLinger, StartObservation, StopObservation
 from .policy import Decision
 from .ratelimit import TokenBucket
@@ -135,6 +136,7 @@ class Gateway:
             max_upstream_bytes=config.limits.max_upstream_bytes,
             max_observations=config.limits.max_observations,
             max_idle_bytes=config.limits.max_idle_bytes,
+            history=History(size=config.history.size, max_bytes=config.history.max_bytes),
         )
         self.coap = CoapSide(
             self,
@@ -418,7 +420,7 @@ class Gateway:
                     self._require_room(session, frame.id)
                     task = asyncio.create_task(
                         self._answering(
-                            conn, frame.id, self._subscribe_resolved(session, decision, frame.id)
+                            conn, frame.id, self._subscribe_resolved(session, decision, frame)
                         ),
                         name=f"resolve {decision.uri.host} for #{conn.id}",
                     )
@@ -427,7 +429,9 @@ class Gateway:
                     session.held = deque()
                     task.add_done_callback(lambda _: self._release(session))
                 else:
-                    self._execute(self.hub.subscribe(conn, str(decision.uri), frame.id))
+                    self._execute(
+                        self.hub.subscribe(conn, str(decision.uri), frame.id, frame.since)
+                    )
             case frames.Unsubscribe():
                 self._execute(self.hub.unsubscribe(conn, frame.sub, frame.id))
             case frames.Request():
@@ -541,10 +545,12 @@ class Gateway:
             )
 
     async def _subscribe_resolved(
-        self, session: Session, decision: Decision, frame_id: FrameId
+        self, session: Session, decision: Decision, frame: frames.Subscribe
     ) -> None:
-        await self._check_addresses(session.principal, decision, frame_id)
-        self._execute(self.hub.subscribe(session.conn, str(decision.uri), frame_id))
+        await self._check_addresses(session.principal, decision, frame.id)
+        self._execute(
+            self.hub.subscribe(session.conn, str(decision.uri), frame.id, frame.since)
+        )
 
     @staticmethod
     async def _answering(

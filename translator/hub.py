@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import secrets
 import sys
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -52,11 +53,13 @@ from .frames import (
     FrameId,
     JSONValue,
     Notify,
+    Since,
     State,
     Status,
     Subscribed,
     Unsubscribed,
 )
+from .history import History
 from .uris import UriError, parse_coap_uri
 
 C = TypeVar("C", bound=Hashable)
@@ -206,6 +209,12 @@ class Resource(Generic[C]):
     """When the sensor last confirmed the current value: a notification, or a poll answer."""
 
 
+def _as_replay(notify: str) -> str:
+    """A stored notify frame as a replayed one: the same object with ``"replay": true``
+    (frames are compact JSON objects, so the field goes before the closing brace)."""
+    return f'{notify[:-1]},"replay":true}}'
+
+
 def _first_int(text: str | None) -> int | None:
     """The first content-format of a `ct` attribute such as "60" or "60 50"."""
     if not text:
@@ -258,6 +267,7 @@ class Hub(Generic[C]):
         max_upstream_bytes: int = 1_048_576,
         max_observations: int = 1000,
         max_idle_bytes: int = 16 << 20,
+        history: History | None = None,
     ) -> None:
         """`sensors` maps configured names to normalized URIs; `pinned` lists the URIs
         configured with `observe = true`; `max_upstream_bytes` is the limit the CoAP side
@@ -265,6 +275,11 @@ class Hub(Generic[C]):
         import time
 
         self.linger = linger
+        self.history = history if history is not None else History()
+        """The recent notify frames of each resource, for clients that resume (`since`)."""
+        self.epoch = secrets.token_urlsafe(6)
+        """This hub's part of every resource's epoch: new at every start, so that a `seq` of
+        an earlier run of the gateway is never taken for one of this run's."""
         self.max_subscriptions = max_subscriptions
         self.max_observations = max_observations
         self.observing_count = 0
@@ -344,7 +359,9 @@ class Hub(Generic[C]):
     def connect(self, conn: C) -> None:
         self._connections.setdefault(conn, {})
 
-    def subscribe(self, conn: C, uri: str, frame_id: FrameId = None) -> list[Command[C]]:
+    def subscribe(
+        self, conn: C, uri: str, frame_id: FrameId = None, since: Since | None = None
+    ) -> list[Command[C]]:
         """Subscribe `conn` to the (normalized, policy-checked) `uri`."""
         subs = self._connections.setdefault(conn, {})
         resource = self._resources.get(uri)
@@ -365,16 +382,36 @@ class Hub(Generic[C]):
             subs[resource.sub] = resource
             resource.subscribers += (conn,)
         resource.linger_generation += 1  # a pending linger timer no longer applies
-        commands.append(
-            Deliver((conn,), Subscribed(id=frame_id, sub=resource.sub, uri=uri).serialize())
-        )
-        if resource.last_notify is not None:
+        replay = None if since is None else self._replay(resource, since)
+        commands.append(Deliver((conn,), Subscribed(
+            id=frame_id, sub=resource.sub, uri=uri, epoch=self.epoch_of(resource),
+            recovered=None if since is None else replay is not None,
+        ).serialize()))
+        if replay is not None:
+            # Every update after the client's `since`, each once, marked as replayed, and
+            # never replaced by a newer one in a slow client's queue (no gap).
+            commands.extend(Deliver((conn,), _as_replay(text)) for text in replay)
+        elif resource.last_notify is not None:
             commands.append(Deliver((conn,), resource.last_notify, resource.sub))
         if resource.last_status is not None and resource.state != "online":
             commands.append(Deliver((conn,), resource.last_status))
         if not resource.observing:
             commands.extend(self._start(resource))
         return commands
+
+    def epoch_of(self, resource: Resource[C]) -> str:
+        """The resource's epoch: it changes whenever its `seq` numbering starts again (a new
+        hub, or a forgotten resource, which gets a new `sub`)."""
+        return f"{self.epoch}-{resource.sub}"
+
+    def _replay(self, resource: Resource[C], since: Since) -> list[str] | None:
+        """The notify frames after `since`, when the stream is the same and none is missing;
+        None when the client cannot recover (it then gets the latest value)."""
+        if since.epoch != self.epoch_of(resource) or since.seq > resource.seq:
+            return None
+        if since.seq == resource.seq:
+            return []
+        return self.history.after(resource.uri, since.seq)
 
     def _make_room(self, conn: C, uri: str, frame_id: FrameId) -> list[Command[C]]:
         """Make room for one more observation on behalf of `conn` (see the module
@@ -489,6 +526,7 @@ class Hub(Generic[C]):
             oldest = next(iter(self._idle))
             self.idle_bytes -= self._idle.pop(oldest)
             del self._resources[oldest]
+            self.history.forget(oldest)
 
     # -- upstream events ---------------------------------------------------------------------
 
@@ -573,6 +611,7 @@ class Hub(Generic[C]):
             max_age=DEFAULT_MAX_AGE if max_age is None else max_age,
         ).serialize()
         resource.last_notify, resource.last_ts = text, ts
+        self.history.record(uri, resource.seq, text)
         commands = self._event(resource, "answered")
         if resource.subscribers:
             commands.append(Deliver(resource.subscribers, text, resource.sub))
