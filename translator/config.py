@@ -426,7 +426,8 @@ def credential_pattern(match: str) -> UriPattern:
 
 
 AUTH_MODES: Final = ("auto", "none")
-SCOPES: Final = ("read", "write")
+SCOPES: Final = ("read", "write", "metrics")
+"""`read`: subscribe, list, GET; `write`: the other methods; `metrics`: GET /metrics."""
 
 
 @dataclass(frozen=True)

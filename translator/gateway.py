@@ -34,7 +34,10 @@ from .config import ConfigError, GatewayConfig, policy_for
 from .credentials import client_credentials
 from .frames import FrameError, FrameId
 from .history import History
+from .http_front import Answer, text_answer
 from .hub import Command, Deliver, Hub, StartLinger, StartObservation, StopObservation
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import GatewayMetrics
 from .policy import Decision
 from .ratelimit import TokenBucket
 from .uris import UriError, parse_coap_uri
@@ -166,6 +169,7 @@ class Gateway:
                 max_connections_per_ip=limits.max_connections_per_ip,
             ),
             gatekeeper=self,
+            operations=self,
         )
         self.tokens = TokenStore.from_config(
             config.auth, sensors=self.hub.sensor_uris, env=os.environ
@@ -176,6 +180,8 @@ class Gateway:
         self._discovered_at: float | None = None
         self._discovery: asyncio.Task[None] | None = None
         self._stopping = False
+        self._started = False
+        self.metrics_registry = GatewayMetrics(self)
 
     @property
     def url(self) -> str:
@@ -196,6 +202,7 @@ class Gateway:
             log.warning("policy allows every CoAP destination ('*'): for development only")
         await self.coap.start()
         await self.ws.start()
+        self._started = True
         self._execute(self.hub.startup())
         if self.config.sensors:
             self._discovery = self._spawn(self._discover(), "discovery")
@@ -321,6 +328,29 @@ class Gateway:
             )
         log.info("client %s authenticated as %s", remote_ip, principal.name)
         return principal
+
+    # -- the operator's endpoints (Operations) ----------------------------------------------
+
+    def ready(self) -> bool:
+        return self._started and not self._stopping
+
+    def metrics(self, authorization: str | None) -> Answer:
+        """Prometheus metrics; with tokens configured, for a token with the `metrics` scope
+        only (none or an unknown one: 401, another scope: 403)."""
+        if self.authenticating:
+            principal = self.tokens.authenticate(authorization, "")
+            if principal is None:
+                return text_answer(
+                    http.HTTPStatus.UNAUTHORIZED, "a token with the 'metrics' scope is needed\n",
+                    headers=(("WWW-Authenticate", 'Bearer realm="coap-ws-gateway"'),),
+                )
+            if not principal.can("metrics"):
+                return text_answer(
+                    http.HTTPStatus.FORBIDDEN, f"{principal.name!r} lacks the 'metrics' scope\n"
+                )
+        return text_answer(
+            http.HTTPStatus.OK, self.metrics_registry.exposition().decode(), METRICS_CONTENT_TYPE
+        )
 
     def connected(self, conn: Connection) -> None:
         principal = conn.grant if isinstance(conn.grant, Principal) else ANONYMOUS
@@ -593,6 +623,7 @@ class Gateway:
     ) -> None:
         conn = session.conn
         uri = str(decision.uri)
+        started = time.monotonic()
         reply: frames.Response | frames.ErrorFrame
         try:
             if decision.needs_resolution:
@@ -622,6 +653,10 @@ class Gateway:
                 answer.cf, answer.payload, ts=time.time(), advertised_cf=advertised
             )
             reply = frames.Response(frame.id, answer.code, answer.cf, body)
+        outcome = (
+            f"{reply.code[0]}.xx" if isinstance(reply, frames.Response) else reply.error
+        )
+        self.metrics_registry.request_done(frame.method, outcome, time.monotonic() - started)
         conn.send(reply.serialize())
 
     # -- discovery and list ------------------------------------------------------------------

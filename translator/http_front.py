@@ -7,6 +7,7 @@ and carries out what it decides. It owns
   (`parse_head`), at least as strictly as websockets does, so that every head it hands to
   websockets is one websockets answers (websockets closes the connection without a word on
   a head it cannot parse);
+* the operator's endpoints: `/healthz`, `/readyz` and `/metrics` (`Operations` decides);
 * the answers to everything that is not a WebSocket handshake on `/ws` (`answer_request`):
   the page at `/`, `HEAD`, 404 (an upgrade on another path says where the endpoint is),
   405, and 400/414/431/505 for heads that are not HTTP;
@@ -32,7 +33,7 @@ import re
 from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
-from typing import Final
+from typing import Final, Protocol
 
 WS_PATH: Final = "/ws"
 PAGE_PATHS: Final = ("/", "/index.html")
@@ -234,17 +235,33 @@ def _host_name(host: str) -> str | None:
     return None
 
 
-def answer_request(head: RequestHead, hosts: HostNames | None = None) -> Answer | None:
+class Operations(Protocol):
+    """What the operator's endpoints ask the gateway (implemented by the wiring module)."""
+
+    def ready(self) -> bool:
+        """Listening, the CoAP side started, and not shutting down."""
+
+    def metrics(self, authorization: str | None) -> Answer:
+        """The answer to ``GET /metrics`` presenting this Authorization header (or none)."""
+
+
+OPERATIONS_PATHS: Final = ("/healthz", "/readyz", "/metrics")
+
+
+def answer_request(
+    head: RequestHead, hosts: HostNames | None = None, operations: Operations | None = None
+) -> Answer | None:
     """The answer to `head`, or None for a WebSocket handshake (GET on /ws), which is
     websockets' to check and answer. An answer to HEAD has the headers of the GET's, and
-    no body. `hosts`: the names served (default: ``localhost`` and IP literals)."""
-    answer = (hosts or HostNames()).refusal(_single(head, "Host")) or _route(head)
+    no body. `hosts`: the names served (default: ``localhost`` and IP literals);
+    `operations`: who answers `/readyz` and `/metrics` (without, only `/healthz` is)."""
+    answer = (hosts or HostNames()).refusal(_single(head, "Host")) or _route(head, operations)
     if answer is not None and head.method == "HEAD":
         return replace(answer, body=b"")
     return answer
 
 
-def _route(head: RequestHead) -> Answer | None:
+def _route(head: RequestHead, operations: Operations | None = None) -> Answer | None:
     path = head.path
     if path != WS_PATH and any(
         "websocket" in value.lower() for value in head.get_all("Upgrade")
@@ -252,6 +269,8 @@ def _route(head: RequestHead) -> Answer | None:
         return error_answer(
             http.HTTPStatus.NOT_FOUND, f"no WebSocket endpoint at {path[:80]}; it is at {WS_PATH}"
         )
+    if path in OPERATIONS_PATHS:
+        return _operate(head, operations)
     if path in PAGE_PATHS:
         if head.method not in ("GET", "HEAD"):
             return method_not_allowed(PAGE_METHODS)
@@ -265,6 +284,34 @@ def _route(head: RequestHead) -> Answer | None:
             return error_answer(http.HTTPStatus.BAD_REQUEST, "a request body is not accepted")
         return None
     return error_answer(http.HTTPStatus.NOT_FOUND, f"no such path; WebSocket is at {WS_PATH}")
+
+
+def _operate(head: RequestHead, operations: Operations | None) -> Answer:
+    """`/healthz` (the process answers), `/readyz` (it serves) and `/metrics` (Prometheus,
+    behind the token check of `operations`). The first two reveal nothing and need no
+    token."""
+    if head.method not in ("GET", "HEAD"):
+        return method_not_allowed(PAGE_METHODS)
+    if head.has_body:
+        return error_answer(http.HTTPStatus.BAD_REQUEST, "a request body is not accepted")
+    if head.path == "/healthz":
+        return text_answer(http.HTTPStatus.OK, "ok\n")
+    if operations is None:
+        return error_answer(http.HTTPStatus.NOT_FOUND, "no such path")
+    if head.path == "/readyz":
+        if operations.ready():
+            return text_answer(http.HTTPStatus.OK, "ready\n")
+        return text_answer(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+    return operations.metrics(_single(head, "Authorization"))
+
+
+def text_answer(
+    status: http.HTTPStatus, body: str, content_type: str = "text/plain; charset=utf-8",
+    headers: tuple[tuple[str, str], ...] = (),
+) -> Answer:
+    """An answer with a text body (and the headers of every answer)."""
+    answer = _answer(status, content_type, body.encode(), PLAIN_CSP)
+    return Answer(answer.status, (*answer.headers, *headers), answer.body)
 
 
 def method_not_allowed(allowed: str) -> Answer:

@@ -284,6 +284,14 @@ class Hub(Generic[C]):
         self.max_observations = max_observations
         self.observing_count = 0
         """Resources the hub has asked the CoAP side to observe (and not yet to stop)."""
+        # Totals for the operator's metrics, counted once per event (never per subscriber).
+        self.updates_total = 0
+        """2.xx representations accepted (each a notify)."""
+        self.deliveries_total = 0
+        """Notify frames handed to subscribers (an update times its subscribers)."""
+        self.registrations_total = 0
+        self.failures_total = 0
+        """Upstream failures reported (no answer, RST, ICMP, 4.xx/5.xx)."""
         # Lingering observations, oldest first, with the connection whose leaving started
         # the linger (None once it is gone), and the same per connection.
         self._lingering: dict[str, C | None] = {}
@@ -345,6 +353,18 @@ class Hub(Generic[C]):
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    @property
+    def subscription_count(self) -> int:
+        return sum(len(subs) for subs in self._connections.values())
+
+    def states(self) -> dict[str, int]:
+        """Observed resources by upstream state (``registering`` before the first answer)."""
+        counts = dict.fromkeys(("online", "stale", "offline", "registering"), 0)
+        for resource in self._resources.values():
+            if resource.observing:
+                counts[resource.state or "registering"] += 1
+        return counts
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -535,6 +555,7 @@ class Hub(Generic[C]):
         resource = self._resources.get(uri)
         if resource is not None and resource.observing:
             resource.registrations += 1
+            self.registrations_total += 1
         return []
 
     def upstream_response(
@@ -592,6 +613,7 @@ class Hub(Generic[C]):
         if resource is None or not resource.observing:
             return []  # a late answer after the observation was stopped
         if not code.startswith("2."):
+            self.failures_total += 1
             return self._event(resource, "failed", f"the sensor answered {code}", code)
         if observe is not None:
             resource.observable = observe
@@ -612,8 +634,10 @@ class Hub(Generic[C]):
         ).serialize()
         resource.last_notify, resource.last_ts = text, ts
         self.history.record(uri, resource.seq, text)
+        self.updates_total += 1
         commands = self._event(resource, "answered")
         if resource.subscribers:
+            self.deliveries_total += len(resource.subscribers)
             commands.append(Deliver(resource.subscribers, text, resource.sub))
         return commands
 
@@ -631,6 +655,7 @@ class Hub(Generic[C]):
 
     def upstream_failed(self, uri: str, reason: str, code: str | None = None) -> list[Command[C]]:
         """A registration or poll failed, or the observation broke (it is being renewed)."""
+        self.failures_total += 1
         return self.upstream_event(uri, "failed", reason, code)
 
     def upstream_event(

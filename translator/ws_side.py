@@ -46,7 +46,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 
 from . import http_front
-from .http_front import WS_PATH, Answer, HeadReader, HostNames, HttpError
+from .http_front import WS_PATH, Answer, HeadReader, HostNames, HttpError, Operations
 from .outbox import OVERFLOW_BYTES, Outbox
 from .ratelimit import ConnectionLimiter
 from .redaction import install_redaction
@@ -355,10 +355,12 @@ class WebSocketServer:
         handler: MessageHandler,
         settings: ServerSettings,
         gatekeeper: Gatekeeper | None = None,
+        operations: Operations | None = None,
     ) -> None:
         self.handler = handler
         self.settings = settings
         self.gatekeeper = gatekeeper
+        self.operations = operations
         self.port = settings.port
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -390,7 +392,7 @@ class WebSocketServer:
             # JSON, and halves fan-out throughput.
             compression=None,
             close_timeout=CLOSE_TIMEOUT,
-            create_connection=_ServerConnection.serving(self._host_names()),
+            create_connection=_ServerConnection.serving(self._host_names(), self.operations),
             # The sweeper below pings for every connection: websockets' keepalive would keep
             # a task, a coroutine and a timer per connection (about 1.5 KiB each).
             ping_interval=None,
@@ -622,13 +624,17 @@ class _ServerConnection(ServerConnection):
     """
 
     hosts: HostNames = HostNames()
-    """The names a request's Host may carry: a class attribute (see `serving`), so that it
-    costs no name in the instances' shared attribute table."""
+    """The names a request's Host may carry. Class attributes (see `serving`): shared by
+    every connection of a server, they cost no name in the instances' attribute table."""
+    operations: Operations | None = None
+    """Who answers `/readyz` and `/metrics`."""
 
     @classmethod
-    def serving(cls, hosts: HostNames) -> type[_ServerConnection]:
-        """This class for a server that answers to `hosts`."""
-        return type(cls.__name__, (cls,), {"hosts": hosts})
+    def serving(
+        cls, hosts: HostNames, operations: Operations | None = None
+    ) -> type[_ServerConnection]:
+        """This class for a server that answers to `hosts`, with these `operations`."""
+        return type(cls.__name__, (cls,), {"hosts": hosts, "operations": operations})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -636,7 +642,7 @@ class _ServerConnection(ServerConnection):
         self.recv_messages = None  # type: ignore[assignment]
         self.transport = None  # type: ignore[assignment]
         # Two attributes only: a 30th and 31st name would overflow the shared table.
-        self.front: _Front | None = _Front(self.hosts)
+        self.front: _Front | None = _Front()
         """The request head being read, then the bytes after a handshake's head; None
         once websockets reads everything itself."""
         self.owner: Connection | None = None
@@ -675,7 +681,7 @@ class _ServerConnection(ServerConnection):
             log.debug("%s: unreadable request (%s)", _peer(self), error.message)
             self._answer(http_front.error_answer(error.status, error.message))
             return
-        answer = http_front.answer_request(head, front.hosts)
+        answer = http_front.answer_request(head, self.hosts, self.operations)
         if answer is not None:
             self.front = None
             log.debug("%s: %s %s answered %d", _peer(self), head.method, head.path,
@@ -717,11 +723,9 @@ class _ServerConnection(ServerConnection):
 class _Front:
     """What `_ServerConnection` keeps until websockets reads the connection itself."""
 
-    __slots__ = ("early", "hosts", "reader")
+    __slots__ = ("early", "reader")
 
-    def __init__(self, hosts: HostNames) -> None:
-        self.hosts = hosts
-        """The names the request's Host may carry (shared by every connection)."""
+    def __init__(self) -> None:
         self.reader: HeadReader | None = HeadReader()
         """Reads the request head; None once it is complete."""
         self.early = bytearray()
