@@ -709,4 +709,4 @@ async def test_observations_at_one_sensor_share_its_resolved_address(
         await task
     del registrations
     gc.collect()  # aiocoap's finished requests are reference cycles
-    assert not gateway.coap.observations._remotes
+    assert not gateway.coap.observations._addresses

@@ -41,6 +41,9 @@ The uses, and why nothing public does the job:
 - ``FilesystemSecurityContext.lockfile`` / ``_destroy``: a context that fails to load keeps
   its directory locked, and one in use is released only by the garbage collector;
   `oscore_context_class` and `release_oscore_context` release them when the gateway says.
+
+This module is over 500 lines because it is the one place for all of them, by design: an
+upgrade of aiocoap is checked here, and nowhere else.
 """
 
 from __future__ import annotations

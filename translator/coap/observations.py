@@ -31,7 +31,7 @@ for the observation (~5.5 KiB), so the gateway's share is kept small: the superv
 one coroutine calls the steps of a registration in turn and iterates the notifications
 itself (a coroutine frame per nested step would stay allocated), the task and its timer
 share one context, the bookkeeping has slots, and the address of a sensor is resolved once
-and shared by the registrations there (`_address`).
+and shared by the registrations there (translator/coap/addresses.py).
 
 Registrations and polls are NON: the registration timeout and the backoff are their
 retransmission. A CON that the gateway gave up on would stay in aiocoap's retransmission
@@ -59,7 +59,6 @@ import contextlib
 import contextvars
 import logging
 import random
-import weakref
 from dataclasses import replace
 from typing import Any, Final, Protocol
 
@@ -69,8 +68,8 @@ from aiocoap.numbers.codes import Code
 
 from .. import compat
 from ..config import SupervisionConfig
-from ..uris import UriError, parse_coap_uri
 from . import exchanges
+from .addresses import SharedAddresses
 from .answers import CoapAnswer, RepresentationTooLarge, UpstreamError, describe, to_answer
 from .supervision import Event, Freshness, ObserveOrder, Supervisor, poll_interval
 
@@ -203,15 +202,10 @@ class Observations:
         each (~60 bytes per observation for each): none of them sets a context variable
         that would have to stay apart (aiocoap's UDP transport sets and clears one within
         a single call)."""
-        self._remotes: weakref.WeakValueDictionary[str, Any] | None = (
-            weakref.WeakValueDictionary() if share_addresses else None
-        )
-        """Sensor origin (``coap://`` with an IP literal) -> the address aiocoap resolved
-        for a registration there, while a registration still uses it; see `_address`.
-        None when OSCORE is configured: its transport must pick requests by their URI and
-        wrap the address itself."""
-        self._resolving: dict[str, asyncio.Future[Any]] = {}
-        """Origin -> the resolution of its address in progress (`_address`)."""
+        self._addresses = SharedAddresses() if share_addresses else None
+        """The sensors' addresses, resolved once for all their registrations; None when
+        OSCORE is configured: its transport must pick requests by their URI and wrap the
+        address itself."""
 
     @property
     def observed(self) -> tuple[str, ...]:
@@ -367,56 +361,13 @@ class Observations:
         message = aiocoap.Message(
             code=Code.GET, uri=uri, observe=0, size2=0, transport_tuning=_UNRELIABLE
         )
-        origin = self._origin(uri)
-        if origin is not None:
+        if self._addresses is not None:
             try:
-                await self._address(origin, message)
+                await self._addresses.address(self.context, uri, message)
             except (coap_error.Error, OSError) as exc:
                 self._failed(observation, describe(exc))
                 return None, None
         return self.context.request(message, handle_blockwise=False), message
-
-    async def _address(self, origin: str, message: aiocoap.Message) -> None:
-        """Address `message` to the sensor at `origin` (see `_origin`), resolved once for
-        all the registrations there while any of them uses the address.
-
-        aiocoap would resolve the address for each request, in a thread of the default
-        executor (a burst of registrations starts a pool of threads, ~1 MiB), and keep a
-        copy of it with each (~270 bytes per observation). Here one registration at a
-        time resolves it, with aiocoap's own `find_remote_and_interface`, and the others
-        wait for that and share the result."""
-        assert self._remotes is not None
-        known = self._remotes.get(origin)
-        resolving = self._resolving.get(origin)
-        if known is None and resolving is not None:
-            await asyncio.wait([resolving])  # its failure is its own: then resolve here
-            known = self._remotes.get(origin)
-        if known is not None:
-            message.remote = known
-            return
-        resolution = asyncio.ensure_future(self.context.find_remote_and_interface(message))
-        self._resolving[origin] = resolution
-        try:
-            await resolution  # aiocoap sets `message.remote` to the address it found
-        finally:
-            if self._resolving.get(origin) is resolution:
-                del self._resolving[origin]
-        # (An address that cannot be referenced weakly, of some other transport, is not
-        # shared: the next registration resolves its own.)
-        with contextlib.suppress(TypeError):
-            self._remotes[origin] = message.remote
-
-    def _origin(self, uri: str) -> str | None:
-        """The key of `_remotes` for `uri`: its origin when it is ``coap://`` with an IP
-        literal; else None (a host name is resolved by aiocoap for every registration, so
-        that a change of its address is followed)."""
-        if self._remotes is None:
-            return None
-        try:
-            parsed = parse_coap_uri(uri)
-        except UriError:
-            return None
-        return parsed.origin if parsed.scheme == "coap" and parsed.is_ip_literal else None
 
     async def _registered(
         self, observation: _Observation, request: Any, sent: aiocoap.Message | None
