@@ -1,4 +1,4 @@
-"""The CoAP socket's guard (translator/coap_guard.py), from raw bytes: no sockets."""
+"""The CoAP socket's guard (translator/coap/guard.py), from raw bytes: no sockets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
 
-from translator.coap_guard import (
+from translator.coap.guard import (
     TOKEN_BYTES,
     IcmpVerdict,
     InFlight,

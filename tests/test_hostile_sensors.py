@@ -608,7 +608,7 @@ async def test_a_flood_does_not_cost_other_sensors_their_notifications(
 ) -> None:
     flood = await run_flood(setup, flooder)
     print(f"\n{flood}")
-    # Reading the shared socket in batches (translator/udp_batch.py) keeps it drained, so the
+    # Reading the shared socket in batches (translator/coap/batch.py) keeps it drained, so the
     # kernel drops little and a healthy sensor's notifications get through. Reading one
     # datagram per loop turn, 15-45 % of them were lost here.
     assert flood.ticks_reached_gateway >= 0.9 * flood.ticks_sent, flood

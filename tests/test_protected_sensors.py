@@ -27,7 +27,8 @@ from aiocoap.credentials import CredentialsMap
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress, TransportOSCORE
 
-from translator import coap_security, coap_side
+from translator.coap import observations as coap_side
+from translator.coap import security as coap_security
 from translator.config import ConfigError, CredentialConfig, config_from_mapping
 from translator.credentials import client_credentials, transports_for
 from translator.gateway import Gateway

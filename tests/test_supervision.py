@@ -166,8 +166,21 @@ class Big(resource.ObservableResource):  # type: ignore[misc]
         )
 
 
+class Gone(resource.Resource):  # type: ignore[misc]
+    """A resource that is not there (4.04), counting the requests for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests = 0
+
+    async def render_get(self, request: Any) -> Any:
+        self.requests += 1
+        return aiocoap.Message(code=aiocoap.NOT_FOUND, payload=b"no such thing")
+
+
 class FakeSensor:
-    """An aiocoap server with /counter, /polled and /big on loopback; restartable on a port."""
+    """An aiocoap server with /counter, /polled, /big and /gone on loopback; restartable on
+    a port."""
 
     def __init__(
         self, port: int = 0, *, max_age: int = 1, interval: float | None = 0.05, start: int = 0
@@ -182,6 +195,8 @@ class FakeSensor:
         self.site.add_resource(["counter"], self.counter)
         self.site.add_resource(["polled"], self.polled)
         self.site.add_resource(["big"], self.big)
+        self.gone = Gone()
+        self.site.add_resource(["gone"], self.gone)
         self.context: Any = None
         self.port = 0
         self._ticker: asyncio.Task[None] | None = None
@@ -311,7 +326,7 @@ async def test_blackhole_longer_than_max_age_goes_stale_then_offline_then_recove
         relay.blackhole()
         began = loop.time()
         stale = await client.wait_for(is_status("stale"))
-        assert stale["reason"] == "no notification within Max-Age (1 s)"
+        assert stale["reason"] == "no notification within Max-Age (1 s) and 0.2 s of grace"
         offline = await client.wait_for(is_status("offline"))
         assert offline["reason"] == "no answer within 0.5 s"
         assert loop.time() - began > 1.0  # longer than Max-Age
@@ -426,6 +441,60 @@ async def test_error_code_goes_offline_and_is_retried_until_it_recovers(
     online = await client.wait_for(is_status("online"))
     assert online["reason"] == "the sensor answers again"
     await client.next_notify(sub)
+
+
+async def test_a_resource_that_is_gone_is_not_retried_at_the_network_pace(
+    fake: FakeSensor, make_gateway: Any, make_client: Any
+) -> None:
+    gateway = await make_gateway(config_for(fake.base_uri, client_error_backoff=3600))
+    client = await make_client(gateway.url)
+    gone = (await client.subscribe(uri=f"{fake.base_uri}/gone"))["sub"]
+    offline = await client.wait_for(lambda f: is_status("offline")(f) and f["sub"] == gone)
+    assert (offline["code"], offline["reason"]) == ("4.04", "the sensor answered 4.04")
+    # A server error next to it is retried at the network's pace (backoff 0.05 s to 0.3 s):
+    # meanwhile, the resource that is gone is not asked for again.
+    fake.counter.broken = True
+    await client.subscribe(uri=f"{fake.base_uri}/counter")
+    await fake.changes.until(lambda: fake.counter.registrations >= 4)
+    assert fake.gone.requests == 1
+
+
+async def test_a_sensor_notifying_at_its_max_age_with_jitter_stays_online(
+    make_gateway: Any, make_client: Any
+) -> None:
+    """libcoap's coap-server /time notifies every second with Max-Age 1; on a real network
+    some notifications come late. With the default grace (at least 2 s) nothing flaps."""
+    sensor = await FakeSensor(max_age=1, interval=None).start()
+    try:
+        mapping = config_for(sensor.base_uri)
+        del mapping["supervision"]["grace"]  # the default
+        gateway = await make_gateway(mapping)
+        client = await make_client(gateway.url)
+        sub = (await client.subscribe(uri=f"{sensor.base_uri}/counter"))["sub"]
+        await client.next_notify(sub)
+        # Late by up to 0.9 s (old rule: stale 0.1 s past Max-Age), and sometimes early.
+        for interval in (1.4, 0.8, 1.9, 1.3):
+            await asyncio.sleep(interval)  # the sensor's pace, not a wait for a condition
+            sensor.counter.bump()
+            await client.next_notify(sub)
+        await client.call({"type": "ping"})
+        assert statuses(client) == ["online"]
+    finally:
+        await sensor.stop()
+
+
+async def test_network_failures_say_what_failed(
+    make_gateway: Any, make_client: Any, closed_udp_port: int
+) -> None:
+    base = f"coap://127.0.0.1:{closed_udp_port}"
+    gateway = await make_gateway(config_for(base))
+    client = await make_client(gateway.url)
+    await client.subscribe(uri=f"{base}/x")
+    offline = await client.wait_for(is_status("offline"))
+    said = "port unreachable: nothing listens on that UDP port (ICMP error)"
+    assert offline["reason"] == said
+    reply = await client.call({"type": "request", "method": "GET", "uri": f"{base}/x"})
+    assert (reply["error"], reply["message"]) == ("upstream_error", f"{base}/x: {said}")
 
 
 async def test_resource_without_observe_is_polled(
@@ -629,7 +698,7 @@ async def test_observations_at_one_sensor_share_its_resolved_address(
     for name in ("temperature", "humidity", "led"):  # the observable ones
         reply = await client.subscribe(name=name)
         await client.next_notify(reply["sub"])
-    registrations = [o.registration for o in gateway.coap._observations.values()]
+    registrations = [o.registration for o in gateway.coap.observations._observations.values()]
     assert len(registrations) == 3 and None not in registrations
     assert len({id(r.remote) for r in registrations if r is not None}) == 1
     for sub in [f["sub"] for f in client.seen if f["type"] == "subscribed"]:
@@ -640,4 +709,4 @@ async def test_observations_at_one_sensor_share_its_resolved_address(
         await task
     del registrations
     gc.collect()  # aiocoap's finished requests are reference cycles
-    assert not gateway.coap._remotes
+    assert not gateway.coap.observations._addresses

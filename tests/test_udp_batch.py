@@ -13,8 +13,8 @@ import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
 
-from translator import udp_batch
-from translator.udp_batch import BATCH, COALESCE_ABOVE, MAX_WAIT, _BatchReader
+from translator.coap import batch as udp_batch
+from translator.coap.batch import BATCH, COALESCE_ABOVE, MAX_WAIT, _BatchReader
 
 from .conftest import WAIT
 

@@ -30,10 +30,10 @@ import pytest_asyncio
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
 
+from translator.coap.batch import readers_of
 from translator.gateway import Gateway
 from translator.logs import FIRST
 from translator.sim import SimulatedSensors
-from translator.udp_batch import readers_of
 
 from .conftest import WAIT, Client, gateway_config
 from .spoof import (

@@ -1,12 +1,14 @@
 """Every private or internal aiocoap API the gateway touches, each with why; nothing else.
 
 aiocoap is pinned to 0.4.x (pyproject.toml). Its client has no public way to read its UDP
-socket, to choose the tokens it sends, or to see what it has in flight, and the gateway
-needs all three to hold its own on an untrusted network (translator/coap_guard.py,
-translator/udp_batch.py). Each such use is a function or method here, and
-:func:`udp_stacks` checks, when the CoAP side starts, that this aiocoap has every one of
-them: an aiocoap without one is refused with :class:`CompatError` naming what is missing,
-rather than leaving the gateway unguarded.
+socket, to choose the tokens it sends, to see what it has in flight, to stop a block-wise
+answer after its first block, or to give up a DTLS handshake, and the gateway needs all of
+them to hold its own on an untrusted network and toward hostile sensors. Each such use is a
+function here. :func:`check_aiocoap` checks, when the CoAP side starts, that the installed
+aiocoap has every one (`REQUIREMENTS`, the optional DTLS and OSCORE parts when installed):
+one without is refused with :class:`CompatError` naming what is missing and why it is
+needed, rather than leaving the gateway unguarded. (The websockets private uses live in
+translator/ws_side.py for now.)
 
 The uses, and why nothing public does the job:
 
@@ -25,40 +27,158 @@ The uses, and why nothing public does the job:
   among the requests in flight to that address.
 - ``TokenManager.token_interface.send_message``: a deregistration must carry the
   observation's token (RFC 7641 §3.6); aiocoap's request API always picks a fresh one.
-- ``ClientRequest._stop_interest``: ends an observation whose sensor went silent (aiocoap
-  acts on a cancelled observation only when its next notification arrives).
+- ``Request._stop_interest``: ends an observation whose sensor went silent (aiocoap acts on
+  a cancelled observation only when its next notification arrives).
+- ``BlockwiseRequest._complete_by_requesting_block2``: aiocoap sends a large request
+  payload in Block1 blocks (wanted) and then assembles a block-wise answer whole, whatever
+  its size and whatever the sensor sends (not wanted: translator/coap/blocks.py does it,
+  bounded); `block1_request` stops after the answer's first block.
+- ``MessageInterfaceTinyDTLS._connection_for_address`` / ``_pool`` and
+  ``DTLSClientConnection._queue`` / ``_inject_error``: a DTLS handshake with a wrong key
+  never ends in aiocoap; `watch_dtls_handshakes` gives up one that takes too long.
+- ``TransportOSCORE._tasks`` / ``_wire``: a cancelled OSCORE observation goes on underneath;
+  `end_oscore_observations_with_interest` ends its wire observation too.
+- ``FilesystemSecurityContext.lockfile`` / ``_destroy``: a context that fails to load keeps
+  its directory locked, and one in use is released only by the garbage collector;
+  `oscore_context_class` and `release_oscore_context` release them when the gateway says.
+
+This module is over 500 lines because it is the one place for all of them, by design: an
+upgrade of aiocoap is checked here, and nowhere else.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import logging
+import os
 import socket
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
+from aiocoap import defaults as coap_defaults
+from aiocoap import error as coap_error
 from aiocoap.message import Direction, Message
 from aiocoap.tokenmanager import TokenManager
 
 __all__ = [
+    "REQUIREMENTS",
     "CompatError",
     "UdpStack",
+    "block1_request",
+    "check_aiocoap",
     "deregister",
+    "dtls_interfaces",
+    "end_oscore_observations_with_interest",
+    "oscore_context_class",
+    "oscore_transports",
+    "release_oscore_context",
     "stop_interest",
     "udp_stacks",
+    "watch_dtls_handshakes",
 ]
+
+
+log = logging.getLogger(__name__)
 
 
 class CompatError(RuntimeError):
     """This aiocoap lacks an internal API that the gateway relies on."""
 
 
+REQUIREMENTS: Final = (
+    # (module, class, attribute, why)
+    ("aiocoap.util.asyncio.recvmsg", "RecvmsgSelectorDatagramTransport", "_read_ready",
+     "to read its UDP socket itself"),
+    ("aiocoap.transports.udp6", "MessageInterfaceUDP6", "send",
+     "to note what it sends as in flight"),
+    ("aiocoap.messagemanager", "MessageManager", "dispatch_message",
+     "to hand it the datagrams that passed the guard"),
+    ("aiocoap.messagemanager", "MessageManager", "dispatch_error",
+     "to hand it the ICMP errors that passed the guard"),
+    ("aiocoap.tokenmanager", "TokenManager", "next_token", "to choose random tokens"),
+    ("aiocoap.tokenmanager", "TokenManager", "request", "to choose random tokens"),
+    ("aiocoap.tokenmanager", "TokenManager", "outgoing_requests",
+     "to check what answers are expected"),
+    ("aiocoap.protocol", "Request", "_stop_interest",
+     "to end an observation whose sensor went silent"),
+    ("aiocoap.protocol", "BlockwiseRequest", "_complete_by_requesting_block2",
+     "to complete block-wise answers itself, bounded"),
+)
+"""What `check_aiocoap` checks is there, always."""
+
+DTLS_REQUIREMENTS: Final = (
+    ("aiocoap.transports.tinydtls", "MessageInterfaceTinyDTLS", "_connection_for_address",
+     "to give up a DTLS handshake that does not complete (a wrong key)"),
+    ("aiocoap.transports.tinydtls", "MessageInterfaceTinyDTLS", "_pool",
+     "to give up a DTLS handshake that does not complete (a wrong key)"),
+    ("aiocoap.transports.tinydtls", "DTLSClientConnection", "_queue",
+     "to tell a DTLS handshake in progress"),
+    ("aiocoap.transports.tinydtls", "DTLSClientConnection", "_inject_error",
+     "to give up a DTLS handshake that does not complete (a wrong key)"),
+)
+"""Checked when the DTLS extra is installed."""
+
+OSCORE_REQUIREMENTS: Final = (
+    ("aiocoap.transports.oscore", "TransportOSCORE", "_tasks",
+     "to end a cancelled OSCORE observation at the sensor"),
+    ("aiocoap.transports.oscore", "TransportOSCORE", "_wire",
+     "to end a cancelled OSCORE observation at the sensor"),
+    ("aiocoap.oscore", "FilesystemSecurityContext", "lockfile",
+     "to release an OSCORE context directory"),
+    ("aiocoap.oscore", "FilesystemSecurityContext", "_destroy",
+     "to release an OSCORE context directory"),
+)
+"""Checked when OSCORE's modules are installed (they are, by default)."""
+
+
+def _version() -> str:
+    import aiocoap.meta
+
+    return str(getattr(aiocoap.meta, "version", "?"))
+
+
+def _has(cls: type, name: str) -> bool:
+    """Whether instances of `cls` have `name`: a class attribute, or one that its
+    ``__init__`` assigns (an instance attribute, seen in the names its code uses)."""
+    if hasattr(cls, name):
+        return True
+    init = getattr(cls.__dict__.get("__init__"), "__code__", None)
+    return init is not None and name in init.co_names
+
+
+def check_aiocoap() -> None:
+    """Refuse (CompatError) an aiocoap without an internal API the gateway relies on."""
+    import importlib
+
+    requirements = list(REQUIREMENTS)
+    if not coap_defaults.dtls_missing_modules():
+        requirements += DTLS_REQUIREMENTS
+    if not coap_defaults.oscore_missing_modules():
+        requirements += OSCORE_REQUIREMENTS
+    for module_name, class_name, name, why in requirements:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            raise CompatError(
+                f"aiocoap {_version()} has no {module_name}.{class_name}, which the gateway "
+                f"needs {why} (tested with aiocoap 0.4.17)"
+            ) from None
+        if not _has(cls, name):
+            raise CompatError(
+                f"aiocoap {_version()}: {class_name} has no {name!r}, which the gateway "
+                f"needs {why} (tested with aiocoap 0.4.17)"
+            )
+
+
 def _need(obj: Any, name: str, why: str) -> Any:
     value = getattr(obj, name, None)
     if value is None:
-        import aiocoap.meta
-
         raise CompatError(
-            f"aiocoap {getattr(aiocoap.meta, 'version', '?')}: {type(obj).__name__} has no "
+            f"aiocoap {_version()}: {type(obj).__name__} has no "
             f"{name!r}, which the gateway needs {why} (tested with aiocoap 0.4.17)"
         )
     return value
@@ -172,7 +292,8 @@ def choose_tokens(manager: Any, draw: Callable[[Callable[[bytes], bool]], bytes]
 def stop_interest(request: Any) -> None:
     """End aiocoap's client request `request` for good (its token freed), whatever its
     state; for an observation whose sensor is silent, aiocoap would wait for the next
-    notification before acting on a cancellation."""
+    notification before acting on a cancellation. (A block-wise request has none: it
+    ends with its response future.)"""
     stop = getattr(request, "_stop_interest", None)
     if callable(stop):
         stop()
@@ -199,3 +320,205 @@ def _endpoint_class() -> Any:
     from aiocoap.transports.udp6 import UDP6EndpointAddress
 
     return UDP6EndpointAddress
+
+
+# -- block-wise requests -------------------------------------------------------------------------
+
+
+@functools.cache
+def _block1_request_class() -> type[Any]:
+    from aiocoap.protocol import BlockwiseRequest
+
+    class Block1Request(BlockwiseRequest):  # type: ignore[misc]  # aiocoap is untyped
+        """aiocoap's block-wise client request, for its Block1 half only: it stops after
+        the first block of the answer, which the caller completes, bounded."""
+
+        @classmethod
+        async def _complete_by_requesting_block2(
+            cls, protocol: Any, request_to_repeat: Any, initial_response: Any, log: Any
+        ) -> Any:
+            return initial_response
+
+    return Block1Request
+
+
+def block1_request(context: Any, message: Any) -> Any:
+    """Send `message` with aiocoap's client request, in Block1 blocks when its payload needs
+    them (RFC 7959 §2.5); the request's `response` is the answer's first block."""
+    return _block1_request_class()(context, message)
+
+
+# -- DTLS -------------------------------------------------------------------------------------
+
+
+def dtls_interfaces(context: Any) -> list[Any]:
+    """The DTLS message interfaces of an aiocoap client `context`."""
+    from aiocoap.transports.tinydtls import MessageInterfaceTinyDTLS
+
+    found = []
+    for request_interface in context.request_interfaces:
+        message_manager = getattr(request_interface, "token_interface", None)
+        interface = getattr(message_manager, "message_interface", None)
+        if isinstance(interface, MessageInterfaceTinyDTLS):
+            found.append(interface)
+    return found
+
+
+def watch_dtls_handshakes(
+    interface: Any, timeout: float, failure: Callable[[str], BaseException]
+) -> None:
+    """Give up each new DTLS connection of `interface` whose handshake has not completed
+    within `timeout`: what waits on it fails with `failure(where)`, and the next request
+    starts a fresh handshake (aiocoap would wait for it forever)."""
+    connection_for_address = _need(interface, "_connection_for_address",
+                                   "to give up a DTLS handshake that does not complete")
+    pool = _need(interface, "_pool", "to give up a DTLS handshake that does not complete")
+    watched: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def connection(host: str, port: int, psk_id: bytes, psk: bytes) -> Any:
+        conn = connection_for_address(host, port, psk_id, psk)
+        if conn not in watched:
+            watched.add(conn)
+            asyncio.get_running_loop().call_later(
+                timeout, _check_handshake, weakref.ref(conn), pool, failure
+            )
+        return conn
+
+    interface._connection_for_address = connection
+
+
+def _check_handshake(
+    ref: weakref.ref[Any], pool: Any, failure: Callable[[str], BaseException]
+) -> None:
+    conn = ref()
+    # aiocoap keeps the messages sent during the handshake in `_queue` and sets it to None
+    # once the handshake is done; a connection that failed is no longer in the pool.
+    if conn is None or getattr(conn, "_queue", None) is None:
+        return
+    if conn not in list(pool.values()):
+        return
+    where = str(getattr(conn, "hostinfo", "?"))
+    try:
+        conn._inject_error(failure(where))  # fails what waits on it, drops it from the pool
+    except Exception:
+        log.warning("could not abandon the DTLS handshake with %s", where, exc_info=True)
+
+
+# -- OSCORE -----------------------------------------------------------------------------------
+
+
+def oscore_transports(context: Any) -> list[Any]:
+    """The OSCORE transports of an aiocoap client `context` (none without OSCORE)."""
+    if coap_defaults.oscore_missing_modules():
+        return []
+    from aiocoap.transports.oscore import TransportOSCORE
+
+    return [i for i in context.request_interfaces if isinstance(i, TransportOSCORE)]
+
+
+def end_oscore_observations_with_interest(transport: Any) -> None:
+    """Let a cancelled OSCORE observation end at the sensor.
+
+    aiocoap's OSCORE transport runs each request as a task that follows the protected
+    ("wire") observation and decrypts its notifications into the gateway's request; when the
+    gateway cancels the latter, the wire observation goes on for good: the sensor keeps
+    notifying, and every notification is logged as arriving after the end. So each wire
+    request is noted with the task that made it, and when the gateway loses interest in the
+    OSCORE request, its wire observation is ended as well: the task stops following it, and
+    aiocoap answers the sensor's next notifications with RST, which ends the observation
+    there (RFC 7641 §3.6). What the task still reports afterwards is dropped quietly.
+    """
+    original_request = _need(transport, "request", "to end cancelled OSCORE observations")
+    tasks = _need(transport, "_tasks", "to end cancelled OSCORE observations")
+    wire = _need(transport, "_wire", "to end cancelled OSCORE observations")
+    if not isinstance(tasks, set):
+        raise CompatError(f"aiocoap {_version()}: TransportOSCORE._tasks is no set")
+    wire_requests: dict[asyncio.Task[Any], list[Any]] = {}
+    transport._wire = _WireRecorder(wire, wire_requests)
+
+    def request(pipe: Any) -> None:
+        before = set(tasks)
+        original_request(pipe)
+        for task in tasks - before:  # the one task that carries this request
+            made: list[Any] = []
+            wire_requests[task] = made
+            task.add_done_callback(lambda done: wire_requests.pop(done, None))
+            _end_with_interest(pipe, made)
+
+    transport.request = request
+
+
+class _WireRecorder:
+    """The context as the OSCORE transport's wire, noting each wire request by its task."""
+
+    def __init__(self, context: Any, wire_requests: dict[asyncio.Task[Any], list[Any]]) -> None:
+        self._context = context
+        self._wire_requests = wire_requests
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def request(self, message: Any, *args: Any, **kwargs: Any) -> Any:
+        wire_request = self._context.request(message, *args, **kwargs)
+        made = self._wire_requests.get(asyncio.current_task())  # type: ignore[arg-type]
+        if made is not None:
+            made.append(wire_request)
+        return wire_request
+
+
+def _end_with_interest(pipe: Any, wire_requests: list[Any]) -> None:
+    ended = False
+    add_response, add_exception = pipe.add_response, pipe.add_exception
+
+    def end() -> None:
+        nonlocal ended
+        ended = True
+        for wire_request in wire_requests:
+            observation = getattr(wire_request, "observation", None)
+            if observation is not None and not observation.cancelled:
+                observation.error(coap_error.ObservationCancelled())
+
+    def response(*args: Any, **kwargs: Any) -> None:
+        if not ended:
+            add_response(*args, **kwargs)
+
+    def exception(*args: Any, **kwargs: Any) -> None:
+        if not ended:
+            add_exception(*args, **kwargs)
+
+    pipe.add_response, pipe.add_exception = response, exception
+    pipe.on_interest_end(end)
+
+
+@functools.cache
+def oscore_context_class() -> type[Any]:
+    """aiocoap's FilesystemSecurityContext, made safe to fail.
+
+    aiocoap takes the directory's lock before it reads the context; when reading fails
+    (a missing key, invalid JSON) the half-built object keeps the lock, and its ``__del__``
+    later raises AttributeError from wherever the garbage collector happens to run. Here a
+    failed load releases the lock at once and leaves nothing for ``__del__`` to do.
+    """
+    from aiocoap.oscore import FilesystemSecurityContext
+
+    class SecurityContext(FilesystemSecurityContext):  # type: ignore[misc]
+        def __init__(self, basedir: str) -> None:
+            try:
+                super().__init__(basedir)
+            except BaseException:
+                lock, self.lockfile = getattr(self, "lockfile", None), None
+                if lock is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(lock.lock_file)
+                    lock.release()
+                raise
+
+    return SecurityContext
+
+
+def release_oscore_context(item: Any) -> None:
+    """Write back an OSCORE context's sequence numbers and free its directory lock now (not
+    when the garbage collector gets to it); nothing for other credentials."""
+    destroy = getattr(item, "_destroy", None)
+    if callable(destroy) and getattr(item, "lockfile", None) is not None:
+        destroy()

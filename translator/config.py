@@ -254,7 +254,8 @@ class SupervisionConfig:
 
     grace: float | None = _setting(None, minimum=0, maximum=DAY, zero="renews at Max-Age")
     """Seconds past Max-Age without a notification before an observation is stale and
-    re-registered. Unset: the smaller of 10 s and 10 % of Max-Age."""
+    re-registered. Unset: 10 % of Max-Age, at least 2 s and at most 10 s (a sensor that
+    notifies at its Max-Age is late by the network's jitter now and then)."""
     backoff_min: float = _setting(1.0, above=0, maximum=DAY)
     """First delay before re-registering a failed observation (doubles each failure)."""
     backoff_max: float = _setting(60.0, above=0, maximum=DAY)
@@ -263,6 +264,13 @@ class SupervisionConfig:
     """Shortest interval for polling a resource that does not support Observe."""
     registration_timeout: float = _setting(10.0, above=0, maximum=HOUR)
     """Seconds a registration may stay unanswered before it counts as failed."""
+    client_error_backoff: float = _setting(60.0, above=0, maximum=DAY)
+    """First delay before registering again after the sensor answered with a client error
+    (4.xx: the resource is gone, or not for the gateway); doubles with each such answer up
+    to an hour (or this value, when larger)."""
+    transfer_timeout: float = _setting(60.0, above=0, maximum=HOUR)
+    """Seconds the block-wise representation of a notification or poll answer may take to
+    arrive whole (RFC 7959); past it, subscribers get a notify with ``decode_error``."""
 
     def __post_init__(self) -> None:
         _check_fields(self)

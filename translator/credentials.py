@@ -4,7 +4,7 @@ This module only translates. :func:`client_credentials` turns the validated entr
 dictionary that aiocoap's ``CredentialsMap.load_from_dict`` takes (the same structure as
 aiocoap's own JSON credential files), and :func:`transports_for` says which aiocoap client
 transports that needs. Loading it into a context, which opens OSCORE context directories, is
-:mod:`translator.coap_security`'s business; nothing here does I/O.
+:mod:`translator.coap.security`'s business; nothing here does I/O.
 
 The two kinds, one per entry, keyed by the entry's normalized ``match`` pattern::
 
@@ -14,7 +14,7 @@ The two kinds, one per entry, keyed by the entry's normalized ``match`` pattern:
 
 The keys are the normalized origin patterns of :class:`~translator.config.CredentialConfig`;
 the entry for a request is chosen by its origin alone (scheme, host, port), by
-:mod:`translator.coap_security`, not by aiocoap's whole-URI matching.
+:mod:`translator.coap.security`, not by aiocoap's whole-URI matching.
 """
 
 from collections.abc import Mapping, Sequence

@@ -27,8 +27,8 @@ from websockets.datastructures import Headers
 
 from . import frames
 from .auth import ANONYMOUS, READ, Principal, TokenStore, scope_for_method, startup_problem
-from .coap_security import check_installed, dtls_missing
-from .coap_side import CoapAnswer, CoapSide, UpstreamError
+from .coap.security import check_installed, dtls_missing
+from .coap.side import CoapAnswer, CoapSide, UpstreamError
 from .codecs import UnsupportedValue, decode_payload, encode_value
 from .config import ConfigError, GatewayConfig, policy_for
 from .credentials import client_credentials
@@ -275,6 +275,18 @@ class Gateway:
         self._execute(self.hub.upstream_registering(uri))
 
     def answer(self, uri: str, answer: CoapAnswer) -> None:
+        if answer.broken is not None:
+            self._execute(
+                self.hub.upstream_unusable(
+                    uri,
+                    answer.broken,
+                    code=answer.code,
+                    cf=answer.cf,
+                    max_age=answer.max_age,
+                    observe=answer.observable,
+                )
+            )
+            return
         if answer.too_large is not None:
             self._execute(
                 self.hub.upstream_too_large(

@@ -17,6 +17,8 @@ linger timer fired) and returns *commands* for the I/O layers to carry out:
     upstream_response 4.xx/5.xx        Deliver(status offline with code) when it changed
     upstream_too_large 2.xx            as upstream_response 2.xx, the notify without payload
                                        and with a decode_error saying it was too large
+    upstream_unusable 2.xx             the same, with a decode_error saying why (a broken
+                                       block-wise transfer)
     upstream_unchanged (a poll)        [Deliver(status online)]
     upstream_stale / upstream_failed   Deliver(status stale / offline) when it changed
 
@@ -595,6 +597,23 @@ class Hub(Generic[C]):
             f"representation larger than max_upstream_bytes ({self.max_upstream_bytes} "
             f"bytes): {size} bytes or more; dropped"
         )}
+        return self._update(uri, code, cf, max_age, observe, now, lambda ts: body)
+
+    def upstream_unusable(
+        self,
+        uri: str,
+        reason: str,
+        *,
+        code: str = "2.05",
+        cf: int | None = None,
+        max_age: int | None = None,
+        observe: bool | None = None,
+        now: float | None = None,
+    ) -> list[Command[C]]:
+        """Like `upstream_too_large`, for a representation the CoAP side could not take for
+        another `reason` (a block-wise transfer that broke RFC 7959 or missed its deadline).
+        Subscribers get a notify that says so in `decode_error`, without payload."""
+        body: dict[str, JSONValue] = {"decode_error": f"{reason}; dropped"}
         return self._update(uri, code, cf, max_age, observe, now, lambda ts: body)
 
     def _update(

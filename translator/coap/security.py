@@ -40,12 +40,8 @@ stays silent and the registration times out.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import functools
 import logging
 import os
-import weakref
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -54,10 +50,11 @@ from aiocoap import defaults as coap_defaults
 from aiocoap import error as coap_error
 from aiocoap.credentials import CredentialsMap, CredentialsMissingError
 
-from .config import ConfigError, GatewayConfig, credential_pattern
-from .credentials import transports_for
-from .udp_batch import batch_reads
-from .uris import UriError, parse_coap_uri
+from .. import compat
+from ..config import ConfigError, GatewayConfig, credential_pattern
+from ..credentials import transports_for
+from ..uris import UriError, parse_coap_uri
+from .batch import batch_reads
 
 __all__ = [
     "DTLS_EXTRA",
@@ -136,6 +133,7 @@ async def client_context(credentials: Mapping[str, Mapping[str, Any]]) -> Any:
     """An aiocoap client context that uses `credentials` (from
     :func:`translator.credentials.client_credentials`); plain UDP alone when it is empty."""
     _check_modules(credentials)
+    compat.check_aiocoap()
     context = await aiocoap.Context.create_client_context(
         transports=transports_for(credentials)
     )
@@ -149,10 +147,10 @@ async def client_context(credentials: Mapping[str, Mapping[str, Any]]) -> Any:
     except BaseException:
         await close_client_context(context)
         raise
-    for interface in _dtls_interfaces(context):
+    for interface in compat.dtls_interfaces(context):
         _adapt_dtls(interface)
-    for interface in _oscore_transports(context):
-        _adapt_oscore(interface)
+    for transport in compat.oscore_transports(context):
+        compat.end_oscore_observations_with_interest(transport)
     return context
 
 
@@ -161,13 +159,11 @@ async def close_client_context(context: Any) -> None:
     directory locks freed), so that the directories can be used again at once."""
     await context.shutdown()
     for item in list(context.client_credentials.values()):
-        destroy = getattr(item, "_destroy", None)
-        if callable(destroy) and getattr(item, "lockfile", None) is not None:
-            try:
-                destroy()
-            except Exception:
-                log.warning("could not release the OSCORE context in %s",
-                            getattr(item, "basedir", "?"), exc_info=True)
+        try:
+            compat.release_oscore_context(item)
+        except Exception:
+            log.warning("could not release the OSCORE context in %s",
+                        getattr(item, "basedir", "?"), exc_info=True)
     context.client_credentials.clear()
 
 
@@ -199,8 +195,8 @@ def _load(target: Any, credentials: Mapping[str, Mapping[str, Any]]) -> None:
                 if not os.path.isdir(basedir):  # else the lock file would create it
                     raise ValueError("no such directory")
                 # What load_from_dict does for {"oscore": {"basedir": …}}, with a context
-                # class that cleans up after a failed load (see _oscore_context_class).
-                context = _oscore_context_class()(basedir)
+                # class that cleans up after a failed load (see compat.oscore_context_class).
+                context = compat.oscore_context_class()(basedir)
                 context.authenticated_claims = [pattern]
                 target[pattern] = context
             else:
@@ -236,73 +232,20 @@ class _OriginCredentials(CredentialsMap):  # type: ignore[misc]
         raise CredentialsMissingError(f"No suitable credentials for {text}")
 
 
-@functools.cache
-def _oscore_context_class() -> type[Any]:
-    """aiocoap's FilesystemSecurityContext, made safe to fail.
-
-    aiocoap takes the directory's lock before it reads the context; when reading fails
-    (a missing key, invalid JSON) the half-built object keeps the lock, and its ``__del__``
-    later raises AttributeError from wherever the garbage collector happens to run. Here a
-    failed load releases the lock at once and leaves nothing for ``__del__`` to do.
-    """
-    from aiocoap.oscore import FilesystemSecurityContext
-
-    class SecurityContext(FilesystemSecurityContext):  # type: ignore[misc]
-        def __init__(self, basedir: str) -> None:
-            try:
-                super().__init__(basedir)
-            except BaseException:
-                lock, self.lockfile = getattr(self, "lockfile", None), None
-                if lock is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(lock.lock_file)
-                    lock.release()
-                raise
-
-    return SecurityContext
-
-
-def _dtls_interfaces(context: Any) -> list[Any]:
-    from aiocoap.transports.tinydtls import MessageInterfaceTinyDTLS
-
-    found = []
-    for request_interface in context.request_interfaces:
-        message_manager = getattr(request_interface, "token_interface", None)
-        interface = getattr(message_manager, "message_interface", None)
-        if isinstance(interface, MessageInterfaceTinyDTLS):
-            found.append(interface)
-    return found
-
-
-def _oscore_transports(context: Any) -> list[Any]:
-    if coap_defaults.oscore_missing_modules():
-        return []
-    from aiocoap.transports.oscore import TransportOSCORE
-
-    return [i for i in context.request_interfaces if isinstance(i, TransportOSCORE)]
-
-
 def _adapt_dtls(interface: Any) -> None:
-    """Arm a handshake watchdog on each new DTLS connection of `interface`, and turn aiocoap's
-    missing-credentials RuntimeError into an aiocoap error."""
-    connection_for_address = getattr(interface, "_connection_for_address", None)
-    pool = getattr(interface, "_pool", None)
-    if connection_for_address is None or pool is None:
-        log.warning("this aiocoap's DTLS transport is unknown to the gateway: a wrong DTLS key "
-                    "will show as a timeout instead of upstream_error")
-        return
-    watched: weakref.WeakSet[Any] = weakref.WeakSet()
+    """Give up a DTLS handshake that takes longer than `DTLS_HANDSHAKE_TIMEOUT` (with
+    `DtlsHandshakeFailed`), and turn aiocoap's missing-credentials RuntimeError into an
+    aiocoap error."""
 
-    def connection(host: str, port: int, psk_id: bytes, psk: bytes) -> Any:
-        conn = connection_for_address(host, port, psk_id, psk)
-        if conn not in watched:
-            watched.add(conn)
-            asyncio.get_running_loop().call_later(
-                DTLS_HANDSHAKE_TIMEOUT, _check_handshake, weakref.ref(conn), pool
-            )
-        return conn
+    def failure(where: str) -> BaseException:
+        log.info("DTLS handshake with %s not completed within %g s; abandoning it",
+                 where, DTLS_HANDSHAKE_TIMEOUT)
+        return DtlsHandshakeFailed(
+            f"DTLS handshake with {where} not completed within {DTLS_HANDSHAKE_TIMEOUT:g} s "
+            "(wrong PSK, or the sensor does not answer)"
+        )
 
-    interface._connection_for_address = connection
+    compat.watch_dtls_handshakes(interface, DTLS_HANDSHAKE_TIMEOUT, failure)
 
     determine_remote = interface.determine_remote
 
@@ -317,100 +260,3 @@ def _adapt_dtls(interface: Any) -> None:
             ) from exc
 
     interface.determine_remote = determine
-
-
-def _check_handshake(ref: weakref.ref[Any], pool: Any) -> None:
-    conn = ref()
-    # aiocoap keeps the messages sent during the handshake in `_queue` and sets it to None
-    # once the handshake is done; a connection that failed is no longer in the pool.
-    if conn is None or getattr(conn, "_queue", None) is None:
-        return
-    if conn not in list(pool.values()):
-        return
-    where = getattr(conn, "hostinfo", "?")
-    log.info("DTLS handshake with %s not completed within %g s; abandoning it",
-             where, DTLS_HANDSHAKE_TIMEOUT)
-    failure = DtlsHandshakeFailed(
-        f"DTLS handshake with {where} not completed within {DTLS_HANDSHAKE_TIMEOUT:g} s "
-        "(wrong PSK, or the sensor does not answer)"
-    )
-    try:
-        conn._inject_error(failure)  # fails what waits on it and drops it from the pool
-    except Exception:
-        log.warning("could not abandon the DTLS handshake with %s", where, exc_info=True)
-
-
-def _adapt_oscore(transport: Any) -> None:
-    """Let a cancelled OSCORE observation end at the sensor.
-
-    aiocoap's OSCORE transport runs each request as a task that follows the protected
-    ("wire") observation and decrypts its notifications into the gateway's request; when the
-    gateway cancels the latter, the wire observation goes on for good: the sensor keeps
-    notifying, and every notification is logged as arriving after the end. So each wire
-    request is noted with the task that made it, and when the gateway loses interest in the
-    OSCORE request, its wire observation is ended as well: the task stops following it, and
-    aiocoap answers the sensor's next notifications with RST, which ends the observation
-    there (RFC 7641 §3.6). What the task still reports afterwards is dropped quietly.
-    """
-    original_request = getattr(transport, "request", None)
-    tasks = getattr(transport, "_tasks", None)
-    wire = getattr(transport, "_wire", None)
-    if original_request is None or not isinstance(tasks, set) or wire is None:
-        log.warning("this aiocoap's OSCORE transport is unknown to the gateway: cancelled "
-                    "OSCORE observations will go on at the sensor")
-        return
-    wire_requests: dict[asyncio.Task[Any], list[Any]] = {}
-    transport._wire = _WireRecorder(wire, wire_requests)
-
-    def request(pipe: Any) -> None:
-        before = set(tasks)
-        original_request(pipe)
-        for task in tasks - before:  # the one task that carries this request
-            made: list[Any] = []
-            wire_requests[task] = made
-            task.add_done_callback(lambda done: wire_requests.pop(done, None))
-            _end_with_interest(pipe, made)
-
-    transport.request = request
-
-
-class _WireRecorder:
-    """The context as the OSCORE transport's wire, noting each wire request by its task."""
-
-    def __init__(self, context: Any, wire_requests: dict[asyncio.Task[Any], list[Any]]) -> None:
-        self._context = context
-        self._wire_requests = wire_requests
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    def request(self, message: Any, *args: Any, **kwargs: Any) -> Any:
-        wire_request = self._context.request(message, *args, **kwargs)
-        made = self._wire_requests.get(asyncio.current_task())  # type: ignore[arg-type]
-        if made is not None:
-            made.append(wire_request)
-        return wire_request
-
-
-def _end_with_interest(pipe: Any, wire_requests: list[Any]) -> None:
-    ended = False
-    add_response, add_exception = pipe.add_response, pipe.add_exception
-
-    def end() -> None:
-        nonlocal ended
-        ended = True
-        for wire_request in wire_requests:
-            observation = getattr(wire_request, "observation", None)
-            if observation is not None and not observation.cancelled:
-                observation.error(coap_error.ObservationCancelled())
-
-    def response(*args: Any, **kwargs: Any) -> None:
-        if not ended:
-            add_response(*args, **kwargs)
-
-    def exception(*args: Any, **kwargs: Any) -> None:
-        if not ended:
-            add_exception(*args, **kwargs)
-
-    pipe.add_response, pipe.add_exception = response, exception
-    pipe.on_interest_end(end)

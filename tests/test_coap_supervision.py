@@ -1,14 +1,16 @@
-"""Unit tests of the CoAP side's pure decisions, without sockets.
+"""The supervision of upstream observations, without sockets.
 
-`ObserveOrder` (RFC 7641 §3.4), `backoff_delay`, `Freshness` (stale at Max-Age, silent at
-Max-Age + grace) and `poll_interval`; the follow loop of `CoapSide`'s supervision fed by a
-stand-in aiocoap observation, so the gateway's own ordering is tested apart from aiocoap's; and the
-bounded block-wise fetcher (`_complete`) fed by a stand-in sensor.
+The pure decisions of translator/coap/supervision.py: `ObserveOrder` (RFC 7641 §3.4),
+`backoff_delay`, the phase table and its waits (`Supervisor`: a 4.xx answer waits long),
+`Freshness` (late at Max-Age + grace, the default grace at least 2 s) and `poll_interval`;
+then the follow loop of `Observations` fed by a stand-in aiocoap observation, so the
+gateway's own ordering and freshness are tested apart from aiocoap's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -18,18 +20,18 @@ from aiocoap.numbers.codes import Code
 from hypothesis import given
 from hypothesis import strategies as st
 
-from translator.coap_side import (
+from translator.coap.answers import CoapAnswer
+from translator.coap.observations import Observations, _Observation
+from translator.coap.supervision import (
+    CLIENT_ERROR_BACKOFF_MAX,
     DEFAULT_MAX_AGE,
     OBSERVATION_RESET_TIME,
     OBSERVE_MODULUS,
     OBSERVE_WINDOW,
-    CoapAnswer,
-    CoapSide,
+    TRANSITIONS,
     Freshness,
     ObserveOrder,
-    RepresentationTooLarge,
-    UpstreamError,
-    _Observation,
+    Supervisor,
     backoff_delay,
     default_grace,
     observe_is_newer,
@@ -136,56 +138,116 @@ def test_backoff_never_exceeds_max(attempt: int, low: float, high: float, jitter
     assert 0.0 <= backoff_delay(attempt, low, high, jitter) <= high
 
 
+# --- phases and waits ----------------------------------------------------------------------------
+
+
+def supervisor() -> Supervisor:
+    return Supervisor(backoff_min=1.0, backoff_max=60.0, client_error_backoff=60.0)
+
+
+def test_every_phase_has_a_way_out_and_waiting_leads_to_registering() -> None:
+    phases = {phase for phase, _ in TRANSITIONS} | set(TRANSITIONS.values())
+    assert phases == {"registering", "following", "polling", "waiting"}
+    for phase in phases:
+        assert any(start == phase for start, _ in TRANSITIONS), phase
+    assert [after for (phase, _), after in TRANSITIONS.items() if phase == "waiting"] == [
+        "registering"]
+
+
+def test_an_event_the_phase_does_not_have_is_a_bug() -> None:
+    with pytest.raises(ValueError, match="no transition from 'registering' on 'ended'"):
+        supervisor().on("ended")
+
+
+def test_failed_registrations_back_off_and_an_accepted_one_starts_over() -> None:
+    s = supervisor()
+    waits = []
+    for _ in range(4):
+        waits.append(s.on("failed"))
+        s.on("elapsed")
+    assert waits == [1, 2, 4, 8]
+    assert s.on("observable") is None and s.phase == "following"
+    assert s.on("ended") == 1  # the sensor was reachable a moment ago
+    s.on("elapsed")
+    assert s.on("failed") == 1
+
+
+def test_a_client_error_waits_long_and_longer_until_a_2xx_answer() -> None:
+    s = supervisor()
+    waits = []
+    for _ in range(8):
+        waits.append(s.on("client error"))
+        s.on("elapsed")
+    assert waits == [60, 120, 240, 480, 960, 1920, 3600, 3600]
+    assert s.on("failed") == 1  # the network's own pace is apart
+    s.on("elapsed")
+    s.on("not observable")
+    assert s.on("client error") == 60  # counted again from the last 2.xx answer
+    assert CLIENT_ERROR_BACKOFF_MAX == 3600
+
+
+def test_a_client_error_ending_an_observation_waits_long_too() -> None:
+    s = supervisor()
+    s.on("observable")
+    assert s.on("client error") == 60
+    assert Supervisor(0.05, 0.3, 7200.0).on("client error", jitter=0.5) == 7200 * 0.9
+
+
 # --- Freshness ------------------------------------------------------------------------------------
 
 
-def test_default_grace_is_the_smaller_of_10_s_and_a_tenth() -> None:
+def test_default_grace_is_a_tenth_of_max_age_within_2_and_10_s() -> None:
     assert default_grace(60) == 6.0
     assert default_grace(1000) == 10.0
-    assert default_grace(1) == pytest.approx(0.1)
+    assert default_grace(1) == 2.0  # libcoap's /time: Max-Age 1, a notification a second
+    assert default_grace(20) == 2.0
 
 
-def test_stale_at_max_age_then_silent_after_grace() -> None:
+def test_late_at_max_age_plus_grace_stale_then_silent() -> None:
     freshness = Freshness()
     freshness.heard(100.0, 10)
-    assert (freshness.stale_at, freshness.silent_at) == (110.0, 111.0)
-    assert freshness.next_check == 110.0
-    assert freshness.check(109.9) == "fresh"
-    assert freshness.check(110.0) == "stale"
-    assert freshness.next_check == 111.0
-    assert freshness.check(110.5) == "fresh"  # stale is said once
-    assert freshness.check(111.0) == "silent"
+    assert freshness.late_at == 112.0
+    assert freshness.check(111.9) == "fresh"
+    assert freshness.check(112.0) == "stale"
+    assert freshness.check(112.0) == "silent"  # stale is said once, then time to renew
+    assert freshness.reason() == "no notification within Max-Age (10 s) and 2 s of grace"
 
 
-def test_stale_is_said_before_silent_even_when_checked_late() -> None:
+def test_a_sensor_notifying_at_max_age_with_jitter_stays_fresh() -> None:
     freshness = Freshness()
-    freshness.heard(100.0, 10)
-    assert freshness.check(200.0) == "stale"
-    assert freshness.next_check == 111.0  # already due: the caller checks again at once
-    assert freshness.check(200.0) == "silent"
+    rng = random.Random(7)
+    now = 0.0
+    freshness.heard(now, 1)
+    for _ in range(10_000):
+        now += 1.0 + rng.uniform(-0.3, 1.9)  # up to 1.9 s late
+        assert freshness.check(now) == "fresh"
+        freshness.heard(now, 1)
 
 
 def test_a_notification_makes_it_fresh_again() -> None:
     freshness = Freshness()
     freshness.heard(0.0, 10)
-    assert freshness.check(10.0) == "stale"
-    freshness.heard(10.5, 5)
-    assert freshness.check(11.0) == "fresh"
-    assert freshness.next_check == 15.5
-    assert freshness.check(15.5) == "stale"
+    assert freshness.check(12.0) == "stale"
+    freshness.heard(12.5, 5)
+    assert freshness.check(13.0) == "fresh"
+    assert freshness.late_at == 19.5
+    assert freshness.check(19.5) == "stale"
 
 
 def test_configured_grace_and_default_max_age() -> None:
     freshness = Freshness(grace=0.25)
     freshness.heard(0.0, None)  # no Max-Age option: 60 s (RFC 7252 §5.10.5)
-    assert (freshness.stale_at, freshness.silent_at) == (DEFAULT_MAX_AGE, DEFAULT_MAX_AGE + 0.25)
+    assert freshness.late_at == DEFAULT_MAX_AGE + 0.25
+    zero = Freshness(grace=0)
+    zero.heard(0.0, 1)
+    assert zero.check(1.0) == "stale"
 
 
 def test_max_age_zero_is_never_stale_and_silent_after_the_default() -> None:
     freshness = Freshness()
     freshness.heard(0.0, 0)
     assert freshness.check(0.0) == "fresh"
-    assert freshness.next_check == 66.0
+    assert freshness.late_at == 66.0
     assert freshness.check(65.9) == "fresh"
     assert freshness.check(66.0) == "silent"
 
@@ -276,14 +338,15 @@ class StandInRequest:
         self.response: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
 
-class StandInSide(CoapSide):
-    """A CoAP side whose first registration is answered by stand-ins instead of a sensor:
+class StandInObservations(Observations):
+    """Observations whose first registration is answered by stand-ins instead of a sensor:
     `first` (with Observe), then the notifications of `request`. Its next registration ends
     the test: it stops the observation."""
 
     def __init__(self, recorder: Recorder, supervision: SupervisionConfig,
                  request: StandInRequest, first: Any) -> None:
-        super().__init__(recorder, supervision)
+        super().__init__(recorder, supervision, max_representation=1_048_576,
+                         rng=random.Random(1), share_addresses=False)
         first.request = aiocoap.Message(code=Code.GET)  # no address: nothing to deregister
         self.answers = [(request, first)]
 
@@ -298,7 +361,7 @@ class StandInSide(CoapSide):
         return self.first
 
 
-def supervise(side: CoapSide, grace: float | None = None) -> tuple[_Observation, Any]:
+def supervise(side: Observations, grace: float | None = None) -> tuple[_Observation, Any]:
     observation = _Observation("coap://h:5683/x", grace, side)
     return observation, side._supervise(observation)
 
@@ -313,7 +376,8 @@ async def test_follow_forwards_only_newer_notifications() -> None:
         notification(3, b"3"), notification(2, b"late 2"), notification(5, b"5"),
         notification(4, b"late 4"), notification(5, b"again 5"), notification(6, b"6"),
     ])
-    side = StandInSide(recorder, SupervisionConfig(**IMMEDIATE), request, notification(1, b"1"))
+    side = StandInObservations(recorder, SupervisionConfig(**IMMEDIATE), request,
+                               notification(1, b"1"))
     _, supervision = supervise(side)
     task = asyncio.create_task(supervision)
     async with asyncio.timeout(5):
@@ -331,111 +395,26 @@ async def test_follow_reports_stale_then_ends_when_silent() -> None:
     recorder = Recorder()
     request = StandInRequest([])  # no notification after the first: silence
     first = notification(0, b"0", max_age=1)
-    side = StandInSide(recorder, SupervisionConfig(grace=0.05, **IMMEDIATE), request, first)
+    side = StandInObservations(recorder, SupervisionConfig(grace=0.05, **IMMEDIATE),
+                               request, first)
     observation, supervision = supervise(side, 0.05)
     loop = asyncio.get_running_loop()
     started = loop.time()
     async with asyncio.timeout(5):
-        # Max-Age 1 s: stale after 1 s, silent (the follow loop ends) after 1.05 s.
+        # Max-Age 1 s and 0.05 s of grace: stale, and the follow loop ends, after 1.05 s.
         await supervision
     assert loop.time() - started >= 1.05
     assert [kind for kind, _ in recorder.events] == ["answer", "stale"]
-    assert recorder.events[1][1] == "no notification within Max-Age (1 s)"
+    assert recorder.events[1][1] == "no notification within Max-Age (1 s) and 0.05 s of grace"
     assert observation.timer is None and observation.following is None
     assert request.observation.cancelled  # aiocoap's observation ended with the silence
     assert observation.orphans == (first.request,)  # to be deregistered after the next one
 
 
-# --- the bounded block-wise fetcher ---------------------------------------------------------------
-
-
-class Blocks:
-    """A stand-in sensor for `_complete`: serves blocks of 1024 bytes of `data` (ETag
-    `etag`, Size2 `size2` when given) and records the block numbers asked for."""
-
-    def __init__(self, data: bytes, *, size2: int | None = None, etag: bytes = b"1") -> None:
-        self.data = data
-        self.size2 = size2
-        self.etag = etag
-        self.asked: list[int] = []
-
-    def block(self, number: int, size_exponent: int = 6) -> Any:
-        size = 1 << (size_exponent + 4)
-        more = (number + 1) * size < len(self.data)
-        message = aiocoap.Message(
-            code=Code.CONTENT, payload=self.data[number * size:(number + 1) * size],
-            block2=(number, more, size_exponent), etag=self.etag, content_format=112,
-            max_age=30,
-        )
-        if self.size2 is not None:
-            message.opt.size2 = self.size2
-        return message
-
-    async def fetch(self, number: int, size_exponent: int) -> Any:
-        self.asked.append(number)
-        return self.block(number, size_exponent)
-
-
-def side_with_limit(limit: int) -> CoapSide:
-    return CoapSide(Recorder(), SupervisionConfig(), max_representation=limit)
-
-
-async def test_blocks_up_to_the_limit_are_taken_whole() -> None:
-    sensor = Blocks(bytes(range(250)) * 12)  # 3000 bytes: blocks 0, 1, 2
-    answer = await side_with_limit(3000)._complete("coap://h/x", sensor.block(0), sensor.fetch)
-    assert answer is not None and answer.payload == sensor.data
-    assert (answer.code, answer.cf, answer.max_age, answer.too_large) == ("2.05", 112, 30, None)
-    assert sensor.asked == [1, 2]
-
-
-async def test_fetching_stops_at_the_first_block_past_the_limit() -> None:
-    sensor = Blocks(b"x" * 10_000)
-    with pytest.raises(RepresentationTooLarge) as raised:
-        await side_with_limit(2048)._complete("coap://h/x", sensor.block(0), sensor.fetch)
-    assert sensor.asked == [1, 2]  # 2048 bytes are within the limit, 3072 are not
-    assert raised.value.size == 3072
-    assert str(raised.value) == (
-        "representation larger than max_upstream_bytes (2048 bytes): "
-        "3072 bytes received before stopping"
-    )
-    # What an observation reports instead: the first block's code, cf and Max-Age, no payload.
-    assert raised.value.answer == CoapAnswer(
-        code="2.05", cf=112, payload=b"", max_age=30, observe=None, too_large=3072
-    )
-
-
-@pytest.mark.parametrize("announced_in", [0, 1])
-async def test_a_size2_beyond_the_limit_stops_the_fetch_at_once(announced_in: int) -> None:
-    sensor = Blocks(b"x" * 10_000)
-    first = sensor.block(0)
-    if announced_in == 0:
-        first.opt.size2 = 10_000
-    else:
-        sensor.size2 = 10_000  # only the blocks fetched later announce it
-    with pytest.raises(RepresentationTooLarge) as raised:
-        await side_with_limit(4096)._complete("coap://h/x", first, sensor.fetch)
-    assert sensor.asked == [1][:announced_in]
-    assert raised.value.size == 10_000 and "10000 bytes announced in Size2" in str(raised.value)
-
-
-async def test_a_size2_within_the_limit_or_on_the_last_block_is_no_reason_to_stop() -> None:
-    sensor = Blocks(b"x" * 3000, size2=3000)
-    answer = await side_with_limit(3000)._complete("coap://h/x", sensor.block(0), sensor.fetch)
-    assert answer is not None and len(answer.payload) == 3000
-    whole = Blocks(b"y" * 100, size2=1_000_000).block(0)  # whole: Size2 says nothing more
-    answer = await side_with_limit(3000)._complete("coap://h/x", whole, Blocks(b"").fetch)
-    assert answer is not None and answer.payload == b"y" * 100
-
-
-async def test_a_whole_answer_larger_than_the_limit_is_refused_too() -> None:
-    whole = aiocoap.Message(code=Code.CONTENT, payload=b"z" * 1500)
-    with pytest.raises(RepresentationTooLarge):
-        await side_with_limit(1000)._complete("coap://h/x", whole, Blocks(b"").fetch)
-
-
 def test_a_whole_notification_larger_than_the_limit_is_reported_without_payload() -> None:
     recorder = Recorder()
-    side = CoapSide(recorder, SupervisionConfig(), max_representation=1000)
+    side = Observations(recorder, SupervisionConfig(), max_representation=1000,
+                        rng=random.Random(1), share_addresses=False)
     observation = _Observation("coap://h:5683/x", None, side)
     side._take(observation, notification(7, b"z" * 1001), observable=True)
     side._take(observation, notification(8, b"z" * 1000))
@@ -444,24 +423,3 @@ def test_a_whole_notification_larger_than_the_limit_is_reported_without_payload(
     assert big == CoapAnswer(code="2.05", cf=None, payload=b"", max_age=None, observe=7,
                              observable=True, too_large=1001)
     assert fits.payload == b"z" * 1000 and fits.too_large is None
-
-
-async def test_a_first_block_that_is_not_block_0_is_an_upstream_error() -> None:
-    sensor = Blocks(b"x" * 3000)
-    with pytest.raises(UpstreamError, match="block 1, not 0"):
-        await side_with_limit(5000)._complete("coap://h/x", sensor.block(1), sensor.fetch)
-    assert sensor.asked == []
-
-
-async def test_a_changed_etag_starts_over_only_when_restarts_are_allowed() -> None:
-    sensor = Blocks(b"a" * 3000, etag=b"1")
-    first = sensor.block(0)
-    sensor.data, sensor.etag = b"b" * 3000, b"2"  # changes after the first block
-    assert await side_with_limit(5000)._complete(
-        "coap://h/x", first, sensor.fetch, restarts=0
-    ) is None
-    assert sensor.asked == [1]
-    sensor.asked.clear()
-    answer = await side_with_limit(5000)._complete("coap://h/x", first, sensor.fetch)
-    assert answer is not None and answer.payload == b"b" * 3000
-    assert sensor.asked == [1, 0, 1, 2]

@@ -9,7 +9,7 @@ late, and the buffer's tail drops the newest ones (and other sensors' too).
 
 Here each readiness event moves up to `BATCH` datagrams from the socket into a queue of our
 own, which is handed to aiocoap in order. Each datagram is first judged from its header alone
-(translator/coap_guard.py: O(1), no option parsed): only one that answers something in flight
+(translator/coap/guard.py: O(1), no option parsed): only one that answers something in flight
 is queued; the rest are dropped on read, counted and logged through the limiter
 (translator/logs.py), and a CON among them gets at most an empty RST. So a flood from
 anywhere costs a few microseconds per datagram and never reaches the queue:
@@ -58,8 +58,10 @@ from typing import Any, Final
 from aiocoap.numbers.types import Type
 from aiocoap.util.socknumbers import HAS_RECVERR, MSG_ERRQUEUE
 
-from . import compat
-from .coap_guard import (
+from .. import compat
+from ..logs import LimitedLog
+from .answers import IcmpError
+from .guard import (
     CON,
     IP_PKTINFO,
     NON,
@@ -74,7 +76,6 @@ from .coap_guard import (
     reset_for,
     vet_icmp,
 )
-from .logs import LimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +365,7 @@ class _BatchReader:
             return
         log.info("ICMP error about a request to %s: %s", _where(address),
                  os.strerror(errno_value))
-        exc = OSError(errno_value, f"{os.strerror(errno_value)} (ICMP error)")
+        exc = IcmpError(errno_value, f"{os.strerror(errno_value)} (ICMP error)")
         try:
             self.stack.fail(exc, self.stack.endpoint(address, None))
         except Exception as failure:
@@ -474,7 +475,7 @@ def _describe(header: tuple[int, int, int, bytes] | None) -> str:
 
 
 def _describe_bytes(data: bytes) -> str:
-    from .coap_guard import parse_header
+    from .guard import parse_header
 
     return _describe(parse_header(data))
 
