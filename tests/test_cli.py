@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -295,3 +296,62 @@ def test_every_toml_example_in_the_readme_is_a_valid_configuration() -> None:
         if "credentials" in data:
             data["credentials"] = [e for e in data["credentials"] if "oscore_context" not in e]
         config_from_mapping(data)
+
+
+async def test_sigterm_with_a_stalled_client_and_a_silent_sensor_exits_0_within_budget(
+    sensors: SimulatedSensors, tmp_path: Path
+) -> None:
+    import socket
+
+    import aiocoap
+
+    from .conftest import handshake_request
+
+    # A sensor that takes registrations and never answers anything.
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.setblocking(False)
+    silent_uri = f"coap://127.0.0.1:{silent.getsockname()[1]}/quiet"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = 0\n'
+        f'[[sensors]]\nname = "quiet"\nuri = "{silent_uri}"\nobserve = true\n'
+        f'[[sensors]]\nname = "temperature"\nuri = "{sensors.base_uri}/temperature"\n'
+        f"observe = true\n"
+    )
+    served = await start_process("serve", "--config", str(config), "--log-level", "warning")
+    stalled = socket.socket()
+    try:
+        await sensors.wait_observers("/temperature", 1)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(WAIT):  # its discovery may come first
+            while (registration := aiocoap.Message.decode(
+                await loop.sock_recv(silent, 2048)
+            )).opt.observe != 0:
+                pass
+        # A client that completes its handshake, then never reads again.
+        port = int(served.url.rsplit(":", 1)[1].split("/")[0])
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        stalled.setblocking(False)
+        await loop.sock_connect(stalled, ("127.0.0.1", port))
+        await loop.sock_sendall(stalled, handshake_request(port))
+        assert b" 101 " in await loop.sock_recv(stalled, 4096)
+        assert await served.terminate() == 0
+        assert served.process.stderr is not None
+        err = (await served.process.stderr.read()).decode()
+        assert "shutdown took longer" not in err and "Traceback" not in err, err
+        # Both sensors were told: the deregistrations went out although one never answers.
+        await sensors.wait_observers("/temperature", 0)
+        datagrams = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                datagrams.append(aiocoap.Message.decode(silent.recv(2048)))
+        assert any(
+            m.opt.observe == 1 and m.token == registration.token for m in datagrams
+        ), datagrams
+    finally:
+        stalled.close()
+        silent.close()
+        if served.process.returncode is None:
+            served.process.kill()
+            await served.process.wait()

@@ -393,6 +393,11 @@ class Observations:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
+                if observation.stopping and sent is not None:
+                    # Stopped with the registration unanswered: it may have reached the
+                    # sensor all the same (the answer is what is missing), so it is
+                    # deregistered as one given up is (`_abandon`).
+                    self._send_deregistration(sent, confirmable=False)
                 raise  # the observation's task is cancelled, not the answer
             self._failed(observation, f"no answer within {timeout:g} s")
             self._abandon(observation, sent)
