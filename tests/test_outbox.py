@@ -92,3 +92,23 @@ def test_order_and_accounting(pushes: list[tuple[str | None, int]]) -> None:
     assert box.pending_bytes == sum(len(t) for t in expected) and len(box) == len(expected)
     assert drain(box) == expected
     assert box.pending_bytes == 0 and len(box) == 0
+
+
+def test_replaced_notifications_do_not_pile_up_behind_the_live_ones() -> None:
+    box = Outbox(max_pending_bytes=10**9, max_frames=10**6, max_lag=60)
+    keys = [f"s{i}" for i in range(256)]
+    for round_ in range(1000):  # a fast sensor per key, and a writer that takes nothing
+        for key in keys:
+            assert box.push(f"notify {key} {round_}", key, 0.0) is None
+    assert box.frames == 256
+    assert box._queue is not None and len(box._queue) <= 2 * 256 + 17
+    popped = [box.pop() for _ in range(256)]
+    assert popped == [f"notify {key} 999" for key in keys]
+    assert box.pop() is None
+
+
+def test_pending_bytes_are_utf8_bytes() -> None:
+    box = Outbox(max_pending_bytes=10, max_frames=10, max_lag=60)
+    assert box.push("é" * 4, None, 0.0) is None  # 4 characters, 8 bytes
+    assert box.pending_bytes == 8
+    assert box.push("ab€", None, 0.0) == OVERFLOW_BYTES  # 5 bytes more: 13 > 10

@@ -275,40 +275,21 @@ class Gateway:
         self._execute(self.hub.upstream_registering(uri))
 
     def answer(self, uri: str, answer: CoapAnswer) -> None:
+        hub, code, cf = self.hub, answer.code, answer.cf
+        age, observe = answer.max_age, answer.observable
         if answer.broken is not None:
-            self._execute(
-                self.hub.upstream_unusable(
-                    uri,
-                    answer.broken,
-                    code=answer.code,
-                    cf=answer.cf,
-                    max_age=answer.max_age,
-                    observe=answer.observable,
-                )
+            commands = hub.upstream_unusable(
+                uri, answer.broken, code=code, cf=cf, max_age=age, observe=observe
             )
-            return
-        if answer.too_large is not None:
-            self._execute(
-                self.hub.upstream_too_large(
-                    uri,
-                    answer.too_large,
-                    code=answer.code,
-                    cf=answer.cf,
-                    max_age=answer.max_age,
-                    observe=answer.observable,
-                )
+        elif answer.too_large is not None:
+            commands = hub.upstream_too_large(
+                uri, answer.too_large, code=code, cf=cf, max_age=age, observe=observe
             )
-            return
-        self._execute(
-            self.hub.upstream_response(
-                uri,
-                code=answer.code,
-                cf=answer.cf,
-                payload=answer.payload,
-                max_age=answer.max_age,
-                observe=answer.observable,
+        else:
+            commands = hub.upstream_response(
+                uri, code=code, cf=cf, payload=answer.payload, max_age=age, observe=observe
             )
-        )
+        self._execute(commands)
 
     def unchanged(self, uri: str) -> None:
         self._execute(self.hub.upstream_unchanged(uri))

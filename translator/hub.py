@@ -593,11 +593,11 @@ class Hub(Generic[C]):
         """Like `upstream_response`, for a representation the CoAP side dropped because it
         exceeded `max_upstream_bytes` (`size`: the bytes received, or announced, when it
         stopped). Subscribers get a notify that says so in `decode_error`, without payload."""
-        body: dict[str, JSONValue] = {"decode_error": (
-            f"representation larger than max_upstream_bytes ({self.max_upstream_bytes} "
-            f"bytes): {size} bytes or more; dropped"
-        )}
-        return self._update(uri, code, cf, max_age, observe, now, lambda ts: body)
+        reason = (f"representation larger than max_upstream_bytes ({self.max_upstream_bytes} "
+                  f"bytes): {size} bytes or more")
+        return self.upstream_unusable(
+            uri, reason, code=code, cf=cf, max_age=max_age, observe=observe, now=now
+        )
 
     def upstream_unusable(
         self,

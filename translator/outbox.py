@@ -12,6 +12,11 @@ and its writer pops them. The policy it enforces:
     frames queued > max_frames           push returns OVERFLOW_FRAMES: close as slow consumer
     behind for > max_lag seconds         lagging(now) is true: close as slow consumer
 
+Sizes are UTF-8 bytes (what goes on the wire), not characters. A replaced notify leaves a
+dead entry in the queue until the writer reaches it; when dead entries outnumber the live
+frames the queue is rebuilt without them, so that memory follows the frames that count
+(a fast sensor and a stalled client left 300 000 dead entries behind 256 live ones).
+
 A connection is *behind* from the moment its outbox stops being empty until it is empty
 again. Because at most one notify per subscription waits, a stalled client costs at most
 (one frame per subscription) plus the frames that are never dropped.
@@ -27,17 +32,24 @@ OVERFLOW_FRAMES: Final = "pending frames over the limit"
 
 
 class _Entry:
-    __slots__ = ("key", "text")
+    __slots__ = ("key", "size", "text")
 
-    def __init__(self, text: str | None, key: str | None) -> None:
+    def __init__(self, text: str | None, key: str | None, size: int) -> None:
         self.text = text
         self.key = key
+        self.size = size
+
+
+def utf8_size(text: str) -> int:
+    """The UTF-8 length of `text`, without encoding an ASCII one (CPython knows it is)."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 class Outbox:
     """A FIFO of text frames where a newer notify replaces an unsent older one of its key."""
 
     __slots__ = (
+        "_dead",
         "_latest",
         "_queue",
         "behind_since",
@@ -57,6 +69,8 @@ class Outbox:
         # writes straight to the socket while it takes them), and an empty deque is ~600 B.
         self._queue: collections.deque[_Entry] | None = None
         self._latest: dict[str, _Entry] = {}
+        self._dead = 0
+        """Replaced entries still in the queue."""
         self.pending_bytes = 0
         self.frames = 0
         """Frames waiting (replaced ones no longer count)."""
@@ -75,19 +89,24 @@ class Outbox:
         if key is not None:
             older = self._latest.get(key)
             if older is not None and older.text is not None:
-                self.pending_bytes -= len(older.text)
+                self.pending_bytes -= older.size
                 self.frames -= 1
                 self.replaced += 1
                 older.text = None  # left in place; pop() skips it
-        entry = _Entry(text, key)
+                self._dead += 1
+        size = utf8_size(text)
+        entry = _Entry(text, key, size)
         if self._queue is None:
             self._queue = collections.deque()
+        elif self._dead > self.frames + 16:
+            self._queue = collections.deque(e for e in self._queue if e.text is not None)
+            self._dead = 0
         self._queue.append(entry)
         if key is not None:
             self._latest[key] = entry
         if self.behind_since is None:
             self.behind_since = now
-        self.pending_bytes += len(text)
+        self.pending_bytes += size
         self.frames += 1
         if self.pending_bytes > self.max_pending_bytes:
             return OVERFLOW_BYTES
@@ -102,11 +121,12 @@ class Outbox:
             entry = queue.popleft()
             text = entry.text
             if text is None:
+                self._dead -= 1
                 continue
             key = entry.key
             if key is not None and self._latest.get(key) is entry:
                 del self._latest[key]
-            self.pending_bytes -= len(text)
+            self.pending_bytes -= entry.size
             self.frames -= 1
             return text
         return None
@@ -118,6 +138,7 @@ class Outbox:
             # Only replaced (dead) entries can be left; drop them with their index.
             self._queue = None
             self._latest.clear()
+            self._dead = 0
 
     def lagging(self, now: float) -> bool:
         return self.behind_since is not None and now - self.behind_since > self.max_lag
@@ -125,5 +146,6 @@ class Outbox:
     def clear(self) -> None:
         self._queue = None
         self._latest.clear()
+        self._dead = 0
         self.pending_bytes = self.frames = 0
         self.behind_since = None
