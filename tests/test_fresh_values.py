@@ -23,17 +23,24 @@ from typing import Any
 
 from translator.gateway import Gateway
 from translator.sim import SimulatedSensors
-from translator.ws_side import TCP_NOTSENT_LOWAT, Connection, _PingRound, text_frame
+from translator.ws_side import (
+    TCP_NOTSENT_LOWAT,
+    Connection,
+    SendLimits,
+    _PingRound,
+    text_frame,
+)
 
 from .conftest import WAIT, gateway_config, handshake_request
 
 CLIENT_RCVBUF = 4096
 """The slow clients' receive buffer (the kernel doubles it), set before connecting."""
 QUEUED_BOUND = 24 * 1024
-"""What may wait toward a slow client with the default bound: max_inflight_bytes (4 KiB)
-unsent, plus what is in flight within the client's receive window (its buffer is 8 KiB
-after the kernel's doubling), plus a frame in the transport and one per subscription in the
-outbox. Without the bound the kernel alone takes the whole backlog (~130 KB here)."""
+"""What may wait toward a slow client with the default bound: max_inflight_bytes (1 KiB)
+unsent (a write that starts below the bound may pass it by a buffer's room), what is in
+flight within the client's receive window (its buffer is 8 KiB after the kernel's
+doubling), a frame in the transport and one per subscription in the outbox. Without the
+bound the kernel alone takes the whole backlog (~130 KB here)."""
 UPDATES = 1000
 
 
@@ -259,7 +266,7 @@ async def test_a_keepalive_ping_never_waits_for_a_socket_past_its_bound(
         sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, 1 << 20)
         assert os.write(sock.fileno(), frame[sent:]) == len(frame) - sent
         written += 1
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, 4096)  # the default bound
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, SendLimits().max_inflight_bytes)
         assert conn.ws.transport.get_write_buffer_size() == 0 and not conn.ws.paused
         async with asyncio.timeout(WAIT):
             assert not await conn.keepalive_ping(_PingRound())

@@ -189,7 +189,7 @@ class LimitsConfig:
     closed as a slow consumer."""
     max_pending_bytes: int = _setting(1_048_576, minimum=1)
     """Bytes queued for a connection before it is closed as a slow consumer."""
-    max_inflight_bytes: int = _setting(4096, minimum=0)
+    max_inflight_bytes: int = _setting(1024, minimum=0)
     """Unsent bytes the kernel may hold toward a connection (TCP_NOTSENT_LOWAT) before its
     frames wait in the gateway's queue, where a newer notify replaces an older one: bounds
     how old the values a slow client receives can get. 0: no bound (the kernel then holds

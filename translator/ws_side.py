@@ -83,7 +83,7 @@ class SendLimits:
     max_pending_bytes: int = 1_048_576
     max_frames: int = 1024
     max_lag: float = 30.0
-    max_inflight_bytes: int = 4096
+    max_inflight_bytes: int = 1024
     """Unsent bytes the kernel may hold for a connection (`TCP_NOTSENT_LOWAT`) before its
     frames wait in the outbox, where a newer notify replaces an older one; 0: no bound (the
     kernel takes megabytes, which then reach a slow client in order, however old)."""
