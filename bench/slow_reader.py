@@ -134,11 +134,12 @@ class SlowClient:
         except (ConnectionError, OSError) as exc:
             self.closed = str(exc) or type(exc).__name__
 
-    def report(self, window: float) -> dict[str, Any]:
+    def report(self, window: float, elapsed: float) -> dict[str, Any]:
+        """Ages per whole `window` within the `elapsed` seconds measured (a last, partial
+        window would rest on a few frames)."""
         windows = []
-        last = max((t for t, _, _ in self.samples), default=0.0)
         start = 0.0
-        while start < last:
+        while start + window <= elapsed:
             ages = sorted(a for t, a, _ in self.samples if start <= t < start + window)
             if ages:
                 windows.append({
@@ -181,10 +182,13 @@ async def main_async(args: argparse.Namespace) -> None:
                     client.window_start = now
                 return {}
             case "stop":
+                elapsed = 0.0
                 for client in clients:
+                    if client.window_start is not None:
+                        elapsed = time.monotonic() - client.window_start
                     client.window_start = None
                 window = float(command.get("window", 10.0))
-                return {"clients": [client.report(window) for client in clients]}
+                return {"clients": [client.report(window, elapsed) for client in clients]}
         return {"ok": False, "error": f"unknown command {command.get('cmd')!r}"}
 
     try:
