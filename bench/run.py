@@ -11,7 +11,10 @@ Scenarios (see docs/performance.md for the method and the latest figures):
 3. commands: request round trips, sequential and 50 in flight over 10 clients, GET and PUT;
 4. memory: RSS per idle connection and per observed resource;
 5. admission: 1000 new clients connect and subscribe while fan-out at N = 1000 saturates;
-6. baselines for each: a bare websockets broadcast server, a bare aiocoap client.
+6. baselines for each: a bare websockets broadcast server, a bare aiocoap client;
+7. slow readers: clients behind a slow link (1/4 and 1/10 of 200 updates/s) beside 100
+   full-speed ones, with the bound on what waits in the kernel (`max_inflight_bytes`) on and
+   off: the age of the values the slow ones get, the full-speed ones' latency.
 
 Every process (sensor, gateway, load generators, baselines) is a child on 127.0.0.1, and
 every one is stopped when the run ends, whatever way it ends. The run has a time budget;
@@ -54,6 +57,12 @@ from .procs import (
 )
 
 RESULTS = ROOT / "bench" / "results"
+SLOW_UPDATE_RATE = 200.0
+"""Updates/s of the one resource in the slow readers scenario."""
+SLOW_CLIENT_RCVBUF = 4096
+"""A slow reader's receive buffer, set before connecting (the kernel doubles it)."""
+DEFAULT_INFLIGHT = None
+"""`max_inflight_bytes` of the gateway under test: None keeps the gateway's default."""
 PUT_VALUE = {"on": True}
 PUT_CBOR_HEX = "a1626f6ef5"  # cbor2.dumps({"on": True}): what the gateway sends for PUT_VALUE
 SATURATING_DELIVERIES = 200_000
@@ -95,8 +104,17 @@ class Settings:
     floor_bursts: int = 50
     """Bursts per writer in bench.floor (three writers, one burst every 100 ms)."""
     floor_hiccups: int = 200
-    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory")
-    budget: float = 480.0
+    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow")
+    slow_seconds: float = 60.0
+    """The slow readers' measurement, per gateway (bound on, bound off)."""
+    slow_window: float = 10.0
+    """Their ages are reported per window of this many seconds."""
+    slow_alone_seconds: float = 10.0
+    """The full-speed clients measured alone first (their p99 without slow readers)."""
+    slow_rates: tuple[float, ...] = (50.0, 50.0, 50.0, 20.0, 20.0, 20.0)
+    """Frames per second each slow reader takes: 1/4 and 1/10 of `SLOW_UPDATE_RATE`."""
+    slow_fast_clients: int = 100
+    budget: float = 660.0
     profile: bool = False
     chart: bool = True
 
@@ -113,7 +131,8 @@ class Settings:
                     overload_warmup=0.8, rounds=1, quiet_limit=2.5, ingest_rates=(2000,),
                     ingest_window=1.0, settle=0.3, command_seconds=0.4,
                     idle_connections=(1000,), observed_resources=(1000,), admission_clients=0,
-                    floor_bursts=15, floor_hiccups=60, budget=90.0)
+                    floor_bursts=15, floor_hiccups=60, budget=90.0,
+                    scenarios=("fanout", "ingest", "commands", "memory"))
         else:
             s = cls()
         if args.large:
@@ -145,8 +164,10 @@ def log(message: str) -> None:
 # -- processes ---------------------------------------------------------------------------------
 
 
-def gateway_config(sensor_base: str, directory: Path) -> Path:
-    path = directory / "gateway.toml"
+def gateway_config(sensor_base: str, directory: Path, inflight: int | None = None) -> Path:
+    """The gateway's configuration; `inflight`: its `max_inflight_bytes` (None: default)."""
+    path = directory / f"gateway-{inflight}.toml"
+    extra = "" if inflight is None else f"max_inflight_bytes = {inflight}\n"
     path.write_text(f"""# written by bench/run.py
 log_level = "warning"
 
@@ -164,7 +185,7 @@ max_inflight = 64
 max_connections = 25000
 max_connections_per_ip = 25000
 rate = 0.0
-""")
+{extra}""")
     return path
 
 
@@ -173,9 +194,11 @@ async def start_sensor(fleet: Fleet, resources: int = 1, pad: int = 0) -> Child:
                               "--pad", str(pad))
 
 
-async def start_gateway(fleet: Fleet, sensor: Child) -> tuple[Child, str]:
-    config = gateway_config(sensor.ready["ready"], fleet.log_dir)
-    gateway = await fleet.python("gateway", "translator", "serve", "--config", str(config),
+async def start_gateway(fleet: Fleet, sensor: Child,
+                        inflight: int | None = DEFAULT_INFLIGHT) -> tuple[Child, str]:
+    config = gateway_config(sensor.ready["ready"], fleet.log_dir, inflight)
+    name = "gateway" if inflight is None else f"gateway-inflight{inflight}"
+    gateway = await fleet.python(name, "translator", "serve", "--config", str(config),
                                  ready_pattern=r"listening on (ws://\S+)")
     return gateway, gateway.ready["ready"]
 
@@ -407,10 +430,11 @@ async def fanout(bench: Run, fleet: Fleet, n: int, phases: list[str]) -> None:
         rounds = 1 if phase == "admission" else s.rounds
         for round_number in range(1, rounds + 1):
             for system in systems:
-                if phase == "overload2x":
+                if phase in ("overload2x", "flood10x"):
                     if not capacity[system.name]:
                         continue
-                    rate = 2 * statistics.mean(capacity[system.name]) / n
+                    factor = 2 if phase == "overload2x" else 10
+                    rate = factor * statistics.mean(capacity[system.name]) / n
                 else:
                     rate = 10.0 if phase == "10hz" else saturating
                 result = await _fanout_window(bench, system, n, phase, rate, round_number)
@@ -426,7 +450,8 @@ async def _fanout_window(bench: Run, system: FanoutSystem, n: int, phase: str, r
                          round_number: int) -> dict[str, Any]:
     s = bench.settings
     await system.source.call({"cmd": "rate", "rate": rate})
-    await asyncio.sleep(s.overload_warmup if phase == "overload2x" else s.warmup)
+    await asyncio.sleep(s.overload_warmup if phase in ("overload2x", "flood10x")
+                        else s.warmup)
     during = None
     if phase == "admission":
         during = _admission(system.newcomers, system.url, system.uri, s.admission_clients)
@@ -849,6 +874,97 @@ async def memory_resources(bench: Run, fleet: Fleet, system: str) -> None:
     await fleet.stop(*[c for c in (loadgen, server, sensor) if c is not None])
 
 
+# -- 7: slow readers ------------------------------------------------------------------------
+
+
+async def slow_readers(bench: Run, fleet: Fleet) -> None:
+    """One resource at SLOW_UPDATE_RATE, `slow_fast_clients` full-speed clients and the slow
+    readers (`bench.slow_reader`), against a gateway with its default `max_inflight_bytes`,
+    then one with the bound off (0) as the baseline. The full-speed clients are measured
+    alone first, then beside the slow readers for `slow_seconds`."""
+    s = bench.settings
+    for inflight in (DEFAULT_INFLIGHT, 0):
+        bound = "off" if inflight == 0 else "on"
+        sensor = await start_sensor(fleet)
+        gateway, url = await start_gateway(fleet, sensor, inflight)
+        uri = sensor.ready["ready"] + "/r/0"
+        loadgens = await start_loadgens(fleet, 1)
+        reply = await loadgens[0].call({"cmd": "connect", "url": url, "n": s.slow_fast_clients,
+                                        "uris": [uri], "concurrency": 50, "timeout": 30}, 120)
+        if reply["connected"] < s.slow_fast_clients:
+            raise BenchError(f"slow readers: only {reply['connected']} full-speed clients "
+                             f"connected: {reply['errors']}")
+        await sensor.call({"cmd": "rate", "rate": SLOW_UPDATE_RATE})
+        await asyncio.sleep(s.warmup)
+        probe = Probe(gateway, sensor, loadgens)
+        base = {"scenario": "slow_readers", "system": "gateway", "bound": bound,
+                "offered_rate": SLOW_UPDATE_RATE, "fast_clients": s.slow_fast_clients}
+        if bound == "on":
+            alone = await measure_window(probe=probe, counters=loadgens, source=sensor,
+                                         window=s.slow_alone_seconds)
+            bench.runs.append({**base, "phase": "alone", **alone})
+            log(f"  bound {bound}, {s.slow_fast_clients} full-speed clients alone: p50 "
+                f"{alone['p50_ms']} ms, p99 {alone['p99_ms']} ms")
+        slow = await fleet.python("slow_reader", "bench.slow_reader")
+        await slow.call({"cmd": "connect", "url": url, "uri": uri, "rates": list(s.slow_rates),
+                         "rcvbuf": SLOW_CLIENT_RCVBUF}, 60)
+        await slow.call({"cmd": "start"})
+        beside = await measure_window(probe=probe, counters=loadgens, source=sensor,
+                                      window=s.slow_seconds)
+        ages = await slow.call({"cmd": "stop", "window": s.slow_window}, 30)
+        bench.runs.append({**base, "phase": "with slow readers", **beside,
+                           "slow_clients": ages["clients"]})
+        log(f"  bound {bound}, full-speed clients beside {len(s.slow_rates)} slow readers: "
+            f"p50 {beside['p50_ms']} ms, p99 {beside['p99_ms']} ms, closed "
+            f"{beside['closed_clients']}")
+        for rate, windows, closed in _slow_rows(ages["clients"]):
+            log(f"    reading {rate:g}/s: age p50/p99 per {s.slow_window:g} s: "
+                + ", ".join(f"{p50:.2f}/{p99:.2f}" for p50, p99 in windows)
+                + (f"; closed: {closed}" if closed else ""))
+        await sensor.call({"cmd": "rate", "rate": 0})
+        await fleet.stop(slow, *loadgens)
+        await fleet.stop(gateway, sensor)
+
+
+def _slow_rows(
+    clients: list[dict[str, Any]],
+) -> list[tuple[float, list[tuple[float, float]], str]]:
+    """Per read rate: the worst p50 and p99 age over its clients in each window, and why
+    any of them was closed."""
+    rows = []
+    for rate in sorted({c["rate"] for c in clients}, reverse=True):
+        group = [c for c in clients if c["rate"] == rate]
+        count = max((len(c["windows"]) for c in group), default=0)
+        windows = []
+        for i in range(count):
+            parts = [c["windows"][i] for c in group if len(c["windows"]) > i]
+            windows.append((max(w["p50_s"] for w in parts), max(w["p99_s"] for w in parts)))
+        closed = "; ".join(sorted({c["closed"] for c in group if c["closed"]}))
+        rows.append((rate, windows, closed))
+    return rows
+
+
+def slow_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures the slow readers' targets are about."""
+    out: dict[str, Any] = {}
+    alone = _find(runs, scenario="slow_readers", bound="on", phase="alone")
+    for bound in ("on", "off"):
+        beside = _find(runs, scenario="slow_readers", bound=bound, phase="with slow readers")
+        if beside is None:
+            continue
+        for rate, windows, closed in _slow_rows(beside["slow_clients"]):
+            later = [p50 for p50, _ in windows[1:]]  # from the end of the first window
+            out[f"bound {bound}, reading {rate:g}/s"] = {
+                "p50_after_first_window_s": max(later) if later else None,
+                "p50_growth_s": round(later[-1] - later[0], 3) if len(later) > 1 else None,
+                "closed": closed,
+            }
+        if alone is not None and bound == "on":
+            out["full-speed p99 beside slow readers / alone"] = _ratio(beside["p99_ms"],
+                                                                       alone["p99_ms"])
+    return out
+
+
 # -- the summary: ratios and targets -----------------------------------------------------------
 
 
@@ -890,7 +1006,7 @@ def summarize(bench: Run) -> dict[str, Any]:
     s = bench.settings
     ratios: dict[str, Any] = {}
     for n in s.fanout_ns:
-        for phase in ("saturated", "10hz", "overload2x", "admission"):
+        for phase in ("saturated", "10hz", "overload2x", "flood10x", "admission"):
             gw = fanout_mean(runs, "gateway", n, phase)
             bare = fanout_mean(runs, "bare_ws", n, phase)
             if gw and bare:
@@ -949,13 +1065,17 @@ def summarize(bench: Run) -> dict[str, Any]:
         if gw and bare:
             ratios[f"memory per observed resource at {count}"] = _ratio(
                 gw["kib_per_resource"], bare["kib_per_resource"])
-    means = [m for n in s.fanout_ns for phase in ("10hz", "saturated", "overload2x", "admission")
+    means = [m for n in s.fanout_ns
+             for phase in ("10hz", "saturated", "overload2x", "flood10x", "admission")
              for system in ("gateway", "bare_ws")
              if (m := fanout_mean(runs, system, n, phase)) is not None]
-    return {"fanout_means": means, "ratios": ratios, "targets": targets(bench, ratios)}
+    slow = slow_summary(runs)
+    return {"fanout_means": means, "ratios": ratios, "slow_readers": slow,
+            "targets": targets(bench, ratios, slow)}
 
 
-def targets(bench: Run, ratios: dict[str, Any]) -> list[dict[str, Any]]:
+def targets(bench: Run, ratios: dict[str, Any],
+            slow: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     runs = bench.runs
     out: list[dict[str, Any]] = []
 
@@ -993,6 +1113,20 @@ def targets(bench: Run, ratios: dict[str, Any]) -> list[dict[str, Any]]:
                None if v is None else v <= 8)
     r = ratios.get("ingest", {}).get("max_sustained")
     target("ingest vs bare aiocoap observe rate", ">= 0.80 x", r, None if r is None else r >= 0.8)
+    r = ratios.get("fanout N=1000 flood10x", {}).get("p99_latency")
+    target("p99 latency, N=1000, sensor offering 10x capacity, vs bare broadcast", "<= 3 x", r,
+           None if r is None else r <= 3)
+    slow = slow or {}
+    quarter = slow.get(f"bound on, reading {SLOW_UPDATE_RATE / 4:g}/s", {})
+    v = quarter.get("p50_after_first_window_s")
+    target("slow reader at 1/4 of the rate: age p50 after the first window", "<= 1 s", v,
+           None if v is None else v <= 1 and not quarter.get("closed"))
+    v = quarter.get("p50_growth_s")
+    target("slow reader at 1/4 of the rate: age p50 growth, 2nd to last window", "<= 0.2 s",
+           v, None if v is None else v <= 0.2)
+    v = slow.get("full-speed p99 beside slow readers / alone")
+    target("full-speed clients' p99 beside slow readers vs alone", "<= 1.10 x", v,
+           None if v is None else v <= 1.1)
     return out
 
 
@@ -1106,6 +1240,28 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
             ["runs", "p50 ms", "p99 ms", "max ms", "% over twice the median"],
             [[r.get("hiccup_count"), r.get("hiccup_p50_ms"), r.get("hiccup_p99_ms"),
               r.get("hiccup_max_ms"), r.get("hiccup_over_2x_median_pct")] for r in floors]))
+    slow_runs = [r for r in runs if r.get("scenario") == "slow_readers"]
+    if slow_runs:
+        parts.append(head(f"Slow readers: full-speed clients ({SLOW_UPDATE_RATE:g} updates/s)")
+                     + table(
+            ["bound", "phase", "clients", "window s", "deliv/s", "p50 ms", "p99 ms", "srv CPU%",
+             "closed"],
+            [[r["bound"], r["phase"], r["fast_clients"], r["window_s"], r["deliveries_per_s"],
+              r["p50_ms"], r["p99_ms"], r["server_cpu_pct"], r["closed_clients"]]
+             for r in slow_runs]))
+        rows = []
+        for r in slow_runs:
+            for rate, windows, closed in _slow_rows(r.get("slow_clients", [])):
+                group = [c for c in r["slow_clients"] if c["rate"] == rate]
+                steps = [c["mean_seq_step"] for c in group if c["mean_seq_step"] is not None]
+                rows.append([r["bound"], rate, len(group),
+                             round(statistics.mean(steps), 1) if steps else None,
+                             " ".join(f"{p50:.2f}/{p99:.2f}" for p50, p99 in windows),
+                             closed or "-"])
+        parts.append(head("Slow readers: age of the values they read, worst client's p50/p99 s "
+                          "per window") + table(
+            ["bound", "reads/s", "clients", "mean seq step", "p50/p99 s per window", "closed"],
+            rows))
     ing = [r for r in runs if r.get("scenario") == "ingest_best"]
     if ing:
         parts.append(head("Ingest (1000 observed resources)") + table(
@@ -1213,7 +1369,7 @@ async def run_all(bench: Run, log_dir: Path) -> None:
         for n in s.fanout_ns:
             phases = ["saturated"]
             if n == 1000:
-                phases = ["10hz", "saturated", "overload2x"]
+                phases = ["10hz", "saturated", "overload2x", "flood10x"]
                 if s.admission_clients:
                     phases.append("admission")
             plan.append((f"fan-out N={n}", partial(fanout, bench, n=n, phases=phases)))
@@ -1229,6 +1385,8 @@ async def run_all(bench: Run, log_dir: Path) -> None:
         for system in ("gateway", "bare_coap"):
             plan.append((f"memory resources {system}",
                          partial(memory_resources, bench, system=system)))
+    if "slow" in s.scenarios:
+        plan.append(("slow readers", partial(slow_readers, bench)))
     for name, step in plan:
         log(name)
         async with Fleet(log_dir / name.replace(" ", "_").replace("=", "")) as fleet:
@@ -1301,7 +1459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny fan-out (N = 2) for the test suite")
     parser.add_argument("--only", action="append",
-                        choices=["fanout", "ingest", "commands", "memory"],
+                        choices=["fanout", "ingest", "commands", "memory", "slow"],
                         help="run only this scenario (repeatable)")
     parser.add_argument("--out", help="directory for latest.json and latest.png "
                         "(default bench/results)")

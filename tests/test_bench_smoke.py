@@ -8,6 +8,7 @@ shared and small.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
@@ -23,12 +24,15 @@ import cbor2
 import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
+from websockets.asyncio.server import serve
 
 from bench import fast_sensor as fs
 from bench import floor
+from bench.bare_ws import BareServer
 from bench.control import Histogram
 from bench.floor import bursts
 from bench.loadgen import NativeReader, NativeUnavailable, client_frame
+from bench.slow_reader import SlowClient
 
 from .optional import need
 
@@ -245,3 +249,29 @@ def test_the_floors_c_writer_writes_the_whole_frame_to_each_client_in_order() ->
         for ours, theirs in pairs:
             ours.close()
             theirs.close()
+
+
+async def test_a_slow_reader_takes_one_message_per_tick_and_reports_the_ages() -> None:
+    """bench.slow_reader against the bare broadcast server in this process: it subscribes,
+    reads at its pace, answers with ages per window (numbers come out, not a speed)."""
+    bare = BareServer(rate=200.0)
+    async with serve(bare.handler, "127.0.0.1", 0, compression=None) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        runner = asyncio.create_task(bare.run(time.monotonic() + 30))
+        client = await SlowClient.open(f"ws://127.0.0.1:{port}/ws", rate=50.0, rcvbuf=4096)
+        try:
+            await client.subscribe("coap://127.0.0.1:5683/r/0")
+            client.window_start = time.monotonic()
+            client.reader = asyncio.create_task(client.read())
+            async with asyncio.timeout(10):
+                while len(client.samples) < 10:  # noqa: ASYNC110 (no event to wait on)
+                    await asyncio.sleep(0.05)
+            report = client.report(window=0.1, elapsed=time.monotonic() - client.window_start)
+        finally:
+            runner.cancel()
+            if client.reader is not None:
+                client.reader.cancel()
+            client.sock.close()
+    assert report["rate"] == 50.0 and report["frames"] >= 10 and report["closed"] == ""
+    assert report["windows"] and all(w["p50_s"] >= 0 for w in report["windows"])
+    assert report["mean_seq_step"] is not None and report["mean_seq_step"] >= 1

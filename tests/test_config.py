@@ -241,6 +241,11 @@ def test_mapping_arrays_may_be_tuples() -> None:
         ),
         ({"limits": {"max_inflight": 0}}, "limits.max_inflight", "must be an integer in 1.."),
         ({"limits": {"max_queue": 1.5}}, "limits.max_queue", "must be an integer in 1.."),
+        (
+            {"limits": {"max_inflight_bytes": -1}},
+            "limits.max_inflight_bytes",
+            "must be an integer in 0..",
+        ),
         ({"log_level": "verbose"}, "log_level", "must be one of 'debug', 'info', 'warning'"),
         ({"log_level": 10}, "log_level", "must be one of"),
         ({"policy": {"allow": "coap://a/*"}}, "policy.allow", "must be an array of strings"),

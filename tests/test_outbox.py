@@ -70,13 +70,29 @@ def test_behind_from_first_push_until_written_empty() -> None:
     assert not box.lagging(40) and box.lagging(40.5)
     box.pop()
     assert box.lagging(41)  # popped but not yet written: still behind
-    box.written()
+    box.written(41)
     assert box.behind_since is None and not box.lagging(1000)
     box.push("b", None, 50)
     box.push("c", None, 60)
     box.pop()
-    box.written()
-    assert box.behind_since == 50  # one frame still waits
+    box.written(70)
+    assert box.behind_since == 70  # one frame still waits, behind since the last write
+
+
+def test_a_slow_client_that_keeps_taking_frames_is_never_lagging() -> None:
+    """Frames come faster than they are written, so the outbox is never empty; each frame
+    written restarts the count, and only a stall longer than max_lag is lagging."""
+    box = outbox(max_lag=30)
+    now = 0.0
+    for _ in range(1000):  # 1000 writes, 20 s apart: 20 000 s with frames always waiting
+        box.push("n", "s1", now)
+        box.push("n", "s1", now)
+        assert box.pop() is not None
+        box.push("n", "s1", now)
+        now += 20
+        assert not box.lagging(now)
+        box.written(now)
+    assert box.frames == 1 and not box.lagging(now + 30) and box.lagging(now + 30.5)
 
 
 @given(st.lists(st.tuples(st.sampled_from(["s1", "s2", "s3", None]), st.integers(0, 9))))

@@ -216,6 +216,11 @@ class LimitsConfig:
     closed as a slow consumer."""
     max_pending_bytes: int = _setting(1_048_576, minimum=1, maximum=GIB)
     """Bytes queued for a connection before it is closed as a slow consumer."""
+    max_inflight_bytes: int = _setting(1024, minimum=0, maximum=GIB, zero="turns the bound off")
+    """Unsent bytes the kernel may hold toward a connection (TCP_NOTSENT_LOWAT) before its
+    frames wait in the gateway's queue, where a newer notify replaces an older one: bounds
+    how old the values a slow client receives can get. 0: no bound (the kernel then holds
+    megabytes, delivered in order however old)."""
     ping_interval: float = _setting(20.0, minimum=0, maximum=DAY, zero="disables pings")
     """Seconds between WebSocket keepalive pings; 0 disables them."""
     ping_timeout: float = _setting(20.0, minimum=0, maximum=DAY, zero="waits forever")

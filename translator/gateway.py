@@ -158,6 +158,7 @@ class Gateway:
                     max_pending_bytes=limits.max_pending_bytes,
                     max_frames=limits.max_queue,
                     max_lag=limits.max_lag,
+                    max_inflight_bytes=limits.max_inflight_bytes,
                 ),
                 ping_interval=limits.ping_interval or None,
                 ping_timeout=limits.ping_timeout or None,

@@ -18,8 +18,12 @@ frames the queue is rebuilt without them, so that memory follows the frames that
 (a fast sensor and a stalled client left 300 000 dead entries behind 256 live ones).
 
 A connection is *behind* from the moment its outbox stops being empty until it is empty
-again. Because at most one notify per subscription waits, a stalled client costs at most
-(one frame per subscription) plus the frames that are never dropped.
+again, or until its writer gets a frame out: each frame written starts the count again.
+So `max_lag` closes a client that stops taking frames, never one that takes them more
+slowly than they come (it gets the newest value of each subscription, its lag bounded by
+what waits outside the outbox, see `ws_side`). Because at most one notify per subscription
+waits, a stalled client costs at most (one frame per subscription) plus the frames that
+are never dropped.
 """
 
 from __future__ import annotations
@@ -131,14 +135,18 @@ class Outbox:
             return text
         return None
 
-    def written(self) -> None:
-        """The writer finished writing what it popped: not behind once nothing waits."""
+    def written(self, now: float) -> None:
+        """The writer finished writing what it popped: not behind once nothing waits, and
+        behind only since `now` while frames still wait (the client took one: it is slow,
+        not stalled)."""
         if not self.frames:
             self.behind_since = None
             # Only replaced (dead) entries can be left; drop them with their index.
             self._queue = None
             self._latest.clear()
             self._dead = 0
+        else:
+            self.behind_since = now
 
     def lagging(self, now: float) -> bool:
         return self.behind_since is not None and now - self.behind_since > self.max_lag

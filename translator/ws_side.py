@@ -30,6 +30,8 @@ import ipaddress
 import itertools
 import logging
 import os
+import select
+import socket
 import ssl
 import struct
 import weakref
@@ -68,6 +70,17 @@ PING_ROOM: Final = 1024
 """Bytes a transport's write buffer must have free below its high-water mark for a keepalive
 ping: a ping frame is 6 bytes (plus a TLS record's overhead), so writing it cannot pause the
 transport, and `ServerConnection.ping()` returns without waiting for the buffer to drain."""
+TCP_NOTSENT_LOWAT: Final = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+"""Linux's bound on a TCP socket's unsent bytes (include/uapi/linux/tcp.h): past it the socket
+is not writable and a non-blocking write fails with EAGAIN."""
+BOUNDED_WRITE_LIMIT: Final = 1
+"""The transport's high-water mark while the kernel's unsent bytes are bounded: websockets'
+send() then waits until the transport's buffer is empty (asyncio resumes at a low-water mark
+of 1 // 4 = 0), so at most the frame being written waits there and the rest wait in the
+outbox, where they can be replaced. (1, not 0: asyncio's TLS transport pauses at a size >=
+its high-water mark, which 0 would make true of an empty buffer.)"""
+UNBOUNDED_WRITE_LIMIT: Final = 2**15
+"""websockets' default high-water mark, kept when `max_inflight_bytes` is 0."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +90,10 @@ class SendLimits:
     max_pending_bytes: int = 1_048_576
     max_frames: int = 1024
     max_lag: float = 30.0
+    max_inflight_bytes: int = 1024
+    """Unsent bytes the kernel may hold for a connection (`TCP_NOTSENT_LOWAT`) before its
+    frames wait in the outbox, where a newer notify replaces an older one; 0: no bound (the
+    kernel takes megabytes, which then reach a slow client in order, however old)."""
 
 
 class MessageHandler(Protocol):
@@ -130,6 +147,8 @@ class Connection:
         self._transport = ws.transport
         self._fd = _plain_socket_fd(ws.transport)
         """The socket `fan_out` may write to directly, or -1 (TLS, or no socket)."""
+        if limits.max_inflight_bytes:
+            _bound_unsent(ws.transport, limits.max_inflight_bytes)
         self._writer: asyncio.Task[None] | None = None
         self._writing = False
         self._closer: asyncio.Task[None] | None = None
@@ -239,17 +258,33 @@ class Connection:
 
     async def _write(self) -> None:
         """Drain the outbox with websockets' send() (which waits while the transport is over
-        its high-water mark), then end: `send` starts a new writer when frames wait again."""
+        its high-water mark), then end: `send` starts a new writer when frames wait again.
+
+        Each frame is taken from the outbox only once the transport has room (with the
+        kernel's unsent bytes bounded, once its buffer is empty): while the writer waits,
+        a newer notify still replaces an older one in the outbox, so the client gets the
+        newest value next, not the one queued when it fell behind.
+        """
         outbox, ws = self.outbox, self.ws
+        loop = self._loop
         try:
-            while (text := outbox.pop()) is not None:
+            while True:
+                if ws.paused:
+                    self._writing = True
+                    try:
+                        await ws.drain()
+                    finally:
+                        self._writing = False
+                text = outbox.pop()
+                if text is None:
+                    break
                 self._writing = True
                 try:
                     await ws.send(text)
                 finally:
                     self._writing = False
-                outbox.written()
-        except ConnectionClosed:
+                outbox.written(loop.time())
+        except (ConnectionClosed, OSError):  # drain() raises what ended the connection
             pass
         finally:
             self._writer = None
@@ -257,10 +292,12 @@ class Connection:
     async def keepalive_ping(self, round_: _PingRound) -> bool:
         """Send a keepalive ping as part of `round_`, unless it would have to wait.
 
-        False (no ping) while the connection is closing, or while its transport is too full
-        to take a frame at once: websockets' `ping()` would then wait for the buffer to
-        drain, holding up the sweeper's whole round. Such a client is not reading; if
-        frames wait for it, the slow-consumer policy deals with it.
+        False (no ping) while the connection is closing, or while its transport or its
+        socket is too full to take a frame at once: websockets' `ping()` would then wait for
+        the buffer to drain, holding up the sweeper's whole round. Such a client is not
+        reading; if frames wait for it, the slow-consumer policy deals with it. (With
+        `max_inflight_bytes`, the transport's high-water mark is 1 byte: any byte buffered
+        is too full, and a socket past its unsent bound would leave the ping buffered.)
         """
         ws, transport = self.ws, self._transport
         if (
@@ -268,7 +305,9 @@ class Connection:
             or ws.protocol.state is not OPEN
             or transport.is_closing()
             or ws.paused
-            or transport.get_write_buffer_size() + PING_ROOM > ws.write_limit_high
+            or transport.get_write_buffer_size() + PING_ROOM
+            > max(ws.write_limit_high, PING_ROOM)
+            or not _socket_writable(transport)
         ):
             return False
         # ensure_future: ping() is typed to return an awaitable; it is the pong's future.
@@ -393,6 +432,11 @@ class WebSocketServer:
             compression=None,
             close_timeout=CLOSE_TIMEOUT,
             create_connection=_ServerConnection.serving(self._host_names(), self.operations),
+            # With the kernel's unsent bytes bounded (`Connection`), frames that the socket
+            # does not take must wait in the outbox, not in the transport's buffer.
+            write_limit=BOUNDED_WRITE_LIMIT
+            if settings.send_limits.max_inflight_bytes
+            else UNBOUNDED_WRITE_LIMIT,
             # The sweeper below pings for every connection: websockets' keepalive would keep
             # a task, a coroutine and a timer per connection (about 1.5 KiB each).
             ping_interval=None,
@@ -766,10 +810,13 @@ def fan_out(targets: Iterable[Connection], text: str, replaces: str | None = Non
     The hot path of a notification. A connection with nothing queued ahead of the frame, an
     empty transport buffer and a plain TCP socket gets the bytes by one `os.write` on its
     socket: at a thousand clients per update, asyncio's `transport.write` around the same
-    system call was about a sixth of the gateway's CPU per delivered frame. Anything the
-    socket does not take goes to the transport's buffer behind it, in order; an error goes
-    to the transport too, which meets it again and closes the connection as it always does.
-    Every other connection gets `Connection.send` (queue, slow-consumer policy, TLS).
+    system call was about a sixth of the gateway's CPU per delivered frame. The rest of a
+    frame that the socket takes in part goes to the transport's buffer behind it, in order;
+    a frame it refuses (EAGAIN: its buffer is full, or past `max_inflight_bytes` of unsent
+    bytes) goes to `Connection.send`, so to the outbox once the transport holds a frame; an
+    error goes to the transport, which meets it again and closes the connection as it
+    always does. Every other connection gets `Connection.send` (queue, slow-consumer
+    policy, TLS).
     """
     frame = text_frame(text)
     size = len(frame)
@@ -792,7 +839,10 @@ def fan_out(targets: Iterable[Connection], text: str, replaces: str | None = Non
             try:
                 sent = write(fd, frame)
             except (BlockingIOError, InterruptedError):
-                sent = 0
+                # Not a byte taken: whether it waits in the transport or in the outbox (where
+                # a newer notify replaces it) is `send`'s decision.
+                conn.send(text, replaces, frame)
+                continue
             except OSError:
                 transport.write(frame)
                 continue
@@ -800,6 +850,34 @@ def fan_out(targets: Iterable[Connection], text: str, replaces: str | None = Non
                 transport.write(frame[sent:])
             continue
         conn.send(text, replaces, frame)
+
+
+def _bound_unsent(transport: asyncio.Transport, limit: int) -> None:
+    """Let the kernel hold at most about `limit` unsent bytes for this connection.
+
+    Without it a TCP socket takes megabytes that its peer has not read (4 MB measured on
+    loopback), and a client that reads slowly gets them all, in order, however old. With
+    it, a write past the bound fails with EAGAIN, so `fan_out` and the transport stop
+    writing and frames wait in the outbox, where each subscription keeps only its newest.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, limit)
+    except OSError as exc:  # not TCP (a Unix socket), or a kernel without the option
+        log.debug("cannot bound unsent bytes: %s", exc)
+
+
+def _socket_writable(transport: asyncio.Transport) -> bool:
+    """Whether the transport's socket takes a write now (for TCP with `TCP_NOTSENT_LOWAT`:
+    fewer unsent bytes than the bound). True when there is no socket to ask."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return True
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 def _plain_socket_fd(transport: asyncio.Transport) -> int:
