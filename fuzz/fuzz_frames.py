@@ -8,12 +8,12 @@ Run it with ``make fuzz`` (60 s; ``make fuzz FUZZ_SECONDS=600`` for longer), or 
 The first byte of an input picks the target; everything else is a WebSocket text frame:
 
 =========  ===================================================================================
-``\\x01``   the rest is a *binary* WebSocket frame for :func:`translator.frames.parse`
+``\\x01``   the rest is a *binary* WebSocket frame for :func:`translator.core.frames.parse`
 ``\\x02``   two bytes of content-format (big endian; ``0xffff`` = none), then a CoAP payload
-           for :func:`translator.codecs.decode_payload`; the notify built from it must be
+           for :func:`translator.core.codecs.decode_payload`; the notify built from it must be
            sendable
-``\\x03``   the rest (as text) is a URI and an allow pattern for :mod:`translator.uris` and
-           :mod:`translator.policy`
+``\\x03``   the rest (as text) is a URI and an allow pattern for :mod:`translator.core.uris` and
+           :mod:`translator.core.policy`
 other      the whole input, as UTF-8 text, is a client frame for ``frames.parse``; accepted
            frames go on to URI parsing, the policy and ``encode_value``
 =========  ===================================================================================
@@ -42,9 +42,9 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 if atheris is not None:
     with atheris.instrument_imports(include=["translator"]):
-        from translator import codecs, frames, policy, uris
+        from translator.core import codecs, frames, policy, uris
 else:
-    from translator import codecs, frames, policy, uris
+    from translator.core import codecs, frames, policy, uris
 
 ERROR_CODES = {
     frames.BAD_REQUEST,

@@ -25,7 +25,7 @@ from translator.auth import (
     startup_problem,
 )
 from translator.config import AuthConfig, ConfigError, TokenConfig, config_from_mapping
-from translator.policy import Policy
+from translator.core.policy import Policy
 
 from .conftest import WAIT
 

@@ -1,4 +1,4 @@
-"""Tests for translator.codecs: content-format decoding/encoding and link-format parsing."""
+"""Tests for translator.core.codecs: content-format decoding/encoding and link-format parsing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from translator.codecs import (
+from translator.core.codecs import (
     MAX_DEPTH,
     MAX_SENML_RECORDS,
     MEDIA_TYPES,

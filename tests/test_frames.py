@@ -1,4 +1,4 @@
-"""Tests for translator.frames: parsing client frames and serializing gateway frames.
+"""Tests for translator.core.frames: parsing client frames and serializing gateway frames.
 
 The expectations come from the protocol contract (docs/protocol.md / the project issue),
 not from reading the implementation: ids, the bad-input table, request field rules and the
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from translator import frames
-from translator.frames import (
+from translator.core import frames
+from translator.core.frames import (
     BAD_REQUEST,
     MISSING,
     ErrorFrame,

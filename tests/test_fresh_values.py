@@ -23,7 +23,7 @@ from typing import Any
 
 from translator.gateway import Gateway
 from translator.sim import SimulatedSensors
-from translator.ws_side import (
+from translator.web.server import (
     TCP_NOTSENT_LOWAT,
     Connection,
     SendLimits,

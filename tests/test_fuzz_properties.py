@@ -31,11 +31,11 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from translator import frames
 from translator.auth import ANONYMOUS, Principal, scope_for_method
-from translator.codecs import MAX_DEPTH, UnsupportedValue, decode_payload, encode_value
-from translator.frames import FrameError, Notify
-from translator.policy import (
+from translator.core import frames
+from translator.core.codecs import MAX_DEPTH, UnsupportedValue, decode_payload, encode_value
+from translator.core.frames import FrameError, Notify
+from translator.core.policy import (
     PatternError,
     Policy,
     UriPattern,
@@ -43,7 +43,7 @@ from translator.policy import (
     pattern_literal_host,
     special_address_kind,
 )
-from translator.uris import CoapUri, UriError, parse_coap_uri
+from translator.core.uris import CoapUri, UriError, parse_coap_uri
 
 TS = 1_700_000_000.0
 

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from translator.gateway import Gateway
 from translator.sim import SimulatedSensors
-from translator.ws_side import SendLimits
+from translator.web.server import SendLimits
 
 from .conftest import WAIT, Client, gateway_config, handshake_request
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from translator import frames
-from translator.frames import FrameError, Since
-from translator.history import ENTRY_OVERHEAD, History
-from translator.hub import Deliver, Hub
+from translator.core import frames
+from translator.core.frames import FrameError, Since
+from translator.core.history import ENTRY_OVERHEAD, History
+from translator.core.hub import Deliver, Hub
 from translator.sim import SimulatedSensors
 
 from .conftest import gateway_config

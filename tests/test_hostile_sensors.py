@@ -37,7 +37,7 @@ from aiocoap import resource
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from translator.codecs import MAX_SENML_RECORDS
+from translator.core.codecs import MAX_SENML_RECORDS
 from translator.gateway import Gateway
 from translator.sim import SimulatedSensors, _bound_port
 

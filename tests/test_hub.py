@@ -1,4 +1,4 @@
-"""Tests for translator.hub: the I/O-free subscription core (events in, commands out).
+"""Tests for translator.core.hub: the I/O-free subscription core (events in, commands out).
 
 Connections are plain hashable objects (strings, object()); the clock is fake. Expectations
 come from the protocol contract: one upstream observation per resource, shared sub ids,
@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from translator.frames import LIMIT, NOT_FOUND, FrameError
-from translator.hub import (
+from translator.core.frames import LIMIT, NOT_FOUND, FrameError
+from translator.core.hub import (
     DEFAULT_MAX_AGE,
     TRANSITIONS,
     Command,

@@ -1,4 +1,4 @@
-"""Keepalive: the WebSocket side's one sweeper task pings every connection (ws_side.py).
+"""Keepalive: the WebSocket side's one sweeper task pings every connection (web/server.py).
 
 Real gateway on loopback, real clients. A peer that does or does not answer pings is a raw
 TCP client that performs the opening handshake by hand and then reads frames itself, so the
@@ -19,9 +19,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.protocol import State
 
-from translator import ws_side
 from translator.config import config_from_mapping
 from translator.gateway import Gateway
+from translator.web import server as ws_side
 
 from .conftest import WAIT, handshake_request
 

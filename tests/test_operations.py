@@ -8,8 +8,8 @@ import http
 from typing import Any
 
 from translator.gateway import Gateway
-from translator.http_front import Answer, answer_request, parse_head, text_answer
 from translator.sim import SimulatedSensors
+from translator.web.front import Answer, answer_request, parse_head, text_answer
 
 from .conftest import WAIT, gateway_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from translator.outbox import OVERFLOW_BYTES, OVERFLOW_FRAMES, Outbox
+from translator.core.outbox import OVERFLOW_BYTES, OVERFLOW_FRAMES, Outbox
 
 
 def outbox(**limits: float) -> Outbox:

@@ -1,4 +1,4 @@
-"""Tests for translator.policy: allow patterns and the destination allow decision."""
+"""Tests for translator.core.policy: allow patterns and the destination allow decision."""
 
 import dataclasses
 import ipaddress
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from translator.policy import (
+from translator.core.policy import (
     PatternError,
     Policy,
     compile_pattern,
@@ -15,7 +15,7 @@ from translator.policy import (
     pattern_literal_host,
     special_address_kind,
 )
-from translator.uris import UriError, parse_coap_uri
+from translator.core.uris import UriError, parse_coap_uri
 
 
 def matches(pattern: str, uri: str) -> bool:

@@ -1,4 +1,4 @@
-"""Tests for translator.ratelimit: the token bucket and the connection limiter (fake clock)."""
+"""Tests for translator.core.ratelimit: the token bucket and the connection limiter (fake clock)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from translator.ratelimit import ConnectionLimiter, TokenBucket, client_key
+from translator.core.ratelimit import ConnectionLimiter, TokenBucket, client_key
 
 
 class FakeClock:

@@ -231,7 +231,7 @@ async def test_request_rate_limit(sensors: SimulatedSensors, make_gateway: Any) 
 async def test_every_frame_type_is_rate_limited_by_its_cost(
     sensors: SimulatedSensors, make_gateway: Any
 ) -> None:
-    from translator import frames
+    from translator.core import frames
     from translator.gateway import FRAME_COSTS
 
     gateway = await make_gateway({**gateway_config(sensors),

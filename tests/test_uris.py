@@ -1,4 +1,4 @@
-"""Tests for translator.uris: CoAP URI parsing, normalization and error reporting."""
+"""Tests for translator.core.uris: CoAP URI parsing, normalization and error reporting."""
 
 import dataclasses
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from translator.uris import (
+from translator.core.uris import (
     DEFAULT_PORTS,
     MAX_URI_LENGTH,
     CoapUri,

@@ -22,8 +22,8 @@ from urllib.parse import quote
 import pytest
 
 from translator.gateway import Gateway
-from translator.http_front import page_bytes, page_csp
 from translator.redaction import REDACTED, install_redaction, redact
+from translator.web.front import page_bytes, page_csp
 
 from .conftest import WAIT, handshake_request
 

@@ -1,4 +1,4 @@
-"""What the WebSocket side keeps per open connection (ws_side.py).
+"""What the WebSocket side keeps per open connection (translator/web/server.py).
 
 Memory per idle connection is one of the gateway's measured figures; these tests pin the
 choices that keep it low. Real gateway or real websockets server on loopback, real clients.
@@ -20,7 +20,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from translator.auth import Principal
 from translator.gateway import Gateway
-from translator.ws_side import (
+from translator.web.server import (
     Connection,
     ServerSettings,
     WebSocketServer,

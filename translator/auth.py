@@ -38,8 +38,8 @@ from typing import Final
 from urllib.parse import parse_qsl
 
 from translator.config import SCOPES, AuthConfig, ConfigError, TokenConfig
-from translator.policy import PatternError, Policy
-from translator.uris import CoapUri, parse_coap_uri
+from translator.core.policy import PatternError, Policy
+from translator.core.uris import CoapUri, parse_coap_uri
 
 __all__ = [
     "ANONYMOUS",
@@ -102,8 +102,8 @@ class Principal:
         the token has no ``allow`` list; otherwise when ``uri`` is the URI of a sensor name
         it lists (resolved when the store was built, or through ``sensor_uris_by_name``,
         name -> URI, when given) or the token's patterns allow it -- including the
-        multicast/broadcast rule of :mod:`translator.policy`. A string is parsed first; a
-        :class:`~translator.uris.UriError` propagates.
+        multicast/broadcast rule of :mod:`translator.core.policy`. A string is parsed first; a
+        :class:`~translator.core.uris.UriError` propagates.
         """
         if self.allow is None and not self.allow_names:
             return True

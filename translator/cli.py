@@ -26,7 +26,13 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from .config import ConfigError, GatewayConfig, apply_overrides, config_from_mapping, load_config
+from translator.config import (
+    ConfigError,
+    GatewayConfig,
+    apply_overrides,
+    config_from_mapping,
+    load_config,
+)
 
 TOKEN_ENV = "COAP_WS_GATEWAY_TOKEN"
 
@@ -175,7 +181,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(config: GatewayConfig, announce: Callable[[str], None]) -> int:
-    from .gateway import Gateway
+    from translator.gateway import Gateway
 
     async def start() -> Callable[[], Awaitable[None]]:
         gateway = Gateway(config)
@@ -193,8 +199,8 @@ def _serve(config: GatewayConfig, announce: Callable[[str], None]) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .gateway import Gateway
-    from .sim import SimulatedSensors
+    from translator.gateway import Gateway
+    from translator.sim import SimulatedSensors
 
     _setup_logging(args.log_level)
 
@@ -248,7 +254,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_sensors(args: argparse.Namespace) -> int:
-    from .sim import SimulatedSensors
+    from translator.sim import SimulatedSensors
 
     _setup_logging(args.log_level)
 

@@ -8,7 +8,7 @@ function here. :func:`check_aiocoap` checks, when the CoAP side starts, that the
 aiocoap has every one (`REQUIREMENTS`, the optional DTLS and OSCORE parts when installed):
 one without is refused with :class:`CompatError` naming what is missing and why it is
 needed, rather than leaving the gateway unguarded. (The websockets private uses live in
-translator/ws_side.py for now.)
+translator/web/server.py for now.)
 
 The uses, and why nothing public does the job:
 

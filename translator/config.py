@@ -23,8 +23,8 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from translator.policy import PatternError, Policy, UriPattern, compile_pattern
-from translator.uris import DEFAULT_PORTS, UriError, host_name_problem, parse_coap_uri
+from translator.core.policy import PatternError, Policy, UriPattern, compile_pattern
+from translator.core.uris import DEFAULT_PORTS, UriError, host_name_problem, parse_coap_uri
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -167,7 +167,7 @@ class SensorConfig:
     name: str = _required(nonempty=True)
     """The name clients use; unique; must not contain ``://`` so it cannot be taken for a URI."""
     uri: str = _required()
-    """The resource's CoAP URI, stored normalized (see :mod:`translator.uris`)."""
+    """The resource's CoAP URI, stored normalized (see :mod:`translator.core.uris`)."""
     observe: bool = _setting(False)
     """Observe the resource from startup and keep observing it, even with no subscriber."""
 
@@ -187,7 +187,7 @@ class PolicyConfig:
     """``[policy]``: which CoAP destinations clients may reach besides the sensors."""
 
     allow: tuple[str, ...] = _setting(())
-    """Allow patterns (``*`` and ``?`` wildcards; see :mod:`translator.policy`). Empty means
+    """Allow patterns (``*`` and ``?`` wildcards; see :mod:`translator.core.policy`). Empty means
     deny everything but the configured sensors; ``["*"]`` is development mode."""
 
     def __post_init__(self) -> None:
@@ -321,7 +321,7 @@ class CredentialConfig:
     """The servers this entry is for, as an origin pattern: ``coaps://192.0.2.7``,
     ``coaps://*.sensors.example``, ``coaps://10.0.0.*:*``. The scheme is written out; host
     and port take the wildcards of allow patterns, within their own component (see
-    :mod:`translator.policy`); without a port, the scheme's default port. A trailing ``/*``
+    :mod:`translator.core.policy`); without a port, the scheme's default port. A trailing ``/*``
     is accepted and means the same; any other path is an error. Stored normalized, as
     ``scheme://host:port/*``."""
     dtls_identity: str | None = _setting(None)

@@ -20,7 +20,7 @@ the entry for a request is chosen by its origin alone (scheme, host, port), by
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .config import CredentialConfig
+from translator.config import CredentialConfig
 
 __all__ = ["client_credentials", "transports_for"]
 

@@ -25,23 +25,37 @@ from typing import Any, Final
 
 from websockets.datastructures import Headers
 
-from . import frames
-from .auth import ANONYMOUS, READ, Principal, TokenStore, scope_for_method, startup_problem
-from .coap.security import check_installed, dtls_missing
-from .coap.side import CoapAnswer, CoapSide, UpstreamError
-from .codecs import UnsupportedValue, decode_payload, encode_value
-from .config import ConfigError, GatewayConfig, policy_for
-from .credentials import client_credentials
-from .frames import FrameError, FrameId
-from .history import History
-from .http_front import Answer, text_answer
-from .hub import Command, Deliver, Hub, StartLinger, StartObservation, StopObservation
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import GatewayMetrics
-from .policy import Decision
-from .ratelimit import TokenBucket
-from .uris import UriError, parse_coap_uri
-from .ws_side import (
+from translator.auth import (
+    ANONYMOUS,
+    READ,
+    Principal,
+    TokenStore,
+    scope_for_method,
+    startup_problem,
+)
+from translator.coap.security import check_installed, dtls_missing
+from translator.coap.side import CoapAnswer, CoapSide, UpstreamError
+from translator.config import ConfigError, GatewayConfig, policy_for
+from translator.core import frames
+from translator.core.codecs import UnsupportedValue, decode_payload, encode_value
+from translator.core.frames import FrameError, FrameId
+from translator.core.history import History
+from translator.core.hub import (
+    Command,
+    Deliver,
+    Hub,
+    StartLinger,
+    StartObservation,
+    StopObservation,
+)
+from translator.core.policy import Decision
+from translator.core.ratelimit import TokenBucket
+from translator.core.uris import UriError, parse_coap_uri
+from translator.credentials import client_credentials
+from translator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from translator.metrics import GatewayMetrics
+from translator.web.front import Answer, text_answer
+from translator.web.server import (
     Connection,
     Refusal,
     SendLimits,

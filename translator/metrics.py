@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .gateway import Gateway
+    from translator.gateway import Gateway
 
 __all__ = ["CONTENT_TYPE", "GatewayMetrics"]
 

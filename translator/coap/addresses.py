@@ -16,7 +16,7 @@ import contextlib
 import weakref
 from typing import Any
 
-from ..uris import UriError, parse_coap_uri
+from translator.core.uris import UriError, parse_coap_uri
 
 __all__ = ["SharedAddresses"]
 

@@ -58,10 +58,9 @@ from typing import Any, Final
 from aiocoap.numbers.types import Type
 from aiocoap.util.socknumbers import HAS_RECVERR, MSG_ERRQUEUE
 
-from .. import compat
-from ..logs import LimitedLog
-from .answers import IcmpError
-from .guard import (
+from translator import compat
+from translator.coap.answers import IcmpError
+from translator.coap.guard import (
     CON,
     IP_PKTINFO,
     NON,
@@ -76,6 +75,7 @@ from .guard import (
     reset_for,
     vet_icmp,
 )
+from translator.logs import LimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -475,7 +475,7 @@ def _describe(header: tuple[int, int, int, bytes] | None) -> str:
 
 
 def _describe_bytes(data: bytes) -> str:
-    from .guard import parse_header
+    from translator.coap.guard import parse_header
 
     return _describe(parse_header(data))
 

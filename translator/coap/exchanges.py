@@ -26,8 +26,8 @@ import aiocoap
 from aiocoap import error as coap_error
 from aiocoap.numbers.codes import Code
 
-from .. import compat
-from .answers import (
+from translator import compat
+from translator.coap.answers import (
     CoapAnswer,
     RepresentationTooLarge,
     UpstreamError,
@@ -35,7 +35,7 @@ from .answers import (
     describe,
     to_answer,
 )
-from .blocks import (
+from translator.coap.blocks import (
     Block,
     BlockAssembler,
     Broken,

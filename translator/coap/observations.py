@@ -66,12 +66,18 @@ import aiocoap
 from aiocoap import error as coap_error
 from aiocoap.numbers.codes import Code
 
-from .. import compat
-from ..config import SupervisionConfig
-from . import exchanges
-from .addresses import SharedAddresses
-from .answers import CoapAnswer, RepresentationTooLarge, UpstreamError, describe, to_answer
-from .supervision import Event, Freshness, ObserveOrder, Supervisor, poll_interval
+from translator import compat
+from translator.coap import exchanges
+from translator.coap.addresses import SharedAddresses
+from translator.coap.answers import (
+    CoapAnswer,
+    RepresentationTooLarge,
+    UpstreamError,
+    describe,
+    to_answer,
+)
+from translator.coap.supervision import Event, Freshness, ObserveOrder, Supervisor, poll_interval
+from translator.config import SupervisionConfig
 
 __all__ = ["DEREGISTRATION_TIMEOUT", "MAX_ORPHANS", "ObservationListener", "Observations"]
 

@@ -50,11 +50,11 @@ from aiocoap import defaults as coap_defaults
 from aiocoap import error as coap_error
 from aiocoap.credentials import CredentialsMap, CredentialsMissingError
 
-from .. import compat
-from ..config import ConfigError, GatewayConfig, credential_pattern
-from ..credentials import transports_for
-from ..uris import UriError, parse_coap_uri
-from .batch import batch_reads
+from translator import compat
+from translator.coap.batch import batch_reads
+from translator.config import ConfigError, GatewayConfig, credential_pattern
+from translator.core.uris import UriError, parse_coap_uri
+from translator.credentials import transports_for
 
 __all__ = [
     "DTLS_EXTRA",

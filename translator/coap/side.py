@@ -16,12 +16,12 @@ from typing import Any, Final
 
 import aiocoap
 
-from ..config import SupervisionConfig
-from . import exchanges
-from .answers import CoapAnswer, RepresentationTooLarge, UpstreamError
-from .batch import readers_of
-from .observations import DEREGISTRATION_TIMEOUT, ObservationListener, Observations
-from .security import client_context, close_client_context
+from translator.coap import exchanges
+from translator.coap.answers import CoapAnswer, RepresentationTooLarge, UpstreamError
+from translator.coap.batch import readers_of
+from translator.coap.observations import DEREGISTRATION_TIMEOUT, ObservationListener, Observations
+from translator.coap.security import client_context, close_client_context
+from translator.config import SupervisionConfig
 
 __all__ = [
     "DEREGISTRATION_TIMEOUT",

@@ -1,6 +1,6 @@
 """Plain HTTP on the WebSocket port: the request head, and every answer but the upgrade.
 
-Pure (no I/O, no event loop, no websockets): `ws_side` feeds it a connection's first bytes
+Pure (no I/O, no event loop, no websockets): `web.server` feeds it a connection's first bytes
 and carries out what it decides. It owns
 
 * finding the end of the request head in a byte stream (`HeadReader`) and parsing it

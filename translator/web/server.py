@@ -3,7 +3,7 @@
 It owns I/O toward web clients and nothing else: the handshake (only the `/ws` path is a
 WebSocket endpoint), reading messages and handing them to the `MessageHandler`, and writing
 queued text frames. It knows nothing of CoAP, the hub or the frames' meaning. What a plain
-HTTP request gets (the page at `/`, 404, 405, ...) is `http_front`'s decision; this module
+HTTP request gets (the page at `/`, 404, 405, ...) is `web.front`'s decision; this module
 reads the request head for it and sends its answer (`_ServerConnection`).
 
 Outgoing frames go through `Connection.send()`, which never blocks: each connection has a
@@ -47,11 +47,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 
-from . import http_front
-from .http_front import WS_PATH, Answer, HeadReader, HostNames, HttpError, Operations
-from .outbox import OVERFLOW_BYTES, Outbox
-from .ratelimit import ConnectionLimiter
-from .redaction import install_redaction
+from translator.core.outbox import OVERFLOW_BYTES, Outbox
+from translator.core.ratelimit import ConnectionLimiter
+from translator.redaction import install_redaction
+from translator.web import front as http_front
+from translator.web.front import WS_PATH, Answer, HeadReader, HostNames, HttpError, Operations
 
 log = logging.getLogger(__name__)
 
@@ -551,7 +551,7 @@ class WebSocketServer:
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         """Decide on a WebSocket handshake: None lets websockets check and accept it.
 
-        `_ServerConnection` hands websockets only GETs on `/ws` (`http_front` answers every
+        `_ServerConnection` hands websockets only GETs on `/ws` (`web.front` answers every
         other request), so the limits, the Origin and the gatekeeper are all asked here.
         """
         if request.path.partition("?")[0] != WS_PATH:  # not expected: see the docstring
@@ -652,7 +652,7 @@ class _ServerConnection(ServerConnection):
     So the head is read here (`http_front.HeadReader`, `parse_head`). A GET on `/ws` goes to
     websockets, without what follows it: those bytes wait until the handshake is answered,
     then go to websockets too (frames after a 101; after a refusal websockets discards
-    them). Every other request gets `http_front`'s answer through websockets' Sans-I/O
+    them). Every other request gets `web.front`'s answer through websockets' Sans-I/O
     `send_response()`, which logs it, ends the stream and discards what the client sends
     until it closes (at most `CLOSE_TIMEOUT` seconds later, the TCP connection is dropped).
     Only public websockets API is used: `create_connection`, `data_received`, the
@@ -779,7 +779,7 @@ class _Front:
 def _process_response(
     ws: ServerConnection, request: Request, response: Response
 ) -> Response | None:
-    """Every handshake answer but a 101 gets `http_front`'s security headers; bytes that
+    """Every handshake answer but a 101 gets `web.front`'s security headers; bytes that
     came after the handshake's head are handed on once the answer is out."""
     if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
         for name, value in http_front.security_headers():
@@ -915,7 +915,7 @@ def _peer(ws: ServerConnection) -> str:
 
 
 def _response(answer: Answer) -> Response:
-    """websockets' form of an `http_front` answer, with the headers only I/O can know."""
+    """websockets' form of an `web.front` answer, with the headers only I/O can know."""
     headers = Headers([("Date", formatdate(usegmt=True)), *answer.headers])
     headers["Server"] = SERVER_HEADER
     return Response(answer.status.value, answer.status.phrase, headers, answer.body)

@@ -47,8 +47,8 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Generic, Literal, TypeVar
 
-from .codecs import decode_payload, parse_link_format
-from .frames import (
+from translator.core.codecs import decode_payload, parse_link_format
+from translator.core.frames import (
     LIMIT,
     NOT_FOUND,
     FrameError,
@@ -61,8 +61,8 @@ from .frames import (
     Subscribed,
     Unsubscribed,
 )
-from .history import History
-from .uris import UriError, parse_coap_uri
+from translator.core.history import History
+from translator.core.uris import UriError, parse_coap_uri
 
 C = TypeVar("C", bound=Hashable)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from . import strictjson
+from translator.core import strictjson
 
 JSONValue = Any
 FrameId = str | int | None

@@ -71,7 +71,7 @@ from typing import Any, Final
 
 import cbor2
 
-from . import strictjson
+from translator.core import strictjson
 
 JSONValue = Any
 """A value as produced by ``json.loads`` (dict/list/str/int/float/bool/None)."""

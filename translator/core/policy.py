@@ -4,7 +4,7 @@ This module owns the answer to that one question, and the allow patterns it is w
 (also used by tokens' ``allow`` lists and, for the origin part, by ``[[credentials]]``).
 The gateway is an open relay unless told otherwise, so the default is deny: a destination is
 allowed only if it is one of the configured sensors or matches an allow pattern. URIs are
-compared in the normalized form of :mod:`translator.uris`, so a different spelling of a URI
+compared in the normalized form of :mod:`translator.core.uris`, so a different spelling of a URI
 (upper case host, omitted default port, escaped unreserved characters, an IPv4-mapped IPv6
 literal) neither evades nor defeats a rule.
 
@@ -76,7 +76,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from translator.uris import (
+from translator.core.uris import (
     DEFAULT_PORTS,
     CoapUri,
     UriError,
@@ -436,7 +436,7 @@ def _check_escapes(text: str, what: str) -> None:
 def pattern_literal_host(pattern: str) -> str | None:
     """The host a pattern names literally, or None when a wildcard may stand for the host.
 
-    The host is returned as :class:`~translator.uris.CoapUri` stores it (lower case, an
+    The host is returned as :class:`~translator.core.uris.CoapUri` stores it (lower case, an
     IPv6 literal compressed and without brackets). A wildcard in the port does not matter
     (``coap://[ff02::fd]:*/*`` names the host ``ff02::fd``). Raises :class:`PatternError`
     for an invalid pattern.
@@ -483,7 +483,7 @@ def _embedded_ipv4(address: IPAddress) -> IPAddress:
 
 
 def _as_uri_host(address: IPAddress) -> str:
-    """An address spelled as :func:`~translator.uris.parse_coap_uri` spells a literal host:
+    """An address spelled as :func:`~translator.core.uris.parse_coap_uri` spells a literal host:
     no scope id, an IPv4-mapped address as IPv4, IPv6 compressed."""
     if isinstance(address, ipaddress.IPv6Address):
         address = ipaddress.IPv6Address(int(address))
@@ -538,7 +538,7 @@ class Policy:
 
         This is ``decide(uri).allowed``: a host name is not resolved here, so a caller that
         contacts names must also check the resolved addresses with :meth:`allows_addresses`.
-        A string is parsed first; a :class:`~translator.uris.UriError` propagates, since an
+        A string is parsed first; a :class:`~translator.core.uris.UriError` propagates, since an
         unparsable destination is a bad request rather than a denied one.
         """
         return self.decide(uri).allowed
@@ -549,7 +549,7 @@ class Policy:
         Allowed when the normalized URI is a configured sensor URI or fully matches an allow
         pattern; a multicast, broadcast or unspecified IP literal additionally needs a rule
         that names that host literally (the module docstring has the details). A string is
-        parsed first; a :class:`~translator.uris.UriError` propagates.
+        parsed first; a :class:`~translator.core.uris.UriError` propagates.
         """
         target = parse_coap_uri(uri) if isinstance(uri, str) else uri
         normalized = str(target)

@@ -21,7 +21,7 @@ A connection is *behind* from the moment its outbox stops being empty until it i
 again, or until its writer gets a frame out: each frame written starts the count again.
 So `max_lag` closes a client that stops taking frames, never one that takes them more
 slowly than they come (it gets the newest value of each subscription, its lag bounded by
-what waits outside the outbox, see `ws_side`). Because at most one notify per subscription
+what waits outside the outbox, see `web.server`). Because at most one notify per subscription
 waits, a stalled client costs at most (one frame per subscription) plus the frames that
 are never dropped.
 """

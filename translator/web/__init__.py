@@ -1,0 +1,1 @@
+"""The web side: the websockets server (`server`) and the plain HTTP on its port (`front`)."""
