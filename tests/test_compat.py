@@ -74,3 +74,15 @@ def test_a_missing_class_is_refused_too(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delattr(aiocoap.protocol, "BlockwiseRequest")
     with pytest.raises(CompatError, match=r"has no aiocoap\.protocol\.BlockwiseRequest"):
         compat.check_aiocoap()
+
+
+@pytest.mark.parametrize(("module", "cls_name", "name", "why"), compat.WEBSOCKETS_REQUIREMENTS,
+                         ids=[r[2] for r in compat.WEBSOCKETS_REQUIREMENTS])
+def test_a_websockets_without_an_internal_the_web_side_uses_is_refused(
+    monkeypatch: pytest.MonkeyPatch, module: str, cls_name: str, name: str, why: str
+) -> None:
+    compat.check_websockets()
+    take_away(monkeypatch, module, cls_name, name)
+    with pytest.raises(CompatError) as refused:
+        compat.check_websockets()
+    assert f"{cls_name} has no {name!r}" in str(refused.value) and why in str(refused.value)

@@ -5,8 +5,9 @@ deep (block-wise, since it is 100 kB), huge SenML packs, invalid UTF-8 as text/p
 raw UDP sensor floods 10 000 NON notifications per second for two seconds. Each test checks
 that the gateway stays up, that its subscriber is told what happened (a ``notify`` with
 ``decode_error`` and ``payload_b64``, or a ``status``), that a client watching a healthy
-sensor is unaffected (its updates keep coming, ``ping`` is answered) and that memory stays
-bounded (the RSS of this process, which hosts the gateway, before and after).
+sensor is unaffected (its updates keep coming, ``ping`` is answered) and that what the
+gateway holds stays within its bounds (its queues, its history; memory figures are
+`make bench`'s).
 
 A 3 MB SenML pack (a million records) is larger than ``[limits] max_upstream_bytes``: the
 gateway stops fetching its blocks at the first one past the limit, answers a request for it
@@ -44,9 +45,6 @@ from translator.sim import SimulatedSensors, _bound_port
 from .conftest import WAIT, Client, gateway_config
 
 CF_TEXT, CF_CBOR, CF_SENML_CBOR = 0, 60, 112
-RSS_BOUND = 300 * 2**20
-"""How much this process may grow during one test. Generous: payloads of a few MB travel
-through aiocoap, the gateway and the test client; a leak per notification would exceed it."""
 
 INVALID_CBOR = b"\xff\x00\x1c garbage"  # a "break" outside any indefinite-length item
 DEEP_CBOR = b"\x81" * 100_000 + b"\x00"  # [[[[...0...]]]] 100 000 levels deep
@@ -56,14 +54,6 @@ BAD_UTF8 = b"temperature \xff\xfe\xc3\x28 degrees"
 def senml_cbor(records: int) -> bytes:
     """A SenML CBOR pack of `records` records {v: 0} (3 bytes each)."""
     return b"\x9a" + struct.pack(">I", records) + b"\xa1\x02\x00" * records
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 # --- the hostile aiocoap sensor ----------------------------------------------------------------
@@ -329,7 +319,7 @@ async def setup(
     try:
         healthy_sub = (await healthy.subscribe(name="temperature"))["sub"]
         await healthy.next_notify()
-        yield Setup(gateway, hostile, healthy, healthy_sub, victim, rss_bytes())
+        yield Setup(gateway, hostile, healthy, healthy_sub, victim)
     finally:
         await healthy.close()
         await victim.close()
@@ -342,7 +332,6 @@ class Setup:
     healthy: Client
     healthy_sub: str
     victim: Client
-    rss_before: int
 
     async def assert_unaffected(self) -> None:
         """The healthy client still gets fresh updates and the gateway answers pings."""
@@ -357,8 +346,13 @@ class Setup:
         assert "decode_error" not in notify and isinstance(notify["value"], float)
         assert (await self.healthy.call({"type": "ping"}))["type"] == "pong"
         assert (await self.victim.call({"type": "ping"}))["type"] == "pong"
-        grown = rss_bytes() - self.rss_before
-        assert grown < RSS_BOUND, f"RSS grew by {grown / 2**20:.0f} MiB"
+        # What the gateway holds stays within its bounds (memory figures: `make bench`).
+        limits = self.gateway.config.limits
+        for conn in self.gateway.ws.connections:
+            waiting = conn.outbox.pending_bytes + conn.ws.transport.get_write_buffer_size()
+            assert waiting <= limits.max_pending_bytes + limits.max_upstream_bytes * 2
+        history = self.gateway.hub.history
+        assert history.bytes <= history.max_bytes
 
 
 def is_update(sub: str) -> Callable[[dict[str, Any]], bool]:
@@ -487,7 +481,10 @@ class Flood:
     outbox then coalesced for a client)."""
     ticks_received: int
     healthy_notifies: int
-    max_ping: float
+    pings_sent: int
+    """Pings the healthy client sent while the flood lasted."""
+    pongs_during: int
+    """Their pongs that arrived while the flood lasted."""
     kernel_drops: int
 
 
@@ -519,7 +516,7 @@ async def run_flood(setup: Setup, flooder: Flooder) -> Flood:
     ticks: set[int] = set()
     last_tick = [math.inf]
     caught_up = asyncio.Event()
-    pings: list[float] = []
+    pings_sent, pongs_during = [0], [0]
 
     async def drain(client: Client, key: str, sub: str) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -532,8 +529,8 @@ async def run_flood(setup: Setup, flooder: Flooder) -> Flood:
                     tick_seqs.append(frame["seq"])
                     if frame["value"] >= last_tick[0]:
                         caught_up.set()
-                if frame["type"] == "pong":
-                    pings.append(loop.time() - float(frame["id"]))
+                if frame["type"] == "pong" and not flooder.flooded.is_set():
+                    pongs_during[0] += 1
 
     async def tick() -> int:
         # A sensor that changes every 20 ms: pacing a producer, not waiting for a condition.
@@ -558,6 +555,7 @@ async def run_flood(setup: Setup, flooder: Flooder) -> Flood:
         # While the flood lasts the healthy client pings every 0.2 s.
         while not flooder.flooded.is_set() and loop.time() - started < 3 * WAIT:
             await setup.healthy.send({"type": "ping", "id": str(loop.time())})
+            pings_sent[0] += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(flooded), 0.2)
         assert await flooded
@@ -575,7 +573,8 @@ async def run_flood(setup: Setup, flooder: Flooder) -> Flood:
             ticks_reached_gateway=max(tick_seqs) - tick_seqs[0],
             ticks_received=len(ticks),
             healthy_notifies=counts["healthy"],
-            max_ping=max(pings, default=math.inf),
+            pings_sent=pings_sent[0],
+            pongs_during=pongs_during[0],
             kernel_drops=udp_receive_buffer_errors() - drops_before,
         )
     finally:
@@ -592,7 +591,7 @@ async def test_a_flood_of_notifications(flooder: Flooder, setup: Setup) -> None:
     assert flood.sent == 20_000  # 10 000 per second for 2 s
     assert flood.victim_updates > 0
     # The gateway kept answering and the healthy sensors kept getting through.
-    assert flood.max_ping < 2.0, flood
+    assert flood.pongs_during >= max(1, flood.pings_sent // 2), flood
     assert flood.healthy_notifies >= 3, flood
     assert flood.ticks_received >= 3, flood
     # Afterwards both clients are served normally (the victim may have been closed as a slow

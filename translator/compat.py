@@ -7,8 +7,12 @@ them to hold its own on an untrusted network and toward hostile sensors. Each su
 function here. :func:`check_aiocoap` checks, when the CoAP side starts, that the installed
 aiocoap has every one (`REQUIREMENTS`, the optional DTLS and OSCORE parts when installed):
 one without is refused with :class:`CompatError` naming what is missing and why it is
-needed, rather than leaving the gateway unguarded. (The websockets private uses live in
-translator/web/server.py for now.)
+needed, rather than leaving the gateway unguarded.
+
+websockets' undocumented connection internals are listed here too
+(`WEBSOCKETS_REQUIREMENTS`, checked by :func:`check_websockets` when the web side starts).
+Their uses stay in translator/web/server.py, inlined in the fan-out's per-client loop, where
+a call through this module per client would cost measurable CPU (docs/performance.md).
 
 The uses, and why nothing public does the job:
 
@@ -66,10 +70,12 @@ from aiocoap.tokenmanager import TokenManager
 
 __all__ = [
     "REQUIREMENTS",
+    "WEBSOCKETS_REQUIREMENTS",
     "CompatError",
     "UdpStack",
     "block1_request",
     "check_aiocoap",
+    "check_websockets",
     "deregister",
     "dtls_interfaces",
     "end_oscore_observations_with_interest",
@@ -134,6 +140,20 @@ OSCORE_REQUIREMENTS: Final = (
 )
 """Checked when OSCORE's modules are installed (they are, by default)."""
 
+WEBSOCKETS_REQUIREMENTS: Final = (
+    ("websockets.asyncio.connection", "Connection", "send_in_progress",
+     "to write a shared frame to a socket only between two messages (fan-out)"),
+    ("websockets.asyncio.connection", "Connection", "paused",
+     "to skip a keepalive ping that would wait for a full transport"),
+    ("websockets.asyncio.connection", "Connection", "write_limit_high",
+     "to write directly only below websockets' own high-water mark"),
+    ("websockets.asyncio.connection", "Connection", "drain",
+     "to wait for room before taking the newest queued frame"),
+    ("websockets.asyncio.connection", "Connection", "connection_lost_waiter",
+     "to free a connection's place when its TCP connection ends"),
+)
+"""websockets (asyncio API) internals the web side reaches for; checked at its start."""
+
 
 def _version() -> str:
     import aiocoap.meta
@@ -171,6 +191,22 @@ def check_aiocoap() -> None:
             raise CompatError(
                 f"aiocoap {_version()}: {class_name} has no {name!r}, which the gateway "
                 f"needs {why} (tested with aiocoap 0.4.17)"
+            )
+
+
+def check_websockets() -> None:
+    """Refuse (CompatError) a websockets without an internal the web side relies on."""
+    import importlib
+
+    import websockets
+
+    version = getattr(websockets, "__version__", "?")
+    for module_name, class_name, name, why in WEBSOCKETS_REQUIREMENTS:
+        cls = getattr(importlib.import_module(module_name), class_name, None)
+        if cls is None or not _has(cls, name):
+            raise CompatError(
+                f"websockets {version}: {class_name} has no {name!r}, which the gateway "
+                f"needs {why} (tested with websockets 15 to 17)"
             )
 
 

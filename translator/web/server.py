@@ -47,6 +47,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 
+from translator.compat import check_websockets
 from translator.core.outbox import OVERFLOW_BYTES, Outbox
 from translator.core.ratelimit import ConnectionLimiter
 from translator.redaction import install_redaction
@@ -416,6 +417,7 @@ class WebSocketServer:
         )
 
     async def start(self) -> None:
+        check_websockets()  # the connection internals used below (translator/compat.py)
         settings = self.settings
         # Clients put tokens in request lines and headers, which websockets logs at debug
         # level (and in the exceptions of malformed requests): every record is redacted.
