@@ -355,3 +355,22 @@ async def test_sigterm_with_a_stalled_client_and_a_silent_sensor_exits_0_within_
         if served.process.returncode is None:
             served.process.kill()
             await served.process.wait()
+
+
+async def test_serve_logs_json_lines_with_the_connection_as_fields(
+    sensors: SimulatedSensors, make_client: Any
+) -> None:
+    served = await start_process("serve", "--port", "0", "--sensor",
+                                 f"t={sensors.base_uri}/temperature", "--log-format", "json",
+                                 "--log-level", "info")
+    try:
+        client = await make_client(served.url)
+        await client.subscribe(name="t")
+        await client.close()
+    finally:
+        assert await served.terminate() == 0
+    assert served.process.stderr is not None
+    lines = [json.loads(line) for line in (await served.process.stderr.read()).splitlines()]
+    assert lines and all({"ts", "level", "logger", "message"} <= set(line) for line in lines)
+    connected = [line for line in lines if line["message"].endswith(" connected")]
+    assert connected and isinstance(connected[0]["conn"], int) and connected[0]["remote"]

@@ -103,3 +103,26 @@ async def test_limited_log_summarizes_from_a_timer_when_nothing_more_happens(
         log.close()
     assert next(r.getMessage() for r in caplog.records) == "line"
     assert "k: ...and 2 more" in caplog.records[-1].getMessage()
+
+
+def test_json_log_lines_carry_the_fields_of_a_record() -> None:
+    import json as json_module
+    import logging as logging_module
+
+    from translator.logs import JsonFormatter
+
+    record = logging_module.LogRecord("translator.x", logging_module.INFO, __file__, 1,
+                                      "%r connected", ("<Connection #7>",), None)
+    record.conn, record.remote = 7, "127.0.0.1:5000"
+    line = json_module.loads(JsonFormatter().format(record))
+    assert line["message"] == "'<Connection #7>' connected" and line["level"] == "info"
+    assert line["conn"] == 7 and line["remote"] == "127.0.0.1:5000"
+    assert line["logger"] == "translator.x" and "args" not in line
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        failed = logging_module.LogRecord("t", logging_module.ERROR, __file__, 1, "failed", (),
+                                          sys.exc_info())
+    assert "ValueError: boom" in json_module.loads(JsonFormatter().format(failed))["exception"]

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--linger", type=float, metavar="SECONDS",
                        help="keep an unwatched observation this long (default 5)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "json"],
+                       help="one readable line per record (default), or one JSON object")
     serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve wss://")
     serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
     serve.add_argument("--no-auth", action="store_true",
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="UDP port of the simulated sensors (default: any free port)")
     demo.add_argument("--log-level", default="warning",
                       choices=["debug", "info", "warning", "error"])
+    demo.add_argument("--log-format", default="text", choices=["text", "json"])
 
     sensors = commands.add_parser("sensors", help="run the simulated sensors alone")
     sensors.add_argument("--host", default="127.0.0.1")
@@ -130,12 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from .logs import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def _run_until_signal(start: Callable[[], Awaitable[Callable[[], Awaitable[None]]]]) -> int:
@@ -172,11 +178,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allow=args.allow,
         linger=args.linger,
         log_level=args.log_level,
+        log_format=args.log_format,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         no_auth=args.no_auth,
     )
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     return _serve(config, announce=lambda url: _ready(f"listening on {url}"))
 
 
@@ -202,7 +209,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from translator.gateway import Gateway
     from translator.sim import SimulatedSensors
 
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
 
     async def start() -> Callable[[], Awaitable[None]]:
         sensors = SimulatedSensors(args.host, args.coap_port)

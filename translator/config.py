@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("text", "json")
 
 
 class ConfigError(Exception):
@@ -504,6 +505,9 @@ class GatewayConfig:
     """``[[credentials]]``: DTLS keys and OSCORE contexts for protected sensors."""
     log_level: str = _setting("info", choices=LOG_LEVELS)
     """Logging threshold."""
+    log_format: str = _setting("text", choices=LOG_FORMATS)
+    """``text`` (one readable line per record) or ``json`` (one JSON object per line, with
+    the connection and the resource as fields where a record names them)."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -570,6 +574,7 @@ def apply_overrides(
     allow: Sequence[str] = (),
     linger: float | None = None,
     log_level: str | None = None,
+    log_format: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     no_auth: bool = False,
@@ -616,6 +621,8 @@ def apply_overrides(
         config = dataclasses.replace(config, auth=dataclasses.replace(config.auth, mode="none"))
     if log_level is not None:
         config = _replace(config, "--log-level", log_level=log_level)
+    if log_format is not None:
+        config = _replace(config, "--log-format", log_format=log_format)
     return config
 
 

@@ -20,13 +20,14 @@ more happens.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ["FIRST", "INTERVAL", "LimitedLog", "RepeatLimiter", "Summary"]
+__all__ = ["FIRST", "INTERVAL", "JsonFormatter", "LimitedLog", "RepeatLimiter", "Summary"]
 
 FIRST: Final = 3
 """Occurrences of one kind written in full per interval."""
@@ -176,3 +177,31 @@ class LimitedLog:
             self._timer.cancel()
             self._timer = None
         self.flush()
+
+
+# The attributes every LogRecord has: whatever else a record carries came as `extra`.
+_STANDARD_ATTRIBUTES: Final = frozenset(
+    logging.LogRecord("", 0, "", 0, "", None, None).__dict__
+) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line (``--log-format json``): ``ts``, ``level``,
+    ``logger``, ``message``, the fields a call gave as ``extra`` (``conn``, ``remote``,
+    ``uri``...), and ``exception`` with the traceback's text when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRIBUTES and not key.startswith("_"):
+                line[key] = value if isinstance(value, str | int | float | bool) else str(value)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exception"] = record.exc_text
+        return json.dumps(line, ensure_ascii=False)

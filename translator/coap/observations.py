@@ -280,7 +280,8 @@ class Observations:
 
     def _failed(self, observation: _Observation, reason: str) -> None:
         if not observation.stopping:
-            log.info("observation of %s: %s", observation.uri, reason)
+            log.info("observation of %s: %s", observation.uri, reason,
+                     extra={"uri": observation.uri})
             self._listener.failed(observation.uri, reason)
 
     # -- the supervision loop ----------------------------------------------------------------
@@ -466,10 +467,10 @@ class Observations:
             return
         if ended_by is None:
             log.info("observation of %s ended by the sensor; registering again",
-                     observation.uri)
+                     observation.uri, extra={"uri": observation.uri})
         elif isinstance(ended_by, _Silence):
             log.info("observation of %s late past Max-Age + grace; registering again",
-                     observation.uri)
+                     observation.uri, extra={"uri": observation.uri})
             self._abandon(observation, observation.registration)
         else:
             self._failed(observation, describe(ended_by))
@@ -540,7 +541,8 @@ class Observations:
             return
         if verdict == "stale":
             reason = freshness.reason()
-            log.info("observation of %s: %s", observation.uri, reason)
+            log.info("observation of %s: %s", observation.uri, reason,
+                     extra={"uri": observation.uri})
             self._listener.stale(observation.uri, reason)
             self._arm(observation, now)  # silent now: register again
             return
@@ -558,7 +560,8 @@ class Observations:
         try:
             answer = exchanges.whole(message, self.max_representation)
         except UpstreamError as exc:
-            log.info("observation of %s: %s", observation.uri, exc)
+            log.info("observation of %s: %s", observation.uri, exc,
+                     extra={"uri": observation.uri})
             answer = exchanges.unusable(message, exc)
             if answer is None:
                 return
@@ -612,7 +615,8 @@ class Observations:
             )
         except (UpstreamError, coap_error.Error, OSError) as exc:
             failure = exc
-        log.info("observation of %s: %s", observation.uri, describe(failure))
+        log.info("observation of %s: %s", observation.uri, describe(failure),
+                 extra={"uri": observation.uri})
         return exchanges.unusable(first, failure)
 
     # -- polling resources without Observe ---------------------------------------------------

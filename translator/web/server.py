@@ -171,6 +171,11 @@ class Connection:
     def remote(self) -> str:
         return _peer(self.ws)
 
+    @property
+    def log_fields(self) -> dict[str, object]:
+        """The connection, as fields of a log record (`--log-format json`)."""
+        return {"conn": self.id, "remote": self.remote}
+
     def send(self, text: str, replaces: str | None = None, frame: bytes | None = None) -> None:
         """Send a text frame now if the socket takes it, else queue it; never blocks.
 
@@ -218,7 +223,7 @@ class Connection:
                 self.drop_slow(f"{waiting} bytes waiting to be sent")
 
     def drop_slow(self, why: str) -> None:
-        log.warning("%r: slow consumer (%s), closing", self, why)
+        log.warning("%r: slow consumer (%s), closing", self, why, extra=self.log_fields)
         self._on_slow(self)
         self.close(*SLOW_CONSUMER)
 
@@ -622,7 +627,7 @@ class WebSocketServer:
         conn = Connection(ws, self.settings.send_limits, self._count_slow_consumer)
         conn.grant = self._grants.pop(ws, None)
         self.connections.add(conn)
-        log.info("%r connected", conn)
+        log.info("%r connected", conn, extra=conn.log_fields)
         try:
             self.handler.connected(conn)
             # recv() in a loop rather than `async for`: the async generator behind `async for`
@@ -636,7 +641,7 @@ class WebSocketServer:
             self.handler.disconnected(conn)
             await conn.finish()
             conn.finished.set_result(None)
-            log.info("%r disconnected (%s)", conn, ws.close_code)
+            log.info("%r disconnected (%s)", conn, ws.close_code, extra=conn.log_fields)
 
 
 class _ServerConnection(ServerConnection):
