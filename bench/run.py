@@ -813,6 +813,26 @@ async def memory_connections(bench: Run, fleet: Fleet, system: str) -> None:
     await fleet.stop(*[c for c in (server, sensor) if c is not None])
 
 
+async def gateway_metric(ws_url: str, name: str) -> float | None:
+    """One value from a gateway's /metrics (None when it cannot be read)."""
+    import urllib.request
+
+    page = ws_url.removesuffix("/ws").replace("ws", "http", 1) + "/metrics"
+
+    def read() -> str:
+        with urllib.request.urlopen(page, timeout=10) as answer:
+            return str(answer.read().decode())
+
+    try:
+        text = await asyncio.to_thread(read)
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
 async def memory_resources(bench: Run, fleet: Fleet, system: str) -> None:
     s = bench.settings
     top = max(s.observed_resources)
@@ -867,6 +887,12 @@ async def memory_resources(bench: Run, fleet: Fleet, system: str) -> None:
             "kib_per_resource": round((rss - base) / 1024 / (done - WARMUP), 2),
             "kib_per_resource_with_first": round((rss - start) / 1024 / done, 2),
         }
+        if system == "gateway":
+            # The resume history is part of each resource's cost: counted apart, from the
+            # gateway's own metrics (it holds one notify per resource here: each got one).
+            history = await gateway_metric(url, "coap_ws_gateway_history_bytes")
+            if history is not None:
+                result["history_kib_per_resource"] = round(history / 1024 / done, 2)
         bench.runs.append(result)
         log(f"  memory {system}: {done} observed resources, {result['kib_per_resource']} KiB "
             f"each after the first {WARMUP} ({result['kib_per_resource_with_first']} KiB "

@@ -10,7 +10,7 @@ import pytest
 
 from translator.core import frames
 from translator.core.frames import FrameError, Since
-from translator.core.history import ENTRY_OVERHEAD, History
+from translator.core.history import ENTRY_OVERHEAD, RESOURCE_OVERHEAD, History
 from translator.core.hub import Deliver, Hub
 from translator.sim import SimulatedSensors
 
@@ -40,16 +40,17 @@ def test_frames_after_a_seq_while_all_of_them_are_kept() -> None:
 
 def test_the_bytes_bound_evicts_the_oldest_frames_of_any_resource() -> None:
     cost = len(notify(1)) + 49 + ENTRY_OVERHEAD  # str's own size plus the overhead
-    history = History(size=100, max_bytes=5 * cost)
+    history = History(size=100, max_bytes=5 * cost + 2 * RESOURCE_OVERHEAD)
     for seq in range(1, 4):
         history.record("a", seq, notify(seq))
     for seq in range(1, 4):
         history.record("b", seq, notify(seq))
-    assert history.bytes <= 5 * cost
+    assert history.bytes <= 5 * cost + 2 * RESOURCE_OVERHEAD
     assert history.after("a", 0) is None and history.after("a", 1) == [notify(2), notify(3)]
     assert history.after("b", 0) == [notify(1), notify(2), notify(3)]
     history.forget("b")
-    assert history.after("b", 0) is None and history.bytes <= 2 * cost
+    assert history.after("b", 0) is None
+    assert history.bytes == 2 * cost + RESOURCE_OVERHEAD
 
 
 def test_a_gap_in_seq_starts_the_resource_afresh() -> None:

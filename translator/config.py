@@ -289,7 +289,7 @@ class HistoryConfig:
     """``[history]``: the recent notify frames kept so that a client can resume after a
     reconnect (``subscribe`` with ``since``)."""
 
-    size: int = _setting(32, minimum=0, maximum=100_000, zero="turns history off")
+    size: int = _setting(32, minimum=0, maximum=1000, zero="turns history off")
     """Notify frames kept per resource (the newest)."""
     max_bytes: int = _setting(16 << 20, minimum=0, maximum=GIB, zero="turns history off")
     """Memory for all resources' history together; past it the oldest frames go first."""

@@ -18,10 +18,13 @@ import sys
 from collections import deque
 from typing import Final
 
-__all__ = ["ENTRY_OVERHEAD", "History"]
+__all__ = ["ENTRY_OVERHEAD", "RESOURCE_OVERHEAD", "History"]
 
 ENTRY_OVERHEAD: Final = 72
-"""Bytes a kept frame costs besides its text: its tuple and its places in two deques."""
+"""Bytes a kept frame costs besides its text: its tuple and its places in the lists."""
+RESOURCE_OVERHEAD: Final = 160
+"""Bytes a resource with history costs besides its frames: its list and dictionary entry.
+(A list, not a deque: an empty deque is some 600 bytes, and a resource's frames are few.)"""
 
 
 class History:
@@ -34,7 +37,7 @@ class History:
         self.max_bytes = max_bytes
         self.bytes = 0
         """What the kept frames cost now (see `ENTRY_OVERHEAD`)."""
-        self._frames: dict[str, deque[tuple[int, str, int]]] = {}
+        self._frames: dict[str, list[tuple[int, str, int]]] = {}
         # Every frame recorded, oldest first, as (key, seq): the order in which the global
         # bound evicts. Entries of frames already gone (the per-resource bound, a forgotten
         # key) are skipped when they reach the front, and the deque is compacted when they
@@ -59,7 +62,8 @@ class History:
             self.forget(key)
             frames = None
         if frames is None:
-            frames = self._frames[key] = deque()
+            frames = self._frames[key] = []
+            self.bytes += RESOURCE_OVERHEAD
         cost = sys.getsizeof(text) + ENTRY_OVERHEAD
         frames.append((seq, text, cost))
         self._order.append((key, seq))
@@ -92,13 +96,14 @@ class History:
         """Drop every frame of `key` (a resource the hub forgets)."""
         frames = self._frames.pop(key, None)
         if frames is not None:
-            self.bytes -= sum(cost for _, _, cost in frames)
+            self.bytes -= sum(cost for _, _, cost in frames) + RESOURCE_OVERHEAD
 
-    def _drop(self, key: str, frames: deque[tuple[int, str, int]], count: int) -> None:
-        for _ in range(count):
-            self.bytes -= frames.popleft()[2]
+    def _drop(self, key: str, frames: list[tuple[int, str, int]], count: int) -> None:
+        self.bytes -= sum(cost for _, _, cost in frames[:count])
+        del frames[:count]
         if not frames:
             del self._frames[key]
+            self.bytes -= RESOURCE_OVERHEAD
 
     def _evict(self) -> None:
         order = self._order
