@@ -50,6 +50,8 @@ class SlowClient:
         self.window_start: float | None = None
         self.closed = ""
         self.reader: asyncio.Task[None] | None = None
+        self.sampled = asyncio.Event()
+        """Set at each sample taken (cleared by whoever waits for the next)."""
 
     @classmethod
     async def open(cls, url: str, rate: float, rcvbuf: int) -> SlowClient:
@@ -129,6 +131,7 @@ class SlowClient:
                     if isinstance(value, dict) and "t" in value:
                         self.samples.append((now - self.window_start, time.time() - value["t"],
                                              int(message.get("seq", 0))))
+                        self.sampled.set()
                 due = max(due + period, now)
                 await asyncio.sleep(due - time.monotonic())
         except (ConnectionError, OSError) as exc:

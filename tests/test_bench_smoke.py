@@ -264,8 +264,9 @@ async def test_a_slow_reader_takes_one_message_per_tick_and_reports_the_ages() -
             client.window_start = time.monotonic()
             client.reader = asyncio.create_task(client.read())
             async with asyncio.timeout(10):
-                while len(client.samples) < 10:  # noqa: ASYNC110 (no event to wait on)
-                    await asyncio.sleep(0.05)
+                while len(client.samples) < 10:
+                    client.sampled.clear()
+                    await client.sampled.wait()
             report = client.report(window=0.1, elapsed=time.monotonic() - client.window_start)
         finally:
             runner.cancel()
