@@ -109,6 +109,9 @@ class Client:
     async def recv(self, timeout: float = WAIT) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
             frame: dict[str, Any] = json.loads(await self.ws.recv())
+        # Every frame an end-to-end test receives is checked against the protocol's
+        # machine-readable description, so that docs/asyncapi.yaml cannot drift from the code.
+        check_gateway_frame(frame)
         self.seen.append(frame)
         return frame
 
