@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import pytest_asyncio
+import yaml
+from referencing import Registry
+from referencing.jsonschema import DRAFT7
 from websockets.asyncio.client import ClientConnection, connect
 
 from translator.config import config_from_mapping
@@ -36,6 +42,59 @@ def handshake_request(port: int, path: str = "/ws") -> bytes:
     ).encode()
 
 
+ASYNCAPI = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
+"""The machine-readable protocol description; every frame a `Client` receives must fit it."""
+ASYNCAPI_URI = "urn:coap-ws-gateway:asyncapi"
+
+
+@functools.cache
+def asyncapi_document() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(ASYNCAPI.read_text(encoding="utf-8"))
+    return document
+
+
+@functools.cache
+def asyncapi_validator(schema_name: str) -> jsonschema.Draft7Validator:
+    """A compiled validator for `#/components/schemas/<schema_name>` of docs/asyncapi.yaml.
+
+    The whole document is registered as one resource, so that the schemas' `$ref`s into
+    `#/components/schemas/...` resolve. AsyncAPI 3.0 schemas extend JSON Schema Draft 7.
+    """
+    registry: Registry[Any] = Registry().with_resource(
+        ASYNCAPI_URI, DRAFT7.create_resource(asyncapi_document())
+    )
+    schema = {"$ref": f"{ASYNCAPI_URI}#/components/schemas/{schema_name}"}
+    return jsonschema.Draft7Validator(schema, registry=registry)
+
+
+GATEWAY_FRAME_SCHEMAS = {
+    "subscribed": "Subscribed", "unsubscribed": "Unsubscribed", "response": "Response",
+    "resources": "Resources", "pong": "Pong", "notify": "Notify", "status": "Status",
+    "error": "Error",
+}
+"""Gateway frame type -> its schema. The hook picks the schema by `type` rather than
+validating against the `GatewayFrame` union: the same verdict (each branch has its own
+`type` const), but one schema's errors instead of all eight branches' (test_asyncapi checks
+the union itself)."""
+
+
+def check_gateway_frame(frame: Any) -> None:
+    """Fail the test unless `frame` fits docs/asyncapi.yaml, naming the frame and why."""
+    frame_type = frame.get("type") if isinstance(frame, dict) else None
+    schema_name = GATEWAY_FRAME_SCHEMAS.get(frame_type) if isinstance(frame_type, str) else None
+    if schema_name is None:
+        pytest.fail(f"the gateway sent a frame of no type docs/asyncapi.yaml knows: {frame!r}")
+    error = jsonschema.exceptions.best_match(asyncapi_validator(schema_name).iter_errors(frame))
+    if error is not None:
+        text = json.dumps(frame, ensure_ascii=False)
+        shown = text if len(text) <= 2000 else f"{text[:2000]}... ({len(text)} characters)"
+        path = "/".join(str(part) for part in error.absolute_path) or "(the frame)"
+        pytest.fail(
+            f"the gateway sent a frame that docs/asyncapi.yaml ({schema_name}) does not admit:"
+            f"\n  {shown}\n  at {path}: {error.message}"
+        )
+
+
 class Client:
     """A test WebSocket client that reads JSON frames and waits for matching ones."""
 
@@ -50,6 +109,9 @@ class Client:
     async def recv(self, timeout: float = WAIT) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
             frame: dict[str, Any] = json.loads(await self.ws.recv())
+        # Every frame an end-to-end test receives is checked against the protocol's
+        # machine-readable description, so that docs/asyncapi.yaml cannot drift from the code.
+        check_gateway_frame(frame)
         self.seen.append(frame)
         return frame
 
