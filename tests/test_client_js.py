@@ -46,6 +46,9 @@ NODE_WAIT: Final = 180.0
 
 JS_FILES: Final[dict[str, dict[str, Any]]] = {
     "client.test.mjs": {},
+    "reconnect.test.mjs": {},
+    # Two frames of history per resource: a few updates while away overflow it.
+    "overflow.test.mjs": {"history": {"size": 2}},
 }
 """Each node test file, and what its gateway's configuration adds."""
 
