@@ -96,7 +96,9 @@ test("a stalled connection is noticed by the heartbeat, and updates resume exact
 test("after a gateway restart the client comes back and says the stream started afresh", async (t) => {
   const { client, states } = connect(t, GatewayClient, env.url);
   const { subscription, notifies, resyncs } = follow(client, "temperature");
-  await notifies.next((_, all) => all.length >= 2, "two notifies");
+  // Far enough along that the new gateway, numbering from 1, is well below it when the
+  // client comes back (20 updates a second): its values must not pass for repeats.
+  await notifies.next((f) => f.seq >= 40, "seq 40");
   const before = { epoch: subscription.epoch, seq: subscription.seq };
   await command({ do: "restart" });
   const gone = await states.next((s) => s.state === "waiting", "the restart to close us");
@@ -110,6 +112,7 @@ test("after a gateway restart the client comes back and says the stream started 
   const count = notifies.items.length;
   const fresh = await notifies.next((_, all) => all.length > count, "a notify of the new gateway");
   assert.equal(fresh.replay, undefined);
+  assert.ok(fresh.seq < before.seq, `${fresh.seq} ${before.seq}`);
   assert.equal(subscription.epoch, resync.epoch);
   await notifies.next((_, all) => all.length > count + 2, "more of them");
   assertContiguous(notifies.items.slice(count).map((f) => f.seq));
