@@ -1,10 +1,11 @@
 """Tests that need a part a newcomer's machine may lack: skipped there, required in CI.
 
 `make test` must pass on a machine with nothing but Python and make, so a test that needs the
-DTLS extra (DTLSSocket, built from source) or a C compiler (the benchmark's C reader and
-writer) calls :func:`need` with the reason the part is missing, and is skipped with that
-reason. CI installs every part and sets ``GATEWAY_TESTS_REQUIRE=all`` (or a comma-separated
-list of parts): there a missing part fails the test instead, so nothing is skipped unseen.
+DTLS extra (DTLSSocket, built from source), a C compiler (the benchmark's C reader and
+writer) or Node.js (the JavaScript client's tests) calls :func:`need` with the reason the
+part is missing, and is skipped with that reason. CI installs every part and sets
+``GATEWAY_TESTS_REQUIRE=all`` (or a comma-separated list of parts): there a missing part fails
+the test instead, so nothing is skipped unseen.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ PARTS: Final = {
     "cc": "a C compiler on PATH as cc",
     "raw-sockets": "Linux and root (or CAP_NET_RAW): spoofed datagrams and forged ICMP errors "
                    "go out through a raw IPv4 socket (tests/spoof.py)",
+    "node": "Node.js 20+ on PATH (the JavaScript client's tests run in it: tests/js/)",
 }
 """Each optional part, and what provides it."""
 

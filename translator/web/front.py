@@ -9,8 +9,9 @@ and carries out what it decides. It owns
   a head it cannot parse);
 * the operator's endpoints: `/healthz`, `/readyz` and `/metrics` (`Operations` decides);
 * the answers to everything that is not a WebSocket handshake on `/ws` (`answer_request`):
-  the page at `/`, `HEAD`, 404 (an upgrade on another path says where the endpoint is),
-  405, and 400/414/431/505 for heads that are not HTTP;
+  the page at `/`, the JavaScript client at `/client.js` (its types at `/client.d.ts`),
+  `HEAD`, 404 (an upgrade on another path says where the endpoint is), 405, and
+  400/414/431/505 for heads that are not HTTP;
 * which host names the port answers to (`HostNames`): a request whose `Host` is a name the
   gateway does not serve gets 421 before anything else, page and handshake alike, so that
   a page on `evil.example` that its DNS points at the gateway (DNS rebinding) can neither
@@ -37,6 +38,11 @@ from typing import Final, Protocol
 
 WS_PATH: Final = "/ws"
 PAGE_PATHS: Final = ("/", "/index.html")
+CLIENT_FILES: Final = {
+    "/client.js": ("client.js", "text/javascript; charset=utf-8"),
+    "/client.d.ts": ("client.d.ts", "application/typescript; charset=utf-8"),
+}
+"""The JavaScript client (`static/`) and its types, by path: file and Content-Type."""
 
 MAX_LINE_BYTES: Final = 8192
 """Longest request or header line, CRLF included (websockets' limit too)."""
@@ -277,6 +283,12 @@ def _route(head: RequestHead, operations: Operations | None = None) -> Answer | 
         if head.has_body:
             return error_answer(http.HTTPStatus.BAD_REQUEST, "a request body is not accepted")
         return page_answer(_single(head, "Host"))
+    if path in CLIENT_FILES:
+        if head.method not in ("GET", "HEAD"):
+            return method_not_allowed(PAGE_METHODS)
+        if head.has_body:
+            return error_answer(http.HTTPStatus.BAD_REQUEST, "a request body is not accepted")
+        return client_answer(path)
     if path == WS_PATH:
         if head.method != "GET":
             return method_not_allowed(WS_METHODS)
@@ -331,6 +343,17 @@ def page_answer(host: str | None) -> Answer:
     return _answer(http.HTTPStatus.OK, "text/html; charset=utf-8", page_bytes(), page_csp(host))
 
 
+def client_answer(path: str) -> Answer:
+    """The JavaScript client or its types. Public code with no secret in it, so any origin
+    may load it (a module script from another origin is fetched with CORS); the policy of
+    every non-page answer stays, since a script's own CSP header does not apply to the page
+    that imports it."""
+    name, content_type = CLIENT_FILES[path]
+    answer = _answer(http.HTTPStatus.OK, content_type, static_bytes(name), PLAIN_CSP)
+    extra = (("Access-Control-Allow-Origin", "*"), ("Cache-Control", "no-cache"))
+    return Answer(answer.status, (*answer.headers, *extra), answer.body)
+
+
 def _answer(status: http.HTTPStatus, content_type: str, body: bytes, csp: str) -> Answer:
     headers = (
         ("Content-Type", content_type),
@@ -374,7 +397,12 @@ def page_csp(host: str | None) -> str:
 
 @cache
 def page_bytes() -> bytes:
-    return resources.files("translator").joinpath("static/index.html").read_bytes()
+    return static_bytes("index.html")
+
+
+@cache
+def static_bytes(name: str) -> bytes:
+    return resources.files("translator").joinpath(f"static/{name}").read_bytes()
 
 
 @cache
