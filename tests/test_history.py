@@ -27,7 +27,7 @@ def notify(seq: int) -> str:
 
 
 def test_frames_after_a_seq_while_all_of_them_are_kept() -> None:
-    history = History(size=4)
+    history = History(size=5)  # 4 kept here, the 5th is the hub's cached notify
     for seq in range(1, 7):
         history.record(URI, seq, notify(seq))
     assert history.after(URI, 6) == []
@@ -60,17 +60,24 @@ def test_a_gap_in_seq_starts_the_resource_afresh() -> None:
     assert history.after(URI, 2) == [notify(3)] and history.after(URI, 1) is None
 
 
-def test_zero_turns_history_off() -> None:
+def test_zero_turns_history_off() -> None:  # (size 1 keeps nothing either: see below)
     for history in (History(size=0), History(max_bytes=0)):
         history.record(URI, 1, notify(1))
         assert history.after(URI, 0) is None and history.bytes == 0
 
 
 def test_bookkeeping_stays_proportional_to_what_is_kept() -> None:
-    history = History(size=2)
+    history = History(size=3)
     for seq in range(1, 10_001):
         history.record(URI, seq, notify(seq))
     assert len(history) == 2 and len(history._order) <= 2 * 2 + 64
+
+
+def test_size_counts_the_newest_frame_which_the_hub_keeps() -> None:
+    for size in (0, 1):
+        history = History(size=size)
+        history.record(URI, 1, notify(1))
+        assert len(history) == 0 and history.bytes == 0
 
 
 # --- frames -----------------------------------------------------------------------------------

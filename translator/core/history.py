@@ -3,7 +3,9 @@
 Pure (no I/O, no clock): the hub records every notify it delivers and asks, when a client
 subscribes with ``since``, for the frames after a ``seq``. The bounds (``[history]``):
 
-* ``size``: frames kept per resource (the newest);
+* ``size``: frames per resource (the newest), counting the newest one, which the hub keeps
+  anyway as the resource's cached notify: the history itself holds the ``size - 1`` before
+  it, so that a resource that changed once costs it nothing;
 * ``max_bytes``: memory for all resources together (the frames' text and what keeps them);
   past it the oldest frames go first, whichever resource they belong to.
 
@@ -53,8 +55,9 @@ class History:
         return sum(len(frames) for frames in self._frames.values())
 
     def record(self, key: str, seq: int, text: str) -> None:
-        """Keep `text`, the notify frame with number `seq` of the resource `key`."""
-        if not self.enabled:
+        """Keep `text`, the notify frame with number `seq` of the resource `key` (the hub
+        records a frame when a newer one replaces it as the resource's cached notify)."""
+        if not self.enabled or self.size < 2:
             return
         frames = self._frames.get(key)
         if frames and seq != frames[-1][0] + 1:
@@ -68,8 +71,8 @@ class History:
         frames.append((seq, text, cost))
         self._order.append((key, seq))
         self.bytes += cost
-        if len(frames) > self.size:
-            self._drop(key, frames, len(frames) - self.size)
+        if len(frames) > self.size - 1:
+            self._drop(key, frames, len(frames) - (self.size - 1))
         self._evict()
         if len(self._order) > 2 * len(self) + 64:
             self._compact()

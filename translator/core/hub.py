@@ -433,7 +433,16 @@ class Hub(Generic[C]):
             return None
         if since.seq == resource.seq:
             return []
-        return self.history.after(resource.uri, since.seq)
+        latest = resource.last_notify
+        if not self.history.enabled or latest is None:
+            return None
+        # The newest frame is the cached notify; the history holds the ones before it.
+        if since.seq == resource.seq - 1:
+            return [latest]
+        if self.history.newest(resource.uri) != resource.seq - 1:
+            return None
+        older = self.history.after(resource.uri, since.seq)
+        return None if older is None else [*older, latest]
 
     def _make_room(self, conn: C, uri: str, frame_id: FrameId) -> list[Command[C]]:
         """Make room for one more observation on behalf of `conn` (see the module
@@ -651,8 +660,11 @@ class Hub(Generic[C]):
             ts=ts,
             max_age=DEFAULT_MAX_AGE if max_age is None else max_age,
         ).serialize()
+        if resource.last_notify is not None:
+            # The history keeps the frames before the newest one, which is `last_notify`
+            # (kept anyway for late joiners): a resource with one update costs it nothing.
+            self.history.record(uri, resource.seq - 1, resource.last_notify)
         resource.last_notify, resource.last_ts = text, ts
-        self.history.record(uri, resource.seq, text)
         self.updates_total += 1
         commands = self._event(resource, "answered")
         if resource.subscribers:
