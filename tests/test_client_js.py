@@ -18,7 +18,6 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -300,16 +299,6 @@ class Harness:
         return {"error": f"unknown command {command['do']!r}"}
 
 
-@pytest.fixture
-async def quiet_sensors() -> AsyncIterator[SimulatedSensors]:
-    sim = SimulatedSensors("127.0.0.1", 0, interval=0.05, seed=1)
-    await sim.start()
-    try:
-        yield sim
-    finally:
-        await sim.stop()
-
-
 def silent_udp_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
@@ -321,15 +310,15 @@ def test_every_node_test_file_runs() -> None:
 
 
 @pytest.mark.parametrize("js_file", list(JS_FILES))
-async def test_the_client_in_node(js_file: str, quiet_sensors: SimulatedSensors) -> None:
+async def test_the_client_in_node(js_file: str, sensors: SimulatedSensors) -> None:
     need("node", node_missing())
     silent = silent_udp_socket()  # a sensor that is up and never answers
     silent_uri = f"coap://127.0.0.1:{silent.getsockname()[1]}/x"
-    mapping = gateway_config(quiet_sensors, linger=30)
+    mapping = gateway_config(sensors, linger=30)
     mapping["policy"]["allow"].append(silent_uri)
     mapping["auth"] = {"tokens": [{"token": TOKEN, "name": "js", "scopes": ["read", "write"]}]}
     mapping.update(JS_FILES[js_file])
-    harness = Harness(quiet_sensors, mapping)
+    harness = Harness(sensors, mapping)
     control = await asyncio.start_server(harness.serve_control, "127.0.0.1", 0)
     try:
         gateway = await harness.start_gateway()

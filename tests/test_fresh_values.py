@@ -21,6 +21,8 @@ import socket
 import termios
 from typing import Any
 
+from bench.loadgen import client_frame
+from bench.slow_reader import SlowClient
 from translator.gateway import Gateway
 from translator.sim import SimulatedSensors
 from translator.web.server import (
@@ -31,7 +33,7 @@ from translator.web.server import (
     text_frame,
 )
 
-from .conftest import WAIT, gateway_config, handshake_request
+from .conftest import WAIT, gateway_config
 
 CLIENT_RCVBUF = 4096
 """The slow clients' receive buffer (the kernel doubles it), set before connecting."""
@@ -57,74 +59,35 @@ async def publish(sensors: SimulatedSensors, normal: Any, sub: str, value: int) 
         pass
 
 
-def masked_frame(text: str) -> bytes:
-    """A client's text frame (RFC 6455 §5.2), masked as a client must; short texts only."""
-    payload = text.encode()
-    assert len(payload) < 126
-    mask = os.urandom(4)
-    return bytes((0x81, 0x80 | len(payload))) + mask + bytes(
-        b ^ mask[i % 4] for i, b in enumerate(payload)
-    )
+class SlowReader(SlowClient):
+    """bench's slow client (a WebSocket client on a plain socket with a small receive
+    buffer), here reading one frame at a time when the test says, and counting its bytes."""
 
-
-class SlowReader:
-    """A WebSocket client on a plain socket that reads one frame at a time, when told."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.loop = asyncio.get_running_loop()
-        self.bytes_read = 0
+    bytes_read = 0
 
     @classmethod
     async def connect(cls, port: int) -> SlowReader:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        await loop.sock_sendall(sock, handshake_request(port))
-        head = b""
         async with asyncio.timeout(WAIT):
-            while b"\r\n\r\n" not in head:
-                head += await loop.sock_recv(sock, 1)  # not a byte past the head
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return cls(sock)
+            client = await cls.open(f"ws://127.0.0.1:{port}/ws", rate=1.0, rcvbuf=CLIENT_RCVBUF)
+        assert isinstance(client, SlowReader)
+        return client
 
     async def _exactly(self, size: int) -> bytes:
-        data = b""
-        while len(data) < size:
-            chunk = await self.loop.sock_recv(self.sock, size - len(data))
-            if not chunk:
-                raise ConnectionError("closed by the gateway")
-            data += chunk
+        data = await super()._exactly(size)
         self.bytes_read += size
         return data
 
     async def frame(self) -> tuple[int, bytes]:
         """The next frame: its opcode and payload."""
         async with asyncio.timeout(WAIT):
-            first, second = await self._exactly(2)
-            length = second & 0x7F
-            if length == 126:
-                length = int.from_bytes(await self._exactly(2), "big")
-            elif length == 127:
-                length = int.from_bytes(await self._exactly(8), "big")
-            return first & 0x0F, await self._exactly(length)
+            return await super().frame()
 
     async def json_frame(self) -> dict[str, Any]:
-        while True:
-            opcode, payload = await self.frame()
-            if opcode == 1:
-                frame: dict[str, Any] = json.loads(payload)
-                return frame
-            if opcode == 8:
-                raise ConnectionError(f"closed: {payload!r}")
-            # a keepalive ping (opcode 9): these tests run for less than its interval
+        return await self.message()
 
-    async def subscribe(self, uri: str) -> str:
-        await self.loop.sock_sendall(
-            self.sock, masked_frame(json.dumps({"type": "subscribe", "id": 1, "uri": uri}))
-        )
+    async def subscribe(self, uri: str) -> str:  # type: ignore[override]
+        await self.loop.sock_sendall(self.sock, client_frame(
+            json.dumps({"type": "subscribe", "id": 1, "uri": uri}).encode()))
         while (frame := await self.json_frame())["type"] != "subscribed":
             pass
         sub: str = frame["sub"]

@@ -11,25 +11,19 @@ from translator.gateway import Gateway
 from translator.sim import SimulatedSensors
 from translator.web.front import Answer, answer_request, parse_head, text_answer
 
-from .conftest import WAIT, gateway_config
+from .conftest import gateway_config
+from .test_web_surface import exchange, head
 
 METRICS_TOKEN = "metrics-token-value"
 READER_TOKEN = "reader-token-value1"
 
 
 async def get(port: int, path: str, *headers: str) -> tuple[int, dict[str, str], str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        extra = "".join(f"{header}\r\n" for header in headers)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}\r\n".encode())
-        async with asyncio.timeout(WAIT):
-            answer = (await reader.read()).decode()
-    finally:
-        writer.close()
-    head, _, body = answer.partition("\r\n\r\n")
-    lines = head.split("\r\n")
-    fields = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), {k.lower(): v for k, v in fields.items()}, body
+    """GET `path` on a fresh connection (test_web_surface's `exchange`): the status, the
+    headers by lower-case name, the body as text."""
+    answer = await exchange(port, head("GET", path, *headers))
+    fields = {name: ", ".join(values) for name, values in answer.headers.items()}
+    return answer.status, fields, answer.body.decode()
 
 
 def value(body: str, name: str) -> float:

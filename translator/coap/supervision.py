@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
+from translator.core.hub import DEFAULT_MAX_AGE
+
 __all__ = [
     "CLIENT_ERROR_BACKOFF_MAX",
     "DEFAULT_MAX_AGE",
@@ -55,8 +57,6 @@ __all__ = [
     "poll_interval",
 ]
 
-DEFAULT_MAX_AGE: Final = 60
-"""RFC 7252 §5.10.5: a response without Max-Age is fresh for 60 seconds."""
 MIN_GRACE: Final = 2.0
 MAX_GRACE: Final = 10.0
 """The default grace is `GRACE_SHARE` of Max-Age, within [MIN_GRACE, MAX_GRACE]."""

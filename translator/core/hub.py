@@ -71,8 +71,9 @@ IDLE_OVERHEAD: Final = 400
 with its fields, its `sub` and the dictionary entries that find it (tracemalloc on CPython
 3.11: about 350, over 2000 idle resources)."""
 
-DEFAULT_MAX_AGE = 60
-"""RFC 7252 §5.10.5: a response without Max-Age is fresh for 60 seconds."""
+DEFAULT_MAX_AGE: Final = 60
+"""RFC 7252 §5.10.5: a response without Max-Age is fresh for 60 seconds (the hub's notify
+frames and the CoAP side's freshness both take it from here)."""
 
 
 # ---------------------------------------------------------------------------------------------
