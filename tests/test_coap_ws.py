@@ -460,6 +460,48 @@ async def test_aiocoap_observes_over_coap_ws_while_a_json_client_watches(
     await client.next_notify(sub)
 
 
+async def test_aiocoap_cancel_sends_nothing_over_websockets(
+    gateway: Gateway, sensors: SimulatedSensors
+) -> None:
+    """Pins the aiocoap deviation recorded in docs/interop.md: `cancel()` does not
+    deregister over a reliable transport, so the token observes until the connection ends."""
+    context = await aiocoap.Context.create_client_context()
+    try:
+        message = aiocoap.Message(
+            code=aiocoap.GET, uri=f"coap+ws://127.0.0.1:{gateway.ws.port}", observe=0
+        )
+        message.opt.proxy_uri = f"{sensors.base_uri}/temperature"
+        observed = context.request(message)
+        await asyncio.wait_for(observed.response, WAIT)
+        (peer,) = gateway.coap_ws.peers.values()
+        observed.observation.cancel()
+        # A later request on the same connection is answered after anything cancel() sent.
+        get = aiocoap.Message(code=aiocoap.GET, uri=f"coap+ws://127.0.0.1:{gateway.ws.port}")
+        get.opt.proxy_uri = f"{sensors.base_uri}/status"
+        await asyncio.wait_for(context.request(get).response, WAIT)
+        assert peer.protocol.observation_count == 1
+        assert gateway.hub.subscription_count == 1
+    finally:
+        await context.shutdown()
+
+
+async def test_aiocoap_cannot_present_a_token(
+    sensors: SimulatedSensors, make_gateway: Any
+) -> None:
+    """docs/interop.md: aiocoap's coap+ws client sends no Authorization and no query."""
+    gateway = await make_gateway(auth_config(sensors))
+    context = await aiocoap.Context.create_client_context()
+    try:
+        message = aiocoap.Message(code=aiocoap.GET, uri=f"coap+ws://127.0.0.1:{gateway.ws.port}")
+        message.opt.proxy_uri = f"{sensors.base_uri}/status"
+        with pytest.raises(Exception) as failed:
+            await asyncio.wait_for(context.request(message).response, WAIT)
+        assert not isinstance(failed.value, TimeoutError)
+        assert "401" in repr(failed.value) + repr(failed.value.__cause__)
+    finally:
+        await context.shutdown()
+
+
 async def test_closing_or_aborting_ends_the_hub_subscription(
     gateway: Gateway, sensors: SimulatedSensors, make_coap_client: Any
 ) -> None:
@@ -664,3 +706,84 @@ async def test_a_message_over_the_frame_limit_closes_the_connection(
     with pytest.raises(ConnectionClosed):
         await coap.recv()
     assert coap.ws.close_code == 1009
+
+
+# -- observations that end, and what a connection leaves behind ------------------------------------
+
+
+async def test_an_offline_resource_ends_the_observation_with_its_code(
+    gateway: Gateway, sensors: SimulatedSensors, make_coap_client: Any, client: Client
+) -> None:
+    uri = f"{sensors.base_uri}/nothing-here"
+    reply = await client.subscribe(uri=uri)
+    coap = await make_coap_client(gateway)
+    answer = await coap.request(GET, (OBSERVE, b""), proxy(uri))
+    assert dotted(answer.code) == "4.04" and answer.first(OBSERVE) is None
+    assert answer.payload == b"the sensor answered 4.04"
+    # The CoAP peer left the hub's subscription; the JSON client keeps its own.
+    (peer,) = coap_peers(gateway)
+    await client.call({"type": "ping"})  # the deferred unsubscription has run by now
+    assert gateway.hub.subscriptions_of(peer) == ()
+    assert gateway.hub.subscriptions_of(next(iter(set(gateway._sessions) - {peer}))) == (
+        reply["sub"],
+    )
+
+
+async def test_an_observation_whose_accept_the_sensor_misses_ends_with_4_06(
+    gateway: Gateway, sensors: SimulatedSensors, make_coap_client: Any
+) -> None:
+    coap = await make_coap_client(gateway)
+    answer = await coap.request(
+        GET, (OBSERVE, b""), proxy(f"{sensors.base_uri}/temperature"), (ACCEPT, uint(50))
+    )
+    assert dotted(answer.code) == "4.06"
+    await sensors.wait_observers("/temperature", 0, timeout=WAIT)  # linger = 0
+    assert gateway.hub.subscription_count == 0
+
+
+async def test_release_answers_the_requests_in_flight_first(
+    gateway: Gateway, sensors: SimulatedSensors, make_coap_client: Any
+) -> None:
+    coap = await make_coap_client(gateway)
+    await coap.send(Message(GET, b"r1", (proxy(f"{sensors.base_uri}/status"),)))
+    await coap.send(Message(RELEASE))
+    answer = await coap.recv()
+    assert (answer.token, dotted(answer.code)) == (b"r1", "2.05")
+    with pytest.raises(ConnectionClosed):
+        await coap.recv()
+    assert coap.ws.close_code == 1000
+
+
+async def test_deregistering_an_unknown_token_is_a_plain_get(
+    gateway: Gateway, sensors: SimulatedSensors, make_coap_client: Any
+) -> None:
+    coap = await make_coap_client(gateway)
+    answer = await coap.request(GET, (OBSERVE, uint(1)), proxy(f"{sensors.base_uri}/status"))
+    assert dotted(answer.code) == "2.05" and answer.payload.startswith(b"ok")
+    assert answer.first(OBSERVE) is None and gateway.hub.subscription_count == 0
+
+
+async def test_a_host_name_is_resolved_and_checked_before_registering(
+    sensors: SimulatedSensors, make_gateway: Any, make_coap_client: Any
+) -> None:
+    config = gateway_config(sensors)
+    config["policy"]["allow"].append(f"coap://localhost:{sensors.port}/*")
+    gateway = await make_gateway(config)
+    coap = await make_coap_client(gateway)
+    uri = f"coap://localhost:{sensors.port}/temperature"
+    first = await coap.request(GET, (OBSERVE, b""), proxy(uri))
+    assert dotted(first.code) == "2.05" and first.first(OBSERVE) is not None
+    assert gateway.hub.subscribed_uris(next(iter(coap_peers(gateway)))) == (uri,)
+
+
+async def test_connection_limits_apply(
+    sensors: SimulatedSensors, make_gateway: Any, make_coap_client: Any
+) -> None:
+    config = gateway_config(sensors)
+    config["limits"] = {"max_connections_per_ip": 1}
+    gateway = await make_gateway(config)
+    await make_coap_client(gateway)
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(coap_url(gateway), subprotocols=["coap"],  # type: ignore[list-item]
+                      open_timeout=WAIT)
+    assert refused.value.response.status_code == 503
