@@ -16,6 +16,7 @@ import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from translator.coap.side import CoapAnswer
 from translator.core.coap_ws import (
     ABORT,
     ACCEPT,
@@ -787,3 +788,36 @@ async def test_connection_limits_apply(
         await connect(coap_url(gateway), subprotocols=["coap"],  # type: ignore[list-item]
                       open_timeout=WAIT)
     assert refused.value.response.status_code == 503
+
+
+async def test_the_sensors_bytes_are_kept_only_while_the_resource_is_observed(
+    gateway: Gateway, sensors: SimulatedSensors, client: Client
+) -> None:
+    uri = f"{sensors.base_uri}/temperature"
+    sub = (await client.subscribe(uri=uri))["sub"]
+    await client.next_notify(sub)
+    assert gateway.coap_ws.representations[uri].cf == 60
+    await client.call({"type": "unsubscribe", "sub": sub})  # linger = 0: stops at once
+    assert uri not in gateway.coap_ws.representations
+    # A late answer for a resource nobody observes is not kept (nothing would drop it).
+    late = CoapAnswer(code="2.05", cf=0, payload=b"late", max_age=None, observe=9)
+    gateway.answer("coap://127.0.0.1:9/elsewhere", late)
+    gateway.answer(uri, late)
+    assert gateway.coap_ws.representations == {}
+
+
+async def test_plain_http_on_the_coap_path_is_answered_like_on_ws(gateway: Gateway) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.ws.port)
+    try:
+        for request, status in (
+            (b"GET /.well-known/coap HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b" 426 "),
+            (b"POST /.well-known/coap HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b" 405 "),
+        ):
+            writer.write(request)
+            line = await asyncio.wait_for(reader.readline(), WAIT)
+            assert status in line, line
+            await asyncio.wait_for(reader.read(), WAIT)
+            writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.ws.port)
+    finally:
+        writer.close()

@@ -159,7 +159,7 @@ class CoapWsProxy:
                 elif isinstance(event, Register):
                     self._register(peer, event)
                 else:
-                    self._deregister(peer, event)
+                    self._deregister(peer, event)  # the events left: a request to answer
             except RequestRefused as refused:
                 conn.send(peer.protocol.error(token, dotted(refused.code), refused.text))
             except FrameError as exc:
@@ -359,8 +359,10 @@ class CoapWsProxy:
             self._unsubscribe_later(peer, uri)
 
     def upstream_answer(self, uri: str, answer: CoapAnswer) -> None:
-        """An answer on the observation of `uri` (before the hub hears of it)."""
-        if answer.code.startswith("2."):
+        """An answer on the observation of `uri` (before the hub hears of it). One that
+        comes after the hub stopped the observation is not kept: nothing would drop it."""
+        resource = self.gateway.hub.resource(uri)
+        if answer.code.startswith("2.") and resource is not None and resource.observing:
             self.representations[uri] = answer
 
     def forget(self, uri: str) -> None:

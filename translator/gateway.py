@@ -379,7 +379,6 @@ class Gateway:
 
     def connected(self, conn: Connection) -> None:
         grant = conn.grant
-        coap_ws = isinstance(grant, CoapWsGrant)
         principal = (
             grant.principal if isinstance(grant, CoapWsGrant)
             else grant if isinstance(grant, Principal) else ANONYMOUS
@@ -388,7 +387,7 @@ class Gateway:
         session = Session(conn, principal, TokenBucket(limits.rate, limits.burst))
         self._sessions[conn] = session
         self.hub.connect(conn)
-        if coap_ws:
+        if isinstance(grant, CoapWsGrant):
             self.coap_ws.connected(session)
 
     def disconnected(self, conn: Connection) -> None:

@@ -1,10 +1,12 @@
 """The WebSocket side: the websockets server, one reader and one bounded writer per client.
 
-It owns I/O toward web clients and nothing else: the handshake (only the `/ws` path is a
-WebSocket endpoint), reading messages and handing them to the `MessageHandler`, and writing
-queued text frames. It knows nothing of CoAP, the hub or the frames' meaning. What a plain
-HTTP request gets (the page at `/`, 404, 405, ...) is `web.front`'s decision; this module
-reads the request head for it and sends its answer (`_ServerConnection`).
+It owns I/O toward web clients and nothing else: the handshake (`/ws` is the JSON endpoint;
+`/.well-known/coap`, subprotocol `coap`, carries RFC 8323 CoAP messages in binary frames,
+which the gateway tells apart by the handshake's grant), reading messages and handing them
+to the `MessageHandler`, and writing queued frames. It knows nothing of CoAP, the hub or the
+frames' meaning. What a plain HTTP request gets (the page at `/`, 404, 405, ...) is
+`web.front`'s decision; this module reads the request head for it and sends its answer
+(`_ServerConnection`).
 
 Outgoing frames go through `Connection.send()`, which never blocks: each connection has a
 bounded queue drained by its own writer task. A queue that overflows means the client does
@@ -670,14 +672,14 @@ class _ServerConnection(ServerConnection):
     * a head websockets cannot parse (a body, an unknown HTTP version, a malformed header
       line) got no answer at all, only the end of the stream.
 
-    So the head is read here (`http_front.HeadReader`, `parse_head`). A GET on `/ws` goes to
-    websockets, without what follows it: those bytes wait until the handshake is answered,
-    then go to websockets too (frames after a 101; after a refusal websockets discards
-    them). Every other request gets `web.front`'s answer through websockets' Sans-I/O
-    `send_response()`, which logs it, ends the stream and discards what the client sends
-    until it closes (at most `CLOSE_TIMEOUT` seconds later, the TCP connection is dropped).
-    Only public websockets API is used: `create_connection`, `data_received`, the
-    protocol's `send_response()` and `data_to_send()`.
+    So the head is read here (`http_front.HeadReader`, `parse_head`). A GET on `/ws` (or on
+    `/.well-known/coap`) goes to websockets, without what follows it: those bytes wait until
+    the handshake is answered, then go to websockets too (frames after a 101; after a
+    refusal websockets discards them). Every other request gets `web.front`'s answer through
+    websockets' Sans-I/O `send_response()`, which logs it, ends the stream and discards what
+    the client sends until it closes (at most `CLOSE_TIMEOUT` seconds later, the TCP
+    connection is dropped). Only public websockets API is used: `create_connection`,
+    `data_received`, the protocol's `send_response()` and `data_to_send()`.
 
     Every attribute is named when the connection is created: CPython 3.11 lets a class's
     instances share one table of attribute names, which has room for a few more names than
