@@ -5,7 +5,9 @@ speaking CoAP messages, and aiocoap's own coap+ws:// client."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -50,7 +52,7 @@ from translator.core.coap_ws import (
 from translator.gateway import Gateway
 from translator.sim import SimulatedSensors
 
-from .conftest import WAIT, Client, gateway_config
+from .conftest import WAIT, Client, gateway_config, handshake_request
 
 GET, POST, PUT = code_of("0.01"), code_of("0.02"), code_of("0.03")
 CSM_BYTES = Message(CSM, b"", ((MAX_MESSAGE_SIZE, uint(65536)),)).serialize()
@@ -230,8 +232,9 @@ def test_observe_registration_notifications_and_deregistration() -> None:
     assert protocol.observe(b"a", "coap://h:5683/t") is None
     assert protocol.observe(b"b", "coap://h:5683/t") is None
     # Each token gets each update once, never an older one after a newer one.
-    first = [Message.parse(d) for d in protocol.notifications("coap://h:5683/t", 5, "2.05", 60,
-                                                              b"\x01", 30)]
+    notes = protocol.notifications("coap://h:5683/t", 5, "2.05", 60, b"\x01", 30)
+    assert [n.key for n in notes] == ["coap:61", "coap:62"]  # replaceable, one key per token
+    first = [Message.parse(n.data) for n in notes]
     assert [(m.token, m.first(OBSERVE), m.first(MAX_AGE)) for m in first] == [
         (b"a", uint(5), uint(30)), (b"b", uint(5), uint(30))]
     assert protocol.notifications("coap://h:5683/t", 5, "2.05", 60, b"\x01", None) == []
@@ -239,7 +242,7 @@ def test_observe_registration_notifications_and_deregistration() -> None:
     # A re-registration gets the current value again.
     protocol.observe(b"a", "coap://h:5683/t")
     again = protocol.notifications("coap://h:5683/t", 5, "2.05", 60, b"\x01", None)
-    assert [Message.parse(d).token for d in again] == [b"a"]
+    assert [Message.parse(n.data).token for n in again] == [b"a"]
     # Past the bound: 5.03.
     with pytest.raises(Exception, match="at most 2 observations"):
         protocol.observe(b"c", "coap://h:5683/u")
@@ -255,9 +258,10 @@ def test_a_failure_ends_every_observation_of_the_uri_and_accept_is_honoured() ->
     protocol = started()
     protocol.observe(b"a", "coap://h:5683/t")
     protocol.observe(b"b", "coap://h:5683/t", accept=50)
-    out = [Message.parse(d) for d in protocol.notifications("coap://h:5683/t", 1, "2.05", 60,
-                                                            b"\x01", None)]
+    notes = protocol.notifications("coap://h:5683/t", 1, "2.05", 60, b"\x01", None)
+    out = [Message.parse(n.data) for n in notes]
     assert [(m.token, dotted(m.code)) for m in out] == [(b"a", "2.05"), (b"b", "4.06")]
+    assert notes[1].key is None  # an observation's last message is never dropped
     assert protocol.observing(b"b") is None
     (failure,) = [Message.parse(d) for d in protocol.failure("coap://h:5683/t", "5.02", "gone")]
     assert (failure.token, dotted(failure.code), failure.payload) == (b"a", "5.02", b"gone")
@@ -821,3 +825,71 @@ async def test_plain_http_on_the_coap_path_is_answered_like_on_ws(gateway: Gatew
             reader, writer = await asyncio.open_connection("127.0.0.1", gateway.ws.port)
     finally:
         writer.close()
+
+
+def split_frame(data: bytearray) -> tuple[bytes, bytearray] | None:
+    """The first unmasked WebSocket frame's payload in `data` and the bytes after it, or None
+    while it is incomplete (frames under 64 KiB)."""
+    if len(data) < 2:
+        return None
+    length, start = data[1] & 0x7F, 2
+    if length == 126:
+        if len(data) < 4:
+            return None
+        length, start = int.from_bytes(data[2:4], "big"), 4
+    if len(data) < start + length:
+        return None
+    return bytes(data[start : start + length]), data[start + length :]
+
+
+async def test_a_slow_coap_client_gets_the_newest_notification_not_a_backlog(
+    gateway: Gateway, sensors: SimulatedSensors, client: Client
+) -> None:
+    """As on /ws (§13): while a CoAP client reads nothing, a newer notification for its
+    token replaces the unsent older one; it then reads a few KiB, not the backlog."""
+    updates, size = 150, 1000  # 150 KB of notifications: far past the socket buffers
+    uri = f"{sensors.base_uri}/blob"
+    sub = (await client.subscribe(uri=uri))["sub"]
+    await client.next_notify(sub)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+    sock.setblocking(False)
+    known = coap_peers(gateway)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", gateway.ws.port))
+        head = handshake_request(gateway.ws.port, "/.well-known/coap").replace(
+            b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: coap\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, head)
+        received = bytearray()
+        while b"\r\n\r\n" not in received:
+            received += await asyncio.wait_for(loop.sock_recv(sock, 4096), WAIT)
+        assert received.startswith(b"HTTP/1.1 101"), bytes(received)
+        received = received.partition(b"\r\n\r\n")[2]
+        (conn,) = coap_peers(gateway) - known
+        observe = Message(GET, b"sl", ((OBSERVE, b""), proxy(uri))).serialize()
+        for message in (CSM_BYTES, observe):  # masked with a zero key: the bytes as they are
+            await loop.sock_sendall(sock, bytes((0x82, 0x80 | len(message))) + bytes(4) + message)
+        for value in range(1, updates + 1):
+            sensors.set_blob(value.to_bytes(4, "big") + bytes(size))
+            while int.from_bytes(
+                base64.b64decode((await client.next_notify(sub))["payload_b64"])[:4], "big"
+            ) < value:
+                pass
+        assert conn.outbox.replaced > 0 and not conn.closing
+        # Read until the newest value: a few KiB, not the 150 KB of every update.
+        newest = b""
+        read = len(received)
+        async with asyncio.timeout(WAIT):
+            while not newest.startswith(updates.to_bytes(4, "big")):
+                while (split := split_frame(received)) is None:
+                    chunk = await loop.sock_recv(sock, 65536)
+                    assert chunk, "closed by the gateway"
+                    received += chunk
+                    read += len(chunk)
+                frame, received = split
+                newest = Message.parse(frame).payload
+        assert read < 40_000, read
+    finally:
+        sock.close()

@@ -345,10 +345,10 @@ class CoapWsProxy:
             self._fail(peers, uri, "5.02", str(frame.get("decode_error")))
             return
         for peer in peers:
-            for data in peer.protocol.notifications(
+            for note in peer.protocol.notifications(
                 uri, seq, latest.code, latest.cf, latest.payload, latest.max_age
             ):
-                peer.conn.send(data)
+                peer.conn.send(note.data, note.key)
             if uri not in peer.protocol.observed_uris:  # a 4.06 ended the last one
                 self._unsubscribe_later(peer, uri)
 

@@ -277,6 +277,16 @@ class Released:
 Event = Send | Close | Forward | Register | Deregister | Released
 
 
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A message for an observer. `key` (one per token) lets a newer notification replace
+    this one while it waits for a slow client (RFC 7641 §4.5.2: a client needs only the
+    newest state); an observation's last message, an error, has none and is never dropped."""
+
+    data: bytes
+    key: str | None = None
+
+
 class RequestRefused(Exception):
     """A request answered with an error code by this module alone."""
 
@@ -528,11 +538,11 @@ class CoapWsProtocol:
 
     def notifications(
         self, uri: str, seq: int, code: str, cf: int | None, payload: bytes, max_age: int | None,
-    ) -> list[bytes]:
+    ) -> list[Notification]:
         """The notification of update `seq` of `uri` for each token that has not had it (or
         a newer one), or the answer 4.06 for one whose Accept the representation misses
         (that observation then ends; see `failure`)."""
-        out: list[bytes] = []
+        out: list[Notification] = []
         refused: list[bytes] = []
         for token in self._by_uri.get(uri, ()):
             observation = self._observations[token]
@@ -542,10 +552,12 @@ class CoapWsProtocol:
                 refused.append(token)
                 continue
             observation.last_seq = seq
-            out.append(self.response(token, code, cf=cf, payload=payload, max_age=max_age,
-                                     observe=seq))
+            data = self.response(token, code, cf=cf, payload=payload, max_age=max_age,
+                                 observe=seq)
+            out.append(Notification(data, f"coap:{token.hex()}"))
         for token in refused:
-            out.append(self.error(token, "4.06", f"the representation has Content-Format {cf}"))
+            text = f"the representation has Content-Format {cf}"
+            out.append(Notification(self.error(token, "4.06", text)))
             self.end(token)
         return out
 
