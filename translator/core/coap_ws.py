@@ -300,6 +300,8 @@ class RequestRefused(Exception):
 class _Observation:
     uri: str
     accept: int | None
+    key: str
+    """The outbox key of this token's notifications (see `Notification`)."""
     last_seq: int = -1
     """The newest hub sequence number this token was sent (-1: none yet)."""
 
@@ -478,7 +480,7 @@ class CoapWsProtocol:
         if previous is not None and previous.uri != uri:
             left = self.end(token)
         # A re-registration gets the current value again (RFC 7641 §4.1): its seq restarts.
-        self._observations[token] = _Observation(uri, accept)
+        self._observations[token] = _Observation(uri, accept, f"coap:{token.hex()}")
         self._by_uri.setdefault(uri, {})[token] = None
         return left
 
@@ -517,21 +519,19 @@ class CoapWsProtocol:
     ) -> bytes:
         """A response message, or 5.02 when it would exceed the client's Max-Message-Size
         (the gateway does no block-wise transfer toward WebSocket clients)."""
-        options: list[tuple[int, bytes]] = []
-        if observe is not None:
-            options.append((OBSERVE, uint(observe % OBSERVE_MODULUS)))
-        if cf is not None:
-            options.append((CONTENT_FORMAT, uint(cf)))
-        if max_age is not None:
-            options.append((MAX_AGE, uint(max_age)))
-        data = Message(code_of(code), token, tuple(options), payload).serialize()
-        if len(data) > self.peer_max_message_size:
+        return self._with_token(token, *_response_body(code, cf, payload, max_age, observe))
+
+    def _with_token(self, token: bytes, code: int, body: bytes) -> bytes:
+        """The message of `code` for `token`, from what follows the token (`body`), which
+        is the same for every token of a notification: serialized once."""
+        size = 2 + len(token) + len(body)
+        if size > self.peer_max_message_size:
             return diagnostic(
                 BAD_GATEWAY, token,
-                f"the response has {len(data)} bytes, more than the {self.peer_max_message_size}"
+                f"the response has {size} bytes, more than the {self.peer_max_message_size}"
                 " of Max-Message-Size that the client announced",
             ).serialize()
-        return data
+        return bytes((len(token), code)) + token + body
 
     def error(self, token: bytes, code: str, text: str) -> bytes:
         return diagnostic(code_of(code), token, text).serialize()
@@ -544,6 +544,7 @@ class CoapWsProtocol:
         (that observation then ends; see `failure`)."""
         out: list[Notification] = []
         refused: list[bytes] = []
+        number, body = _response_body(code, cf, payload, max_age, seq)
         for token in self._by_uri.get(uri, ()):
             observation = self._observations[token]
             if observation.last_seq >= seq:
@@ -552,9 +553,7 @@ class CoapWsProtocol:
                 refused.append(token)
                 continue
             observation.last_seq = seq
-            data = self.response(token, code, cf=cf, payload=payload, max_age=max_age,
-                                 observe=seq)
-            out.append(Notification(data, f"coap:{token.hex()}"))
+            out.append(Notification(self._with_token(token, number, body), observation.key))
         for token in refused:
             text = f"the representation has Content-Format {cf}"
             out.append(Notification(self.error(token, "4.06", text)))
@@ -568,6 +567,21 @@ class CoapWsProtocol:
         for token in tokens:
             self.end(token)
         return out
+
+
+def _response_body(
+    code: str, cf: int | None, payload: bytes, max_age: int | None, observe: int | None
+) -> tuple[int, bytes]:
+    """A response's code byte and its bytes after the token (options and payload)."""
+    options: list[tuple[int, bytes]] = []
+    if observe is not None:
+        options.append((OBSERVE, uint(observe % OBSERVE_MODULUS)))
+    if cf is not None:
+        options.append((CONTENT_FORMAT, uint(cf)))
+    if max_age is not None:
+        options.append((MAX_AGE, uint(max_age)))
+    number = code_of(code)
+    return number, Message(number, b"", tuple(options), payload).serialize()[2:]
 
 
 def _uint_option(message: Message, number: int) -> int | None:
