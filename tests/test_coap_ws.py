@@ -334,7 +334,8 @@ async def gone(conns: set[Any]) -> None:
 
 
 def coap_url(gateway: Gateway, query: str = "") -> str:
-    return f"ws://127.0.0.1:{gateway.ws.port}/.well-known/coap{query}"
+    assert gateway.coap_ws_url == f"ws://127.0.0.1:{gateway.ws.port}/.well-known/coap"
+    return gateway.coap_ws_url + query
 
 
 @pytest_asyncio.fixture

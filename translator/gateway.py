@@ -55,7 +55,7 @@ from translator.core.uris import UriError, parse_coap_uri
 from translator.credentials import client_credentials
 from translator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from translator.metrics import GatewayMetrics
-from translator.web.front import COAP_WS_PATH, Answer, text_answer
+from translator.web.front import COAP_WS_PATH, WS_PATH, Answer, text_answer
 from translator.web.server import (
     Connection,
     Refusal,
@@ -206,6 +206,11 @@ class Gateway:
         return self.ws.url
 
     @property
+    def coap_ws_url(self) -> str:
+        """The RFC 8323 endpoint beside `url`: CoAP over WebSockets, subprotocol ``coap``."""
+        return self.ws.url.removesuffix(WS_PATH) + COAP_WS_PATH
+
+    @property
     def authenticating(self) -> bool:
         return len(self.tokens) > 0 and self.config.auth.mode != "none"
 
@@ -220,6 +225,7 @@ class Gateway:
             log.warning("policy allows every CoAP destination ('*'): for development only")
         await self.coap.start()
         await self.ws.start()
+        log.info("CoAP over WebSockets (RFC 8323) at %s", self.coap_ws_url)
         self._started = True
         self._execute(self.hub.startup())
         if self.config.sensors:
