@@ -42,6 +42,7 @@ from translator.core.coap_ws import (
     Forward,
     Message,
     MessageError,
+    PongReply,
     Register,
     Released,
     Send,
@@ -152,7 +153,9 @@ def test_csm_with_an_unknown_critical_option_is_aborted_with_bad_csm_option() ->
 
 def test_ping_gets_a_pong_with_its_token_and_unknown_signals_abort() -> None:
     protocol = started()
-    (pong,) = sent(protocol.receive(Message(PING, b"\x42").serialize()))
+    (reply,) = protocol.receive(Message(PING, b"\x42").serialize())
+    assert isinstance(reply, PongReply)
+    pong = Message.parse(reply.data)
     assert (pong.code, pong.token) == (PONG, b"\x42")
     assert protocol.receive(Message(PONG, b"\x43").serialize()) == []
     (abort,) = sent(protocol.receive(Message(code_of("7.09")).serialize()))
@@ -680,6 +683,22 @@ async def test_rate_limit_is_4_29_with_max_age(
         for _ in range(3)
     ]
     assert codes[:2] == ["2.05", "2.05"] and codes[2] == "4.29"
+
+
+async def test_pings_count_toward_the_rate_limit(
+    sensors: SimulatedSensors, make_gateway: Any, make_coap_client: Any
+) -> None:
+    config = gateway_config(sensors)
+    config["limits"] = {"rate": 0.001, "burst": 1}
+    gateway = await make_gateway(config)
+    coap = await make_coap_client(gateway)
+    for number in range(12):
+        await coap.send(Message(PING, bytes((number,))))
+    refused = await coap.request(GET, proxy(f"{sensors.base_uri}/status"))
+    assert dotted(refused.code) == "4.29" and refused.first(MAX_AGE) is not None
+    pongs = [m for m in coap.kept if m.code == PONG]
+    assert len(pongs) in (9, 10)  # 0.1 each from a bucket of 1 (float rounding: 9 or 10)
+    assert coap.kept == pongs
 
 
 async def test_in_flight_budget_and_observation_bounds(

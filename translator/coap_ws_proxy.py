@@ -47,6 +47,7 @@ from translator.core.coap_ws import (
     Deregister,
     Event,
     Forward,
+    PongReply,
     Register,
     Released,
     RequestRefused,
@@ -78,10 +79,12 @@ COAP_CODES: Final[dict[str, str]] = {
 OFFLINE_CODE: Final = "5.02"
 """What ends an observation whose sensor went offline without an error code of its own."""
 
-COSTS: Final[dict[type, float]] = {Forward: 1.0, Register: 0.5, Deregister: 0.5}
-"""What each request takes from the connection's token bucket (as the JSON frames do:
-`request` 1, `subscribe` 0.5). Signaling costs nothing: the WebSocket side's limits (frame
-size, connection count, keepalive) bound it, and a Ping is answered without any work."""
+COSTS: Final[dict[type, float]] = {
+    Forward: 1.0, Register: 0.5, Deregister: 0.5, PongReply: 0.1,
+}
+"""What each request takes from the connection's token bucket, as the JSON frames do
+(`request` 1, `subscribe` 0.5, `ping` 0.1). A Ping past the limit gets no Pong (signaling
+has no error answer). Other signaling costs nothing: it does no work beyond its parsing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,10 +152,15 @@ class CoapWsProxy:
         if isinstance(event, Released):
             self._release(peer)
             return
+        bucket = peer.session.bucket
+        if isinstance(event, PongReply):
+            if bucket.take(COSTS[PongReply]):
+                conn.send(event.data)
+            return
         token = event.token
         try:
             try:
-                if not peer.session.bucket.take(min(COSTS[type(event)], peer.session.bucket.burst)):
+                if not bucket.take(min(COSTS[type(event)], bucket.burst)):
                     raise self.gateway._rate_limited(peer.session, None)
                 if isinstance(event, Forward):
                     self._forward(peer, event)

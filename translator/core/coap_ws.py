@@ -16,7 +16,8 @@ What this module decides:
   option in a signaling message is a connection error: the answer is an Abort (7.05) whose
   payload says why, then the WebSocket closes (`Close`). Nothing a client sends raises.
 * Signaling (§5): the server's CSM announces Max-Message-Size (the WebSocket side's frame
-  limit) and no block-wise transfer; a Ping gets a Pong with its token; a Release means
+  limit) and no block-wise transfer; a Ping gets a Pong with its token (`PongReply`, which
+  the rate limit may drop: a Ping has no error answer); a Release means
   the client will send no more requests (the wiring finishes what is in flight, then
   closes); an Abort closes at once.
 * Requests: this endpoint is a forward proxy (RFC 7252 §5.7.2). The target is Proxy-Uri, or
@@ -229,6 +230,14 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class PongReply:
+    """The Pong (`data`) that answers a Ping: sent unless the connection's rate limit says
+    otherwise (a Ping costs as much as the JSON `ping` frame)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Close the WebSocket (after what was sent before)."""
 
@@ -274,7 +283,7 @@ class Released:
     """The client sent Release: no more requests come; close once the answers are out."""
 
 
-Event = Send | Close | Forward | Register | Deregister | Released
+Event = Send | PongReply | Close | Forward | Register | Deregister | Released
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,7 +400,7 @@ class CoapWsProtocol:
         if code == PING:
             # Custody (2) would ask for the Pong after every earlier request is answered;
             # it is elective, and answering at once is allowed.
-            return [Send(Message(PONG, message.token).serialize())]
+            return [PongReply(Message(PONG, message.token).serialize())]
         if code == PONG:
             return []
         if code == RELEASE:
