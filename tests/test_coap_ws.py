@@ -43,6 +43,7 @@ from translator.core.coap_ws import (
     Message,
     MessageError,
     PongReply,
+    Refused,
     Register,
     Released,
     Send,
@@ -110,7 +111,7 @@ def started(**kwargs: Any) -> CoapWsProtocol:
 
 
 def sent(events: list[Any]) -> list[Message]:
-    return [Message.parse(e.data) for e in events if isinstance(e, Send)]
+    return [Message.parse(e.data) for e in events if isinstance(e, Send | Refused)]
 
 
 def request(code: int, token: bytes, *options: tuple[int, bytes], payload: bytes = b"") -> bytes:
@@ -696,6 +697,9 @@ async def test_pings_count_toward_the_rate_limit(
         await coap.send(Message(PING, bytes((number,))))
     refused = await coap.request(GET, proxy(f"{sensors.base_uri}/status"))
     assert dotted(refused.code) == "4.29" and refused.first(MAX_AGE) is not None
+    # A request the protocol refuses by itself (no proxy option: 4.04) costs as much.
+    refused = await coap.request(GET, (URI_PATH, b"x"))
+    assert dotted(refused.code) == "4.29"
     pongs = [m for m in coap.kept if m.code == PONG]
     assert len(pongs) in (9, 10)  # 0.1 each from a bucket of 1 (float rounding: 9 or 10)
     assert coap.kept == pongs

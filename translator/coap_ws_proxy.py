@@ -48,6 +48,7 @@ from translator.core.coap_ws import (
     Event,
     Forward,
     PongReply,
+    Refused,
     Register,
     Released,
     RequestRefused,
@@ -80,11 +81,12 @@ OFFLINE_CODE: Final = "5.02"
 """What ends an observation whose sensor went offline without an error code of its own."""
 
 COSTS: Final[dict[type, float]] = {
-    Forward: 1.0, Register: 0.5, Deregister: 0.5, PongReply: 0.1,
+    Forward: 1.0, Refused: 1.0, Register: 0.5, Deregister: 0.5, PongReply: 0.1,
 }
 """What each request takes from the connection's token bucket, as the JSON frames do
-(`request` 1, `subscribe` 0.5, `ping` 0.1). A Ping past the limit gets no Pong (signaling
-has no error answer). Other signaling costs nothing: it does no work beyond its parsing."""
+(`request` 1, `subscribe` 0.5, `ping` 0.1; a request the protocol refuses by itself, such
+as 4.02, as much as one forwarded). A Ping past the limit gets no Pong (signaling has no
+error answer). Other signaling costs nothing: it does no work beyond its parsing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +164,9 @@ class CoapWsProxy:
             try:
                 if not bucket.take(min(COSTS[type(event)], bucket.burst)):
                     raise self.gateway._rate_limited(peer.session, None)
-                if isinstance(event, Forward):
+                if isinstance(event, Refused):
+                    conn.send(event.data)
+                elif isinstance(event, Forward):
                     self._forward(peer, event)
                 elif isinstance(event, Register):
                     self._register(peer, event)

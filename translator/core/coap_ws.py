@@ -230,6 +230,15 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """A request this module answers with an error by itself (`data`); it still costs the
+    connection as much as a request that is forwarded."""
+
+    token: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class PongReply:
     """The Pong (`data`) that answers a Ping: sent unless the connection's rate limit says
     otherwise (a Ping costs as much as the JSON `ping` frame)."""
@@ -283,7 +292,7 @@ class Released:
     """The client sent Release: no more requests come; close once the answers are out."""
 
 
-Event = Send | PongReply | Close | Forward | Register | Deregister | Released
+Event = Send | PongReply | Close | Refused | Forward | Register | Deregister | Released
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +373,8 @@ class CoapWsProtocol:
         try:
             return self._request(message)
         except RequestRefused as refused:
-            return [Send(diagnostic(refused.code, message.token, refused.text).serialize())]
+            answer = diagnostic(refused.code, message.token, refused.text).serialize()
+            return [Refused(message.token, answer)]
 
     def abort(self, why: str, close_code: int = 1002, bad_option: int | None = None) -> list[Event]:
         """End the connection: an Abort with `why`, then the WebSocket closes."""
