@@ -99,6 +99,8 @@ class CoapWsGrant:
 
 @dataclass(eq=False, slots=True)
 class Peer:
+    """One RFC 8323 connection: the gateway's session for it and its protocol state."""
+
     session: Session
     protocol: CoapWsProtocol
 
