@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import random
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -15,6 +16,8 @@ import aiocoap
 import cbor2
 import pytest
 import pytest_asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -99,6 +102,45 @@ def test_the_wire_form_is_rfc_8323_websocket_framing() -> None:
 def test_bad_bytes_fail_parsing_with_the_reason(data: bytes, why: str) -> None:
     with pytest.raises(MessageError, match=why):
         Message.parse(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_bytes_parse_or_fail_with_message_error_and_round_trip(data: bytes) -> None:
+    try:
+        message = Message.parse(data)
+    except MessageError:
+        return
+    assert Message.parse(message.serialize()) == message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=48), st.text(max_size=8)), max_size=6))
+def test_any_sequence_of_messages_yields_events_never_an_exception(
+    messages: list[bytes | str],
+) -> None:
+    for first in (CSM_BYTES, None):
+        protocol = CoapWsProtocol(max_message_size=1024)
+        for message in ([first] if first else []) + messages:
+            events = protocol.receive(message)
+            closes = [e for e in events if isinstance(e, Close)]
+            assert not closes or events[-1] is closes[0]  # nothing after a Close
+
+
+def test_well_formed_requests_with_random_options_are_answered_or_forwarded() -> None:
+    rng = random.Random(15)
+    for _ in range(2000):
+        options = tuple(
+            (rng.choice((1, 3, 4, 6, 7, 11, 12, 15, 17, 23, 35, 39, 60, 258, 2049)),
+             rng.randbytes(rng.randrange(0, 6)))
+            for _ in range(rng.randrange(0, 6))
+        )
+        code = rng.randrange(0, 32)
+        events = started().receive(Message(code, b"tk", options, b"").serialize())
+        assert all(isinstance(e, Refused | Forward | Register | Deregister) for e in events)
+        for event in events:
+            if isinstance(event, Refused):
+                assert Message.parse(event.data).token == b"tk"
 
 
 # -- the protocol state (pure) --------------------------------------------------------------------
