@@ -28,6 +28,7 @@ from translator.core.coap_ws import (
     CONTENT_FORMAT,
     CSM,
     MAX_AGE,
+    MAX_DIAGNOSTIC,
     MAX_MESSAGE_SIZE,
     OBSERVE,
     PING,
@@ -51,6 +52,7 @@ from translator.core.coap_ws import (
     Released,
     Send,
     code_of,
+    diagnostic,
     dotted,
     uint,
 )
@@ -261,6 +263,11 @@ def test_requests_the_proxy_cannot_carry_are_answered_with_their_code(
     (answer,) = sent(started().receive(request(GET, b"tk", *options)))
     assert (dotted(answer.code), answer.token) == (code, b"tk")
     assert why in answer.payload.decode()
+
+
+def test_a_long_diagnostic_is_cut_without_splitting_a_character() -> None:
+    payload = diagnostic(code_of("4.00"), b"", "é" * 400).payload
+    assert len(payload) == MAX_DIAGNOSTIC and payload.decode() == "é" * 256
 
 
 def test_an_unknown_method_is_4_05_and_elective_options_are_ignored() -> None:

@@ -214,9 +214,18 @@ def uint(value: int) -> bytes:
     return value.to_bytes((value.bit_length() + 7) // 8, "big")
 
 
+MAX_DIAGNOSTIC: Final = 512
+"""Bytes of a diagnostic payload at most (it may quote a client's URI)."""
+
+
+def _utf8(text: str) -> bytes:
+    """`text` as UTF-8, cut to `MAX_DIAGNOSTIC` bytes without splitting a character."""
+    return text.encode()[:MAX_DIAGNOSTIC].decode("utf-8", "ignore").encode()
+
+
 def diagnostic(code: int, token: bytes, text: str) -> Message:
     """An error response with a diagnostic payload (RFC 7252 §5.5.2)."""
-    return Message(code, token, (), text.encode()[:512])
+    return Message(code, token, (), _utf8(text))
 
 
 # -- events -------------------------------------------------------------------------------------
@@ -382,7 +391,7 @@ class CoapWsProtocol:
             return []
         self.aborted = True
         options = () if bad_option is None else ((BAD_CSM_OPTION, uint(bad_option)),)
-        abort = Message(ABORT, b"", options, why.encode()[:512])
+        abort = Message(ABORT, b"", options, _utf8(why))
         return [Send(abort.serialize()), Close(close_code, why[:120])]
 
     def _signaling(self, message: Message) -> list[Event]:
