@@ -403,7 +403,7 @@ class CoapWsProtocol:
                         return self.abort("Max-Message-Size is longer than 4 bytes", 1002,
                                           bad_option=number)
                     self.peer_max_message_size = int.from_bytes(value, "big")
-                elif number != BLOCK_WISE_TRANSFER and number & 1:
+                elif number & 1:  # critical; Block-Wise-Transfer (4) and others: elective
                     return self.abort(f"critical CSM option {number} is not supported",
                                       1002, bad_option=number)
             self.peer_csm = True
