@@ -19,7 +19,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -35,6 +35,7 @@ from translator.auth import (
 )
 from translator.coap.security import check_installed, dtls_missing
 from translator.coap.side import CoapAnswer, CoapSide, UpstreamError
+from translator.coap_ws_proxy import CoapWsGrant, CoapWsProxy
 from translator.config import ConfigError, GatewayConfig, policy_for
 from translator.core import frames
 from translator.core.codecs import UnsupportedValue, decode_payload, encode_value
@@ -54,7 +55,7 @@ from translator.core.uris import UriError, parse_coap_uri
 from translator.credentials import client_credentials
 from translator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from translator.metrics import GatewayMetrics
-from translator.web.front import Answer, text_answer
+from translator.web.front import COAP_WS_PATH, WS_PATH, Answer, text_answer
 from translator.web.server import (
     Connection,
     Refusal,
@@ -190,6 +191,8 @@ class Gateway:
             config.auth, sensors=self.hub.sensor_uris, env=os.environ
         )
         self._sessions: dict[Connection, Session] = {}
+        self.coap_ws = CoapWsProxy(self)
+        """The RFC 8323 endpoint's peers (`/.well-known/coap`)."""
         self._lingers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._discovered_at: float | None = None
@@ -201,6 +204,11 @@ class Gateway:
     @property
     def url(self) -> str:
         return self.ws.url
+
+    @property
+    def coap_ws_url(self) -> str:
+        """The RFC 8323 endpoint beside `url`: CoAP over WebSockets, subprotocol ``coap``."""
+        return self.ws.url.removesuffix(WS_PATH) + COAP_WS_PATH
 
     @property
     def authenticating(self) -> bool:
@@ -217,6 +225,7 @@ class Gateway:
             log.warning("policy allows every CoAP destination ('*'): for development only")
         await self.coap.start()
         await self.ws.start()
+        log.info("CoAP over WebSockets (RFC 8323) at %s", self.coap_ws_url)
         self._started = True
         self._execute(self.hub.startup())
         if self.config.sensors:
@@ -261,14 +270,18 @@ class Gateway:
             if self._stopping and isinstance(command, StartObservation | StartLinger):
                 continue
             if isinstance(command, Deliver):
+                targets: Sequence[Connection] = command.targets
+                if self.coap_ws.peers:  # CoAP-over-WebSocket peers get CoAP messages
+                    targets = self.coap_ws.take_deliveries(command)
                 # Frame once, send to many: the same bytes go to every target.
-                fan_out(command.targets, command.text, command.replaces)
+                fan_out(targets, command.text, command.replaces)
             elif isinstance(command, StartObservation):
                 self._cancel_linger(command.uri)
                 self.coap.start_observation(command.uri)
             elif isinstance(command, StopObservation):
                 self._cancel_linger(command.uri)
                 self.coap.stop_observation(command.uri)
+                self.coap_ws.forget(command.uri)
             elif isinstance(command, StartLinger):
                 self._cancel_linger(command.uri)
                 self._lingers[command.uri] = asyncio.get_running_loop().call_later(
@@ -291,6 +304,7 @@ class Gateway:
 
     def answer(self, uri: str, answer: CoapAnswer) -> None:
         hub, code, cf = self.hub, answer.code, answer.cf
+        self.coap_ws.upstream_answer(uri, answer)
         age, observe = answer.max_age, answer.observable
         if answer.broken is not None:
             commands = hub.upstream_unusable(
@@ -317,10 +331,12 @@ class Gateway:
 
     # -- the WebSocket side's events (MessageHandler) ----------------------------------------
 
-    def admit(self, path: str, headers: Headers, remote_ip: str) -> Refusal | Principal:
+    def admit(
+        self, path: str, headers: Headers, remote_ip: str
+    ) -> Refusal | Principal | CoapWsGrant:
         """The handshake's authentication (Gatekeeper): who the client is, or HTTP 401."""
         if not self.authenticating:
-            return ANONYMOUS
+            return self._grant(path, ANONYMOUS)
         presented = headers.get_all("Authorization")
         principal = (
             # Two Authorization headers are ambiguous: refuse rather than pick one.
@@ -335,6 +351,13 @@ class Gateway:
                 (("WWW-Authenticate", 'Bearer realm="coap-ws-gateway"'),),
             )
         log.info("client %s authenticated as %s", remote_ip, principal.name)
+        return self._grant(path, principal)
+
+    @staticmethod
+    def _grant(path: str, principal: Principal) -> Principal | CoapWsGrant:
+        """The RFC 8323 endpoint's connections are told apart by their grant."""
+        if path.partition("?")[0] == COAP_WS_PATH:
+            return CoapWsGrant(principal)
         return principal
 
     # -- the operator's endpoints (Operations) ----------------------------------------------
@@ -361,19 +384,30 @@ class Gateway:
         )
 
     def connected(self, conn: Connection) -> None:
-        principal = conn.grant if isinstance(conn.grant, Principal) else ANONYMOUS
+        grant = conn.grant
+        principal = (
+            grant.principal if isinstance(grant, CoapWsGrant)
+            else grant if isinstance(grant, Principal) else ANONYMOUS
+        )
         limits = self.config.limits
-        self._sessions[conn] = Session(conn, principal, TokenBucket(limits.rate, limits.burst))
+        session = Session(conn, principal, TokenBucket(limits.rate, limits.burst))
+        self._sessions[conn] = session
         self.hub.connect(conn)
+        if isinstance(grant, CoapWsGrant):
+            self.coap_ws.connected(session)
 
     def disconnected(self, conn: Connection) -> None:
         session = self._sessions.pop(conn, None)
         if session is not None:
             for task in session.tasks:
                 task.cancel()
+        self.coap_ws.disconnected(conn)
         self._execute(self.hub.disconnect(conn))
 
     def received(self, conn: Connection, message: str | bytes) -> None:
+        if conn in self.coap_ws.peers:
+            self.coap_ws.received(conn, message)
+            return
         session = self._sessions.get(conn)
         if session is None:
             return
