@@ -392,7 +392,7 @@ class Directory:
     def lookup_endpoints(self, query: Mapping[str, str]) -> list[Registration]:
         """Endpoint lookup: registrations whose parameters match every filter."""
         filters = {k: v for k, v in query.items() if k not in LOOKUP_PAGING}
-        found = [reg for reg in self._by_id.values() if _matches_all(filters, _reg_attrs(reg))]
+        found = [reg for reg in self._by_id.values() if matches_all(filters, _reg_attrs(reg))]
         return _page(found, query)
 
     def lookup_resources(self, query: Mapping[str, str]) -> list[tuple[Registration, Link]]:
@@ -404,7 +404,7 @@ class Directory:
             ep_attrs = _reg_attrs(reg)
             for link in reg.links:
                 attrs = {**ep_attrs, **dict(_link_attrs(link)), "href": link.uri}
-                if _matches_all(filters, attrs):
+                if matches_all(filters, attrs):
                     found.append((reg, link))
         return _page(found, query)
 
@@ -423,7 +423,7 @@ def _link_attrs(link: Link) -> Iterable[tuple[str, str | bool]]:
     return link.attrs
 
 
-def _matches_all(filters: Mapping[str, str], attrs: Mapping[str, str | bool]) -> bool:
+def matches_all(filters: Mapping[str, str], attrs: Mapping[str, str | bool]) -> bool:
     """RFC 9176 §6.1: a filter ``name=value`` matches an attribute of that name whose value
     (or one of its space-separated values) equals `value`, or starts with it when `value`
     ends with ``*``; ``name`` alone (empty value) matches the attribute's presence."""
@@ -497,3 +497,58 @@ def registration_link_format(reg: Registration) -> str:
     return ",".join(
         f"<{link.href}>" + "".join(_attr_text(k, v) for k, v in link.attrs) for link in reg.links
     )
+
+
+# -- reading another directory ([discovery] rd) -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FoundEndpoint:
+    """An endpoint read from another directory's lookup interfaces."""
+
+    ep: str
+    d: str | None
+    base: str
+    links: tuple[Link, ...]
+
+
+def read_lookups(endpoints_text: str, resources_text: str) -> tuple[list[FoundEndpoint], int]:
+    """Another directory's endpoint-lookup and resource-lookup answers (link-format) ->
+    its endpoints with their links, and how many entries were skipped. The same rules as
+    for registrations here: a base must be a unicast IP literal and each link at its base's
+    origin; anything else is skipped (the directory is the operator's, its registrants may
+    not be). Raises ValueError for malformed link-format."""
+    skipped = 0
+    endpoints: dict[str, tuple[str, str | None]] = {}
+    for entry in parse_link_format(endpoints_text):
+        ep, d, base = entry.get("ep"), entry.get("d"), entry.get("base")
+        if not isinstance(ep, str) or not isinstance(base, str):
+            skipped += 1
+            continue
+        try:
+            origin = _base(base)
+            _name({"ep": ep}, "ep", required=True)
+        except DirectoryError:
+            skipped += 1
+            continue
+        endpoints.setdefault(origin, (ep, d if isinstance(d, str) else None))
+    links: dict[str, list[Link]] = {origin: [] for origin in endpoints}
+    for entry in parse_link_format(resources_text):
+        href = entry.pop("href")
+        assert isinstance(href, str)
+        anchor = entry.pop("anchor", None)
+        try:
+            uri = parse_coap_uri(href)
+            origin = _base(anchor) if isinstance(anchor, str) else uri.origin
+        except (UriError, DirectoryError):
+            skipped += 1
+            continue
+        if uri.origin != origin or origin not in links:
+            skipped += 1
+            continue
+        attrs = tuple((k, v) for k, v in entry.items() if isinstance(v, str | bool))
+        links[origin].append(Link(href=uri.path or "/", uri=str(uri), attrs=attrs))
+    return [
+        FoundEndpoint(ep=ep, d=d, base=origin, links=tuple(links[origin]))
+        for origin, (ep, d) in endpoints.items()
+    ], skipped
