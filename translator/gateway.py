@@ -500,7 +500,11 @@ class Gateway:
                     {"name": s.name, "uri": s.uri, "ep": None, "source": "config"}
                     for s in self.config.sensors if visible(s.uri)
                 ]
-                self.registry.watch(conn, frame.id, visible, configured)
+                principal = session.principal
+                self.registry.watch(
+                    conn, frame.id,
+                    lambda uri: principal.allows(uri, self.hub.sensor_uris), configured,
+                )
 
     @staticmethod
     def _require(principal: Principal, scope: str, frame_id: FrameId) -> None:

@@ -51,6 +51,8 @@ class Sink(Protocol):
 class Watcher:
     frame_id: FrameId
     allowed: Callable[[str], bool]
+    """Whether the watcher's token may reach a URI (registered entries passed the
+    directory's rules in place of the policy; a removed one is judged the same way)."""
 
 
 class Registry:
@@ -150,8 +152,9 @@ class Registry:
         self, sink: Sink, frame_id: FrameId, allowed: Callable[[str], bool],
         configured: Iterable[dict[str, JSONValue]],
     ) -> None:
-        """Send `sink` the catalogue (`configured` entries and the registered ones it may
-        see), then each change, until `forget`. A second watch starts again."""
+        """Send `sink` the catalogue (`configured` entries, and the registered ones that
+        `allowed` lets it reach), then each change, until `forget`. A second watch starts
+        again."""
         self.watchers[sink] = Watcher(frame_id, allowed)
         entries = [*configured, *(e.to_json() for e in self.catalog.entries() if allowed(e.uri))]
         sink.send(frames.Catalog(frame_id, True, added=tuple(entries)).serialize())
