@@ -115,3 +115,13 @@ def test_a_withdrawn_resource_left_by_its_last_subscriber_is_forgotten_in_time()
     hub.withdraw(uri, "gone")
     hub.unsubscribe("c1", sub)
     assert hub.resource(uri) is None
+
+
+def test_the_registered_ct_decodes_answers_without_content_format() -> None:
+    hub: Hub[str] = Hub(linger=0)
+    uri = "coap://10.0.0.1:5683/count"
+    hub.connect("c1")
+    hub.subscribe("c1", uri, 1)
+    hub.registered_cf = {uri: 60}.get
+    commands = hub.upstream_response(uri, code="2.05", cf=None, payload=b"\x18\x2a")
+    assert '"value":42' in [c for c in commands if isinstance(c, Deliver)][-1].text

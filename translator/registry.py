@@ -72,6 +72,7 @@ class Registry:
         self._execute = execute
         self._spawn = spawn
         self.catalog = Catalog(config.rd.name_template, reserved=hub.sensor_uris)
+        hub.registered_cf = self._registered_cf
         self.watchers: dict[Sink, Watcher] = {}
         self.server: DirectoryServer | None = None
         self.directory: Directory | None = None
@@ -102,6 +103,10 @@ class Registry:
 
     def uri_for_name(self, name: str) -> str | None:
         return self.catalog.uri_for_name(name)
+
+    def _registered_cf(self, uri: str) -> int | None:
+        entry = self.catalog.entry_for_uri(uri)
+        return entry.cf if entry is not None else None
 
     def catalogued(self, uri: str) -> bool:
         """Whether `uri` is a resource the catalogue holds (checked when it joined)."""

@@ -317,6 +317,9 @@ class Hub(Generic[C]):
         self._connections: dict[C, dict[str, Resource[C]]] = {}
         self._links: dict[str, LinkInfo] = {}
         self._links_by_origin: dict[str, tuple[str, ...]] = {}
+        self.registered_cf: Callable[[str], int | None] | None = None
+        """The `ct` a resource registered with (the Resource Directory's catalogue), for
+        the resources no /.well-known/core read describes."""
         for name, uri in self.sensor_uris.items():
             self._resource(uri).name = name
         for uri in pinned:
@@ -347,6 +350,8 @@ class Hub(Generic[C]):
 
     def advertised_cf(self, uri: str) -> int | None:
         link = self._links.get(uri)
+        if link is None and self.registered_cf is not None:
+            return self.registered_cf(uri)
         return link.cf if link else None
 
     @property
