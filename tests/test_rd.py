@@ -327,3 +327,25 @@ async def test_a_second_gateway_reads_the_first_ones_directory(
     assert {e.name for e, _ in change.removed} == {"node-1:t", "node-1:u"}
     removed = await wait_catalog(client, lambda f: f["removed"])
     assert removed["removed"][0]["reason"] == f"no longer registered at {rd_uri(first)}"
+
+
+async def test_demo_with_sensors_that_register_themselves(make_client: Any) -> None:
+    from tests.test_cli import start_process
+
+    demo = await start_process("demo", "--rd", "--port", "0")
+    try:
+        assert any(line.startswith("resource directory on coap://") for line in demo.lines)
+        client = await make_client(demo.url)
+        snapshot = await client.call({"type": "watch"})
+        catalogue = names(snapshot["added"])
+        while "demo/temperature" not in catalogue:  # the sensors register right after
+            catalogue |= names((await wait_catalog(client, lambda f: f["added"]))["added"])
+        sub = (await client.subscribe(name="demo/temperature"))["sub"]
+        assert isinstance((await client.next_notify(sub))["value"], float)
+        listed = await client.call({"type": "list"})
+        assert {e.get("ep") for e in listed["resources"]} == {"demo"}
+        await client.close()
+    finally:
+        assert await demo.terminate() == 0
+    assert demo.process.stdout is not None
+    assert "Traceback" not in (await demo.process.stdout.read()).decode()
