@@ -253,6 +253,10 @@ async def test_a_full_directory_answers_5_03_with_max_age(
     assert full.code == aiocoap.SERVICE_UNAVAILABLE and full.opt.max_age == 60
     # The registered endpoint may still register again (same location).
     assert (await ask(coap, aiocoap.POST, f"{base}/rd?ep=node-1", b"</b>")).code == aiocoap.CREATED
+    metrics = gateway.metrics(None).body.decode()
+    assert 'coap_ws_gateway_rd_refused_total{code="5.03"} 1.0' in metrics
+    assert "coap_ws_gateway_rd_registrations 1.0" in metrics
+    assert "coap_ws_gateway_catalogued 1.0" in metrics
 
 
 async def test_sources_outside_allow_from_are_refused(make_gateway: Any, coap: Any) -> None:

@@ -197,6 +197,8 @@ class Registry:
                 await self.read_directory(rd)
             except (TimeoutError, UpstreamError, ValueError, OSError) as exc:
                 log.warning("reading the resource directory %s failed: %s", rd, exc)
+            except Exception:  # the refresh goes on whatever one read ran into
+                log.exception("reading the resource directory %s failed", rd)
             await asyncio.sleep(refresh)  # a period, not a wait for an event
 
     async def read_directory(self, rd: str) -> CatalogChange:
