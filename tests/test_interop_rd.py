@@ -142,6 +142,11 @@ async def test_libcoap_registers_a_libcoap_sensor_and_a_websocket_client_watches
     # it registered with decodes them as text.
     assert first["cf"] is None
     assert isinstance(second["value"], str) and second["value"]
+    # Observed (the answer carried Observe: updates are notifications, not polls).
+    listed = await client.call({"type": "list"})
+    entry = next(e for e in listed["resources"] if e["name"] == "libcoap-1/time")
+    assert entry["observable"] is True and entry["registrations"] == 1
+    assert entry["ep"] == "libcoap-1"
 
 
 async def test_libcoap_client_gets_the_directory_s_refusals(make_gateway: Any) -> None:
