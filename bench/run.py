@@ -108,7 +108,7 @@ class Settings:
     """Bursts per writer in bench.floor (three writers, one burst every 100 ms)."""
     floor_hiccups: int = 200
     scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow", "rd")
-    rd_registrations: int = 5000
+    rd_registrations: int = 3000
     """Endpoints registered per system in the resource directory scenario."""
     slow_seconds: float = 60.0
     """The slow readers' measurement, per gateway (bound on, bound off)."""
@@ -138,7 +138,7 @@ class Settings:
                     idle_connections=(1000,), observed_resources=(1000,), admission_clients=0,
                     floor_bursts=15, floor_hiccups=60, budget=90.0,
                     scenarios=("fanout", "ingest", "commands", "memory", "rd"),
-                    rd_registrations=1000)
+                    rd_registrations=500)
         else:
             s = cls()
         if args.large:
