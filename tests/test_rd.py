@@ -353,3 +353,30 @@ async def test_demo_with_sensors_that_register_themselves(make_client: Any) -> N
         assert await demo.terminate() == 0
     assert demo.process.stdout is not None
     assert "Traceback" not in (await demo.process.stdout.read()).decode()
+
+
+async def test_a_block_wise_registration_within_max_payload_is_assembled(
+    make_gateway: Any, coap: Any
+) -> None:
+    gateway = await make_gateway(rd_config(max_links=100))
+    links = ",".join(f'</sensor/{n:03d}>;rt="temperature";ct=60;obs' for n in range(60))
+    assert 1024 < len(links) <= 4096  # more than one block of aiocoap's 1024 bytes
+    created = await ask(coap, aiocoap.POST, f"{rd_uri(gateway)}/rd?ep=node-big", links.encode())
+    assert created.code == aiocoap.CREATED, created.payload
+    assert len(gateway.registry.catalog) == 60
+    assert gateway.registry.uri_for_name("node-big/sensor/059") is not None
+
+
+async def test_ipv6_listen_and_source_base(make_gateway: Any, coap: Any) -> None:
+    gateway = await make_gateway({
+        "server": {"host": "127.0.0.1", "port": 0},
+        "coap": {"listen": ["[::1]:0"]},
+        "rd": {"allow_from": ["::1/128"]},
+    })
+    assert gateway.registry.server is not None
+    host, port = gateway.registry.server.addresses[0]
+    assert host == "::1" and port > 0
+    created = await ask(coap, aiocoap.POST, f"coap://[::1]:{port}/rd?ep=v6", b"</t>")
+    assert created.code == aiocoap.CREATED
+    uri = gateway.registry.uri_for_name("v6/t")
+    assert uri is not None and uri.startswith("coap://[::1]:") and uri.endswith("/t")
