@@ -203,6 +203,10 @@ async def test_lookups_and_well_known_core(make_gateway: Any, coap: Any) -> None
     res = parse_link_format((await ask(coap, aiocoap.GET,
                                        f"{base}/rd-lookup/res?rt=hum*")).payload.decode())
     assert len(res) == 1 and res[0]["href"].endswith("/h") and "anchor" in res[0]
+    assert (await ask(coap, aiocoap.PUT, f"{base}/rd", b"</x>")).code == aiocoap.METHOD_NOT_ALLOWED
+    assert (await ask(coap, aiocoap.GET, f"{base}/elsewhere")).code == aiocoap.NOT_FOUND
+    assert (await ask(coap, aiocoap.GET, f"{base}/rd-lookup/res?page=x&count=1")).code == \
+        aiocoap.BAD_REQUEST
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import aiocoap
@@ -71,6 +72,21 @@ _CODES: Final[dict[str, Code]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One request, as the handlers need it."""
+
+    path: str
+    query: dict[str, str]
+    source: tuple[str, int]
+    now: float
+    payload: bytes
+    cf: int | None
+
+
+Handler = Callable[[_Call], Awaitable[aiocoap.Message]]
+
+
 class DirectoryListener(Protocol):
     def directory_changed(self, change: Change) -> None:
         """The table changed: registrations added, removed (why) or changed."""
@@ -116,6 +132,16 @@ class DirectorySite(interfaces.Resource):  # type: ignore[misc]  # aiocoap is un
         self._cache = Block2Cache()
         self.refused: dict[str, int] = {}
         """Refusals by CoAP code, for the operator."""
+        self._routes: dict[str, dict[str, Handler]] = {
+            ".well-known/core": {"GET": self._core},
+            ".well-known/rd": {"POST": self._simple_registration},
+            "rd": {"POST": self._register},
+            "rd-lookup/ep": {"GET": self._lookup_endpoints},
+            "rd-lookup/res": {"GET": self._lookup_resources},
+        }
+        self._registration: dict[str, Handler] = {
+            "POST": self._update, "DELETE": self._remove, "GET": self._read,
+        }
 
     async def needs_blockwise_assembly(self, request: Any) -> bool:
         return True
@@ -164,46 +190,56 @@ class DirectorySite(interfaces.Resource):  # type: ignore[misc]  # aiocoap is un
     async def _route(self, request: Any) -> aiocoap.Message:
         path = "/".join(request.opt.uri_path)
         method = str(request.code)
-        query = parse_query(request.opt.uri_query)
-        source = source_of(request)
-        now = self.clock()
-        rd = self.directory
-        if path == ".well-known/core" and method == "GET":
-            return self._well_known(query)
-        if path == ".well-known/rd" and method == "POST":
-            return await self._simple(query, source, now, request.payload)
-        if path == "rd" and method == "POST":
-            reg, change = rd.register(
-                query, request.payload, source, now, content_format=_cf(request)
-            )
-            self._changed(change)
-            response = _answer("2.01")
-            response.opt.location_path = tuple(reg.id.split("/"))
-            return response
-        if path.startswith("rd/"):
-            if method == "POST":
-                _, change = rd.update(path, query, source, now, payload=request.payload)
-                self._changed(change)
-                return _answer("2.04")
-            if method == "DELETE":
-                self._changed(rd.remove(path, source))
-                return _answer("2.02")
-            if method == "GET":
-                found = rd.get(path)
-                if found is None:
-                    raise DirectoryError("4.04", f"no registration at /{path}")
-                return _answer("2.05", registration_link_format(found), cf=LINK_FORMAT)
+        call = _Call(path, parse_query(request.opt.uri_query), source_of(request), self.clock(),
+                     request.payload, _cf(request))
+        # The registration resources (rd/N) share one table; every other path has its own.
+        methods = self._registration if path.startswith("rd/") else self._routes.get(path)
+        if methods is None:
+            raise DirectoryError("4.04", f"nothing at /{path}")
+        handler = methods.get(method)
+        if handler is None:
             raise DirectoryError("4.05", f"{method} is not allowed on /{path}")
-        if path == "rd-lookup/ep" and method == "GET":
-            return _answer("2.05", endpoints_link_format(rd.lookup_endpoints(query)),
-                           cf=LINK_FORMAT)
-        if path == "rd-lookup/res" and method == "GET":
-            return _answer("2.05", resources_link_format(rd.lookup_resources(query)),
-                           cf=LINK_FORMAT)
-        if path in ("rd", "rd-lookup/ep", "rd-lookup/res", ".well-known/core",
-                    ".well-known/rd"):
-            raise DirectoryError("4.05", f"{method} is not allowed on /{path}")
-        raise DirectoryError("4.04", f"nothing at /{path}")
+        return await handler(call)
+
+    async def _register(self, call: _Call) -> aiocoap.Message:
+        reg, change = self.directory.register(
+            call.query, call.payload, call.source, call.now, content_format=call.cf
+        )
+        self._changed(change)
+        response = _answer("2.01")
+        response.opt.location_path = tuple(reg.id.split("/"))
+        return response
+
+    async def _update(self, call: _Call) -> aiocoap.Message:
+        _, change = self.directory.update(
+            call.path, call.query, call.source, call.now, payload=call.payload
+        )
+        self._changed(change)
+        return _answer("2.04")
+
+    async def _remove(self, call: _Call) -> aiocoap.Message:
+        self._changed(self.directory.remove(call.path, call.source))
+        return _answer("2.02")
+
+    async def _read(self, call: _Call) -> aiocoap.Message:
+        found = self.directory.get(call.path)
+        if found is None:
+            raise DirectoryError("4.04", f"no registration at /{call.path}")
+        return _answer("2.05", registration_link_format(found), cf=LINK_FORMAT)
+
+    async def _lookup_endpoints(self, call: _Call) -> aiocoap.Message:
+        found = self.directory.lookup_endpoints(call.query)
+        return _answer("2.05", endpoints_link_format(found), cf=LINK_FORMAT)
+
+    async def _lookup_resources(self, call: _Call) -> aiocoap.Message:
+        found = self.directory.lookup_resources(call.query)
+        return _answer("2.05", resources_link_format(found), cf=LINK_FORMAT)
+
+    async def _core(self, call: _Call) -> aiocoap.Message:
+        return self._well_known(call.query)
+
+    async def _simple_registration(self, call: _Call) -> aiocoap.Message:
+        return await self._simple(call.query, call.source, call.now, call.payload)
 
     def _well_known(self, query: dict[str, str]) -> aiocoap.Message:
         links = [
