@@ -369,6 +369,10 @@ async def test_a_block_wise_registration_within_max_payload_is_assembled(
     assert created.code == aiocoap.CREATED, created.payload
     assert len(gateway.registry.catalog) == 60
     assert gateway.registry.uri_for_name("node-big/sensor/059") is not None
+    # The lookup answer is larger than a block too: served block-wise (Block2).
+    found = await ask(coap, aiocoap.GET, f"{rd_uri(gateway)}/rd-lookup/res?ep=node-big")
+    assert len(found.payload) > 1024
+    assert len(parse_link_format(found.payload.decode())) == 60
 
 
 async def test_ipv6_listen_and_source_base(make_gateway: Any, coap: Any) -> None:
