@@ -19,7 +19,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -55,6 +55,7 @@ from translator.core.uris import UriError, parse_coap_uri
 from translator.credentials import client_credentials
 from translator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from translator.metrics import GatewayMetrics
+from translator.registry import Registry
 from translator.web.front import COAP_WS_PATH, WS_PATH, Answer, text_answer
 from translator.web.server import (
     Connection,
@@ -76,6 +77,7 @@ FRAME_COSTS: Final[dict[type, float]] = {
     frames.Subscribe: 0.5,
     frames.Unsubscribe: 0.25,
     frames.Ping: 0.1,
+    frames.Watch: 5.0,  # a snapshot of the catalogue, like a list
 }
 """What each client frame takes from its connection's token bucket (`[limits] rate` and
 `burst` are in these units): every frame type is rate limited, by what it costs."""
@@ -199,6 +201,8 @@ class Gateway:
         self._discovery: asyncio.Task[None] | None = None
         self._stopping = False
         self._started = False
+        self.registry = Registry(config, self.hub, self.coap, self._execute, self._spawn)
+        """Resources that registered themselves (the RD), and who watches the catalogue."""
         self.metrics_registry = GatewayMetrics(self)
 
     @property
@@ -224,6 +228,7 @@ class Gateway:
         if self.policy.allows_everything:
             log.warning("policy allows every CoAP destination ('*'): for development only")
         await self.coap.start()
+        await self.registry.start()
         await self.ws.start()
         log.info("CoAP over WebSockets (RFC 8323) at %s", self.coap_ws_url)
         self._started = True
@@ -255,6 +260,7 @@ class Gateway:
         pending = [*self._tasks, *(t for s in self._sessions.values() for t in s.tasks)]
         if pending:
             await asyncio.wait(pending, timeout=2)
+        await self.registry.stop()
         await self.coap.shutdown()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -402,6 +408,7 @@ class Gateway:
             for task in session.tasks:
                 task.cancel()
         self.coap_ws.disconnected(conn)
+        self.registry.forget(conn)
         self._execute(self.hub.disconnect(conn))
 
     def received(self, conn: Connection, message: str | bytes) -> None:
@@ -520,6 +527,18 @@ class Gateway:
                 )
             case frames.Ping():
                 conn.send(frames.Pong(frame.id).serialize())
+            case frames.Watch():
+                self._require(session.principal, READ, frame.id)
+                visible = self._visible(session.principal)
+                configured = [
+                    {"name": s.name, "uri": s.uri, "ep": None, "source": "config"}
+                    for s in self.config.sensors if visible(s.uri)
+                ]
+                principal = session.principal
+                self.registry.watch(
+                    conn, frame.id,
+                    lambda uri: principal.allows(uri, self.hub.sensor_uris), configured,
+                )
 
     @staticmethod
     def _require(principal: Principal, scope: str, frame_id: FrameId) -> None:
@@ -544,7 +563,7 @@ class Gateway:
         self._require(session.principal, scope, frame_id)
         principal = session.principal
         if name is not None:
-            found = self.hub.uri_for_name(name)
+            found = self.hub.uri_for_name(name) or self.registry.uri_for_name(name)
             # A name this token may not reach gets the same answer as an unknown one, so that
             # a narrowed token can neither enumerate names nor learn their URIs.
             if found is None or not principal.allows(found, self.hub.sensor_uris):
@@ -559,6 +578,10 @@ class Gateway:
         except UriError as exc:
             raise FrameError(frames.BAD_REQUEST, str(exc), frame_id) from None
         decision = self.policy.decide(uri)
+        if not decision.allowed and self.registry.catalogued(str(uri)):
+            # A registered resource passed the directory's rules when it joined (an IP
+            # literal, never multicast or broadcast, from an allowed registrant).
+            decision = Decision(uri, True, False, "")
         if not decision.allowed:
             raise FrameError(frames.FORBIDDEN, decision.reason, frame_id)
         if not principal.allows(uri, self.hub.sensor_uris):
@@ -580,7 +603,8 @@ class Gateway:
         """A hint naming the configured sensors closest to `name` that `principal` may reach
         (never one it may not: that would let a narrowed token enumerate names)."""
         sensors = self.hub.sensor_uris
-        reachable = [n for n, uri in sensors.items() if principal.allows(uri, sensors)]
+        names = {**self.registry.catalog.names, **sensors}
+        reachable = [n for n, uri in names.items() if principal.allows(uri, sensors)]
         close = difflib.get_close_matches(name, reachable, n=3)
         return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 
@@ -740,12 +764,19 @@ class Gateway:
             if other.principal == principal
             for uri in self.hub.subscribed_uris(other.conn)
         }
-        entries = self.hub.list_entries(
-            lambda uri: uri in own
-            or (
-                self.hub.catalogued(uri)
-                and self.policy.allows(uri)
+        visible = self._visible(principal)
+        entries = self.hub.list_entries(lambda uri: uri in own or visible(uri))
+        entries = self.registry.annotate(entries, visible)
+        conn.send(frames.Resources(frame_id, tuple(entries)).serialize())
+
+    def _visible(self, principal: Principal) -> Callable[[str], bool]:
+        """Whether a catalogued resource is shown to `principal`: configured, discovered at
+        a configured sensor's host, or registered, as far as the policy (registered ones
+        passed the directory's rules instead) and the token allow."""
+        def visible(uri: str) -> bool:
+            registered = self.registry.catalogued(uri)
+            return (
+                (registered or (self.hub.catalogued(uri) and self.policy.allows(uri)))
                 and principal.allows(uri, self.hub.sensor_uris)
             )
-        )
-        conn.send(frames.Resources(frame_id, tuple(entries)).serialize())
+        return visible

@@ -317,6 +317,9 @@ class Hub(Generic[C]):
         self._connections: dict[C, dict[str, Resource[C]]] = {}
         self._links: dict[str, LinkInfo] = {}
         self._links_by_origin: dict[str, tuple[str, ...]] = {}
+        self.registered_cf: Callable[[str], int | None] | None = None
+        """The `ct` a resource registered with (the Resource Directory's catalogue), for
+        the resources no /.well-known/core read describes."""
         for name, uri in self.sensor_uris.items():
             self._resource(uri).name = name
         for uri in pinned:
@@ -347,6 +350,8 @@ class Hub(Generic[C]):
 
     def advertised_cf(self, uri: str) -> int | None:
         link = self._links.get(uri)
+        if link is None and self.registered_cf is not None:
+            return self.registered_cf(uri)
         return link.cf if link else None
 
     @property
@@ -511,6 +516,10 @@ class Hub(Generic[C]):
         if conn in subscribers:
             i = subscribers.index(conn)
             resource.subscribers = subscribers[:i] + subscribers[i + 1:]
+        if not resource.observing and not resource.subscribers and not resource.pinned \
+                and resource.name is None and resource.uri not in self._idle:
+            # A withdrawn resource (see `withdraw`) that its last subscriber left.
+            self._remember_idle(resource)
         if resource.subscribers or resource.pinned or not resource.observing:
             return []
         if self.linger <= 0:
@@ -726,6 +735,68 @@ class Hub(Generic[C]):
         if not resource.subscribers:
             return []
         return [Deliver(resource.subscribers, text)]
+
+    # -- resources that come and go (the Resource Directory) --------------------------------
+
+    def withdraw(self, uri: str, reason: str) -> list[Command[C]]:
+        """`uri` is gone from the catalogue (its registration expired or was removed): stop
+        observing it, tell its subscribers it is offline and why, and keep their
+        subscriptions for the endpoint's return (`move` or `restore`)."""
+        resource = self._resources.get(uri)
+        if resource is None:
+            return []
+        commands: list[Command[C]] = []
+        if resource.observing:
+            resource.observing = False
+            self.observing_count -= 1
+            resource.linger_generation += 1
+            self._end_linger(uri)
+            commands.append(StopObservation(uri))
+        commands.extend(self._event(resource, "failed", reason))
+        if not resource.subscribers and not resource.pinned and resource.name is None:
+            self._remember_idle(resource)
+        return commands
+
+    def move(self, old: str, new: str) -> list[Command[C]]:
+        """The resource at `old` is now at `new` (its endpoint registered from another
+        address): its subscriptions, `sub` and `seq` go with it and observe `new`. When `new`
+        is already watched on its own the two cannot be merged (each has its `sub`): the
+        subscribers of `old` stay where they are."""
+        resource = self._resources.get(old)
+        if resource is None or old == new:
+            return self.restore(new)
+        existing = self._resources.get(new)
+        if existing is not None:
+            if existing.subscribers or existing.observing or existing.pinned:
+                return []
+            self.idle_bytes -= self._idle.pop(new, 0)
+            del self._resources[new]
+            self.history.forget(new)
+        commands: list[Command[C]] = []
+        if resource.observing:
+            resource.observing = False
+            self.observing_count -= 1
+            resource.linger_generation += 1
+            self._end_linger(old)
+            commands.append(StopObservation(old))
+        del self._resources[old]
+        self.idle_bytes -= self._idle.pop(old, 0)
+        self.history.forget(old)
+        resource.uri = new
+        self._resources[new] = resource
+        if resource.subscribers:
+            commands.extend(self._start(resource))
+        elif not resource.pinned and resource.name is None:
+            self._remember_idle(resource)
+        return commands
+
+    def restore(self, uri: str) -> list[Command[C]]:
+        """`uri` is back in the catalogue at the same address: observe it again for the
+        subscriptions that waited."""
+        resource = self._resources.get(uri)
+        if resource is None or resource.observing or not resource.subscribers:
+            return []
+        return self._start(resource)
 
     # -- discovery and listing ---------------------------------------------------------------
 
