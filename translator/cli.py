@@ -134,7 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _setup_logging(level: str, log_format: str = "text") -> None:
+    from .logs import limit_every_record
+
     handler = logging.StreamHandler(sys.stderr)
+    # Nothing repeated floods the log: a line repeated at anyone's will (a failed accept, a
+    # sensor's garbage, a client's) costs a few lines and "...and N more" per 10 s.
+    limit_every_record(handler)
     if log_format == "json":
         from .logs import JsonFormatter
 

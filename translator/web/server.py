@@ -375,6 +375,8 @@ class ServerSettings:
     """Host names the gateway serves besides ``localhost`` and its listen address."""
     max_connections: int = 10_000
     max_connections_per_ip: int = 256
+    backlog: int = 100
+    """Connections the kernel queues until they are accepted (``listen()``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,6 +452,7 @@ class WebSocketServer:
             open_timeout=settings.handshake_timeout,
             ssl=settings.ssl_context,
             server_header=SERVER_HEADER,
+            backlog=settings.backlog,
         )
         sockets = list(self._server.sockets)
         if sockets:
@@ -460,6 +463,15 @@ class WebSocketServer:
                 self._keep_alive(settings.ping_interval, settings.ping_timeout),
                 name="ws keepalive",
             )
+
+    def limit_connections(self, most: int) -> None:
+        """Admit at most `most` connections in all from now on (the open-files budget may
+        allow fewer than `max_connections`); more get HTTP 503 with Retry-After."""
+        self._limiter.max_total = most
+
+    @property
+    def max_connections(self) -> int:
+        return self._limiter.max_total
 
     @property
     def url(self) -> str:
