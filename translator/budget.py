@@ -89,6 +89,8 @@ class Budget:
     """Descriptors kept for everything but clients."""
     max_connections: int
     """``[limits] max_connections``."""
+    headroom: int = HANDSHAKE_HEADROOM
+    """The part of the reserve for connections being opened or refused."""
 
     @property
     def allowed(self) -> int:
@@ -100,6 +102,12 @@ class Budget:
     def clients(self) -> int:
         """What is enforced: the lower of the two."""
         return min(self.max_connections, self.allowed)
+
+    @property
+    def sockets(self) -> int:
+        """TCP connections the listener may hold at once: the clients the limit allows,
+        plus those being opened or refused. Past it, accepting pauses."""
+        return self.allowed + self.headroom
 
     @property
     def limited_by_files(self) -> bool:
@@ -143,16 +151,18 @@ def client_budget(
 ) -> Budget:
     """The budget for a process whose soft limit is `limit` and which has `open_now`
     descriptors open once started (see the module docstring for the rest)."""
+    headroom = max(HANDSHAKE_HEADROOM, limit // 50)
     reserve = (
         open_now
         + lookup_workers * LOOKUP_SOCKETS
         + dtls_sensors
         + (DTLS_PEERS if dtls_possible else 0)
         + oscore_contexts
-        + max(HANDSHAKE_HEADROOM, limit // 50)
+        + headroom
         + SAFETY_MARGIN
     )
-    return Budget(limit=limit, reserve=reserve, max_connections=max_connections)
+    return Budget(limit=limit, reserve=reserve, max_connections=max_connections,
+                  headroom=headroom)
 
 
 def open_descriptors() -> int | None:

@@ -69,7 +69,7 @@ import socket
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiocoap import defaults as coap_defaults
 from aiocoap import error as coap_error
@@ -79,6 +79,7 @@ from aiocoap.tokenmanager import TokenManager
 __all__ = [
     "REQUIREMENTS",
     "WEBSOCKETS_REQUIREMENTS",
+    "AcceptGate",
     "CompatError",
     "UdpStack",
     "accept_backoff",
@@ -88,11 +89,13 @@ __all__ = [
     "deregister",
     "dtls_interfaces",
     "end_oscore_observations_with_interest",
+    "gate_accepts",
     "oscore_context_class",
     "oscore_transports",
     "release_oscore_context",
     "stop_interest",
     "udp_stacks",
+    "ungate_accepts",
     "watch_dtls_handshakes",
 ]
 
@@ -575,10 +578,35 @@ ACCEPT_PARAMETERS: Final = ("self", "protocol_factory", "sock")
 """The first parameters of ``BaseSelectorEventLoop._accept_connection`` (3.11 to 3.13)."""
 
 
+class AcceptGate(Protocol):
+    def no_room(self) -> str | None:
+        """Why no connection may be accepted now (None: one may)."""
+
+    def accepted(self) -> None:
+        """One was: it holds a descriptor from now on."""
+
+
+_accept_gates: dict[int, AcceptGate] = {}
+"""Listening sockets (by descriptor) whose accepting waits for room (`gate_accepts`)."""
+
+
+def gate_accepts(fd: int, gate: AcceptGate) -> None:
+    """Before each accept() on listening socket `fd`, ask `gate.no_room()`: a reason pauses
+    accepting as a failed accept() would (`accept_backoff`), so that the process stops
+    taking connections before it runs out of descriptors, not after. `gate.accepted()` is
+    told of each connection as accept() returns it: asyncio creates its protocol a loop
+    turn or two later, after the rest of the pass (up to `backlog` connections)."""
+    _accept_gates[fd] = gate
+
+
+def ungate_accepts(fd: int) -> None:
+    _accept_gates.pop(fd, None)
+
+
 class _AcceptOnce:
     """A listening socket as asyncio's accept pass sees it: once an accept() has failed for
-    want of resources, the rest of the pass finds nothing to accept (BlockingIOError ends
-    it). Everything else is the socket's."""
+    want of resources (or its gate said there is no room), the rest of the pass finds
+    nothing to accept (BlockingIOError ends it). Everything else is the socket's."""
 
     __slots__ = ("exhausted", "sock")
 
@@ -589,12 +617,21 @@ class _AcceptOnce:
     def accept(self) -> tuple[socket.socket, Any]:
         if self.exhausted:
             raise BlockingIOError(errno.EAGAIN, "accepting paused")
+        gate = _accept_gates.get(self.sock.fileno())
+        why = gate.no_room() if gate is not None else None
+        if why is not None:
+            # asyncio's own pause: reader removed, retried in a second, reported once.
+            self.exhausted = True
+            raise OSError(errno.EMFILE, why)
         try:
-            return self.sock.accept()
+            connection = self.sock.accept()
         except OSError as exc:
             if exc.errno in ACCEPT_EXHAUSTED:
                 self.exhausted = True
             raise
+        if gate is not None:
+            gate.accepted()
+        return connection
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sock, name)

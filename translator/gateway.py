@@ -106,8 +106,10 @@ def _accept_exhausted(context: dict[str, Any]) -> str:
     exc = context.get("exception")
     why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return (f"cannot accept connections: {why} (open-files limit {limit}, "
-            f"{open_descriptors()} open); accepting again in 1 s, new clients wait meanwhile")
+    open_now = open_descriptors()  # None when not even /proc/self/fd can be opened
+    in_use = f"{open_now} open" if open_now is not None else "all in use"
+    return (f"cannot accept connections: {why} (open-files limit {limit}, {in_use}); "
+            "accepting again in 1 s, new clients wait meanwhile")
 
 
 def _tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
@@ -250,7 +252,7 @@ class Gateway:
         await self.coap.start()
         await self.ws.start()
         self.budget = self._client_budget(files.soft)
-        self.ws.limit_connections(self.budget.clients)
+        self.ws.limit_connections(self.budget.clients, self.budget.sockets)
         if self.budget.limited_by_files:
             log.warning("clients: %s", self.budget.describe())
         else:

@@ -232,13 +232,16 @@ class RepeatFilter(logging.Filter):
     :class:`LimitedLog`, its kind being its logger and its message template (so
     ``"%r: keepalive ping failed"`` is one kind, whatever the connection). DEBUG records
     pass: debug logging is asked for, to see everything. Records that went through a
-    limiter already (:data:`LIMITED`) pass too. Summaries are written to the
-    ``translator.logs`` logger."""
+    limiter already (:data:`LIMITED`) pass too. Summaries are written to `handler`
+    alone (the records they count went nowhere else), as the ``translator.logs`` logger."""
 
-    def __init__(self, limiter: RepeatLimiter | None = None,
+    def __init__(self, handler: logging.Handler, limiter: RepeatLimiter | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
-        self.limited = LimitedLog(logging.getLogger(__name__), limiter, clock=clock)
+        summaries = logging.Logger(__name__)  # outside the hierarchy: this handler only
+        summaries.addHandler(handler)
+        summaries.propagate = False
+        self.limited = LimitedLog(summaries, limiter, clock=clock)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.INFO or hasattr(record, LIMITED):
@@ -255,7 +258,7 @@ def limit_every_record(handler: logging.Handler) -> RepeatFilter:
     for existing in handler.filters:
         if isinstance(existing, RepeatFilter):
             return existing
-    repeat_filter = RepeatFilter()
+    repeat_filter = RepeatFilter(handler)
     handler.addFilter(repeat_filter)
     return repeat_filter
 
@@ -278,7 +281,7 @@ def limit_loop_exceptions(
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         message = str(context.get("message") or "Unhandled exception in event loop")
-        kind = f"asyncio: {message[:120]}"
+        kind = message[:120]
         explain = (explained or {}).get(message)
         if explain is not None:
             if explainer.admit(kind):
