@@ -482,10 +482,6 @@ class WebSocketServer:
         self.sockets.limit = sockets
 
     @property
-    def max_connections(self) -> int:
-        return self._limiter.max_total
-
-    @property
     def url(self) -> str:
         scheme = "wss" if self.settings.ssl_context else "ws"
         host = self.settings.host
