@@ -19,6 +19,7 @@ import resource
 import socket
 import ssl
 import time
+from asyncio.constants import ACCEPT_RETRY_DELAY
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ def _accept_exhausted(context: dict[str, Any]) -> str:
     open_now = open_descriptors()  # None when not even /proc/self/fd can be opened
     in_use = f"{open_now} open" if open_now is not None else "all in use"
     return (f"cannot accept connections: {why} (open-files limit {limit}, {in_use}); "
-            "accepting again in 1 s, new clients wait meanwhile")
+            f"accepting again in {ACCEPT_RETRY_DELAY:g} s, new clients "
+            "wait meanwhile")
 
 
 def _tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
