@@ -199,6 +199,16 @@ def test_a_flood_of_one_template_through_the_handler_costs_a_few_lines_and_a_sum
     ]
 
 
+def test_what_was_counted_is_said_at_the_end_before_its_interval_is_over() -> None:
+    logger, stream, repeat_filter = _handler()
+    for number in range(10):
+        logger.error("bad frame %d", number)
+    repeat_filter.close()  # the CLI does this at exit
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == FIRST + 1
+    assert lines[-1].startswith(f"test.flood: bad frame %d: ...and {10 - FIRST} more in the last")
+
+
 def test_varying_text_cannot_grow_the_limiter_without_bound() -> None:
     limiter = RepeatLimiter(first=1, interval=1.0)
     for number in range(20_000):

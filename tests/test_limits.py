@@ -253,6 +253,11 @@ async def test_a_flood_at_the_limit_gets_101_or_503_and_the_log_stays_short(
     code, took = await child.terminate()
     assert code == 0 and took < 5, (code, took)
     await close_all([early, *opened])
+    # What was counted is said, at the latest when the process ends.
+    summary = next(line for line in child.lines
+                   if re.search(r"refused: %d %s: \.\.\.and \d+ more", line))
+    in_all = int(re.search(r"\((\d+) in all\)", summary)[1])  # type: ignore[index]
+    assert in_all >= refused, summary
 
 
 async def test_descriptors_taken_by_unfinished_handshakes_pause_accepting_and_say_so_once(

@@ -129,12 +129,13 @@ class RepeatLimiter:
                 self._windows.pop(kind, None)
                 del self.totals[kind]
 
-    def summaries(self, now: float) -> list[Summary]:
-        """The summaries of every interval that has ended by `now`; those intervals are
-        closed (a kind's next occurrence starts a new one)."""
+    def summaries(self, now: float, *, ending: bool = False) -> list[Summary]:
+        """The summaries of every interval that has ended by `now` (`ending`: of every
+        interval, ended or not); those intervals are closed (a kind's next occurrence
+        starts a new one)."""
         due: list[Summary] = []
         for kind, window in list(self._windows.items()):
-            if now < window.started + self.interval:
+            if now < window.started + self.interval and not ending:
                 continue
             del self._windows[kind]
             if window.seen > self.first:
@@ -220,11 +221,13 @@ class LimitedLog:
         self._arm()
 
     def close(self) -> None:
-        """Cancel the summary timer (and write what is due)."""
+        """Cancel the summary timer and write every summary, due or not (the end)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.flush()
+        for summary in self.limiter.summaries(self.clock(), ending=True):
+            self.logger.log(self.summary_level, "%s", summary.text(),
+                            extra={LIMITED: summary.kind})
 
 
 class RepeatFilter(logging.Filter):
