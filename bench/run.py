@@ -174,9 +174,13 @@ def gateway_config(sensor_base: str, directory: Path, inflight: int | None = Non
     """The gateway's configuration; `inflight`: its `max_inflight_bytes` (None: default)."""
     path = directory / f"gateway-{inflight}.toml"
     extra = "" if inflight is None else f"max_inflight_bytes = {inflight}\n"
+    # BENCH_RECEIVE_BUFFER=bytes: the CoAP socket's [coap] receive_buffer (its drops under
+    # the flood phases are measured against it; 0 = the kernel's default).
+    receive_buffer = os.environ.get("BENCH_RECEIVE_BUFFER")
+    coap = "" if receive_buffer is None else f"[coap]\nreceive_buffer = {int(receive_buffer)}\n"
     path.write_text(f"""# written by bench/run.py
 log_level = "warning"
-
+{coap}
 [server]
 host = "127.0.0.1"
 port = 0

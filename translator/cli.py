@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
 import contextlib
 import json
@@ -139,7 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _setup_logging(level: str, log_format: str = "text") -> None:
+    from .logs import limit_every_record
+
     handler = logging.StreamHandler(sys.stderr)
+    # Nothing repeated floods the log: a line repeated at anyone's will (a failed accept, a
+    # sensor's garbage, a client's) costs a few lines and "...and N more" per 10 s. What
+    # was counted when the process ends is said then (before logging's own exit hook).
+    atexit.register(limit_every_record(handler).close)
     if log_format == "json":
         from .logs import JsonFormatter
 

@@ -152,6 +152,10 @@ class ServerConfig:
     """PEM certificate (chain) file: with ``tls_key``, serve ``wss://``."""
     tls_key: str | None = _setting(None)
     """PEM private key file for ``tls_cert``."""
+    backlog: int = _setting(1024, minimum=1, maximum=65535)
+    """Connections the kernel queues for the gateway to accept (``listen()``'s backlog; the
+    kernel caps it at ``net.core.somaxconn``): room for a burst of clients arriving while the
+    event loop is busy. Past it, new connections wait for the kernel's SYN retries."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -236,7 +240,9 @@ class LimitsConfig:
     burst: int = _setting(100, minimum=1, maximum=MILLION)
     """Token bucket size for ``rate``."""
     max_connections: int = _setting(10_000, minimum=1, maximum=MILLION)
-    """Open WebSocket connections in all; more get HTTP 503 at the handshake."""
+    """Open WebSocket connections in all; more get HTTP 503 at the handshake. The open-files
+    limit may allow fewer (translator/budget.py): then the lower number is enforced, and
+    the start-up log says so."""
     max_connections_per_ip: int = _setting(256, minimum=1, maximum=MILLION)
     """Open WebSocket connections from one client address; more get HTTP 503."""
     handshake_timeout: float = _setting(10.0, above=0, maximum=HOUR)
@@ -323,7 +329,14 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class CoapConfig:
-    """``[coap]``: the gateway's own CoAP server endpoint (for the Resource Directory)."""
+    """``[coap]``: the gateway's CoAP socket toward the sensors, and its own CoAP server
+    endpoint (for the Resource Directory)."""
+
+    receive_buffer: int = _setting(1 << 20, minimum=0, maximum=GIB, zero="keeps the kernel's")
+    """Bytes asked for the UDP socket's receive buffer (``SO_RCVBUF``), where datagrams wait
+    while the gateway is busy; a full buffer drops what arrives. Linux doubles the value
+    and caps it at ``net.core.rmem_max``; the effective size is logged at start. 0 keeps
+    the kernel's default (``net.core.rmem_default``)."""
 
     listen: tuple[str, ...] = _setting(())
     """``HOST:PORT`` addresses (``[::]:5683``; port 0 lets the OS pick); empty: no CoAP
@@ -605,6 +618,8 @@ class GatewayConfig:
     """``[policy]``."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """``[limits]``."""
+    coap: CoapConfig = field(default_factory=CoapConfig)
+    """``[coap]``."""
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     """``[supervision]``."""
     history: HistoryConfig = field(default_factory=HistoryConfig)
@@ -613,8 +628,6 @@ class GatewayConfig:
     """``[auth]``."""
     credentials: tuple[CredentialConfig, ...] = _setting(())
     """``[[credentials]]``: DTLS keys and OSCORE contexts for protected sensors."""
-    coap: CoapConfig = field(default_factory=CoapConfig)
-    """``[coap]``."""
     rd: RdConfig = field(default_factory=RdConfig)
     """``[rd]``."""
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
