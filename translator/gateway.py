@@ -55,6 +55,7 @@ from translator.credentials import client_credentials
 from translator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from translator.metrics import GatewayMetrics
 from translator.web.front import Answer, text_answer
+from translator.web.metrics_port import MetricsPort, host_names
 from translator.web.server import (
     Connection,
     Refusal,
@@ -197,6 +198,11 @@ class Gateway:
         self._stopping = False
         self._started = False
         self.metrics_registry = GatewayMetrics(self)
+        address = config.metrics.address
+        self.metrics_port = None if address is None else MetricsPort(
+            *address, host_names(address[0], config.server.server_names), self
+        )
+        """`[metrics] listen`: the operator's endpoints on an address of their own."""
 
     @property
     def url(self) -> str:
@@ -215,6 +221,13 @@ class Gateway:
                         "exposing the gateway beyond this machine")
         if self.policy.allows_everything:
             log.warning("policy allows every CoAP destination ('*'): for development only")
+        if self.metrics_port is not None:  # first: nothing else to undo when it fails
+            try:
+                await self.metrics_port.start()
+            except OSError as exc:
+                raise ConfigError("metrics.listen", f"cannot listen on "
+                                  f"{self.config.metrics.listen}: {exc.strerror or exc}") from None
+            log.info("metrics at %s", self.metrics_port.url)
         await self.coap.start()
         await self.ws.start()
         self._started = True
@@ -247,6 +260,8 @@ class Gateway:
         if pending:
             await asyncio.wait(pending, timeout=2)
         await self.coap.shutdown()
+        if self.metrics_port is not None:
+            await self.metrics_port.stop()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
