@@ -14,7 +14,10 @@ Scenarios (see docs/performance.md for the method and the latest figures):
 6. baselines for each: a bare websockets broadcast server, a bare aiocoap client;
 7. slow readers: clients behind a slow link (1/4 and 1/10 of 200 updates/s) beside 100
    full-speed ones, with the bound on what waits in the kernel (`max_inflight_bytes`) on and
-   off: the age of the values the slow ones get, the full-speed ones' latency.
+   off: the age of the values the slow ones get, the full-speed ones' latency;
+8. metrics: fan-out at N = 1000 with /metrics scraped (1/s, 10/s) and not; and, with the
+   full memory scenario, the resume history's bytes per resource when full
+   (bench/operations.py; neither is in a quick run unless asked for with --only).
 
 Every process (sensor, gateway, load generators, baselines) is a child on 127.0.0.1, and
 every one is stopped when the run ends, whatever way it ends. The run has a time budget;
@@ -104,7 +107,7 @@ class Settings:
     floor_bursts: int = 50
     """Bursts per writer in bench.floor (three writers, one burst every 100 ms)."""
     floor_hiccups: int = 200
-    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow")
+    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow", "metrics")
     slow_seconds: float = 60.0
     """The slow readers' measurement, per gateway (bound on, bound off)."""
     slow_window: float = 10.0
@@ -1096,8 +1099,11 @@ def summarize(bench: Run) -> dict[str, Any]:
              for system in ("gateway", "bare_ws")
              if (m := fanout_mean(runs, system, n, phase)) is not None]
     slow = slow_summary(runs)
+    from . import operations  # it imports this module
+
+    ratios.update(operations.summary(runs))
     return {"fanout_means": means, "ratios": ratios, "slow_readers": slow,
-            "targets": targets(bench, ratios, slow)}
+            "targets": targets(bench, ratios, slow) + operations.targets(ratios)}
 
 
 def targets(bench: Run, ratios: dict[str, Any],
@@ -1309,6 +1315,9 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
               r.get("kib_per_connection", r.get("kib_per_resource")),
               r.get("kib_per_connection_with_first", r.get("kib_per_resource_with_first"))]
              for r in mem]))
+    from . import operations  # it imports this module
+
+    parts += operations.report_parts(runs, table, head)
     ratios = result["summary"]["ratios"]
     if ratios:
         rows = []
@@ -1413,6 +1422,13 @@ async def run_all(bench: Run, log_dir: Path) -> None:
                          partial(memory_resources, bench, system=system)))
     if "slow" in s.scenarios:
         plan.append(("slow readers", partial(slow_readers, bench)))
+    from . import operations  # it imports this module
+
+    # Not in a quick run (under a minute) unless asked for: `--quick --only history`.
+    if "history" in s.scenarios or ("memory" in s.scenarios and s.mode == "full"):
+        plan.append(("history memory", partial(operations.memory_history, bench)))
+    if "metrics" in s.scenarios:
+        plan.append(("metrics cost", partial(operations.metrics_cost, bench)))
     for name, step in plan:
         log(name)
         async with Fleet(log_dir / name.replace(" ", "_").replace("=", "")) as fleet:
@@ -1485,7 +1501,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny fan-out (N = 2) for the test suite")
     parser.add_argument("--only", action="append",
-                        choices=["fanout", "ingest", "commands", "memory", "slow"],
+                        choices=["fanout", "ingest", "commands", "memory", "slow", "metrics",
+                                 "history"],
                         help="run only this scenario (repeatable)")
     parser.add_argument("--out", help="directory for latest.json and latest.png "
                         "(default bench/results)")
