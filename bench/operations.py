@@ -22,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import sys
 import time
 import urllib.request
 from typing import Any
 
 from websockets.asyncio.client import connect
+
+from translator.core.history import ENTRY_OVERHEAD, RESOURCE_OVERHEAD
 
 from .procs import BenchError, Fleet
 from .run import (
@@ -35,12 +38,12 @@ from .run import (
     Run,
     _quiet,
     _setup_fanout,
+    gateway_config,
     gateway_metric,
     log,
     measure_window,
     offered_updates,
     settled_rss,
-    start_gateway,
     start_loadgens,
     start_sensor,
 )
@@ -49,10 +52,13 @@ METRICS_N = 1000
 SCRAPE_PHASES = {"no scraper": None, "scraped 1/s": 1.0, "scraped 10/s": 0.1}
 """Windows of the metrics scenario, by name: seconds between two scrapes (None: none)."""
 COMPUTED = "metrics scraped 1/s: the scrapes' CPU / the fan-out's"
+HISTORY_RSS = "history: RSS bytes per resource, full history - none"
+HISTORY_ACCOUNTED = "history: bytes per resource, as history_bytes counts them"
 SCRAPES = 100
 """Scrapes in a row that measure one scrape's CPU cost."""
 HISTORY_SIZE = 32
 """The default `[history] size`, which the bench gateway runs with."""
+MAX_HISTORY_ROUNDS = 4
 HISTORY_RATE = 5000.0
 """Updates per second the sensor offers while the histories fill (well within ingest)."""
 
@@ -132,11 +138,25 @@ async def metrics_cost(bench: Run, fleet: Fleet) -> None:
 
 
 async def memory_history(bench: Run, fleet: Fleet) -> None:
-    """Fill every resource's history, then read what it costs per resource."""
+    """The same updates through a gateway with the default history and one with none."""
+    rounds = await _history_run(bench, fleet, HISTORY_SIZE, MAX_HISTORY_ROUNDS)
+    await _history_run(bench, fleet, 0, rounds)
+
+
+async def _history_run(bench: Run, fleet: Fleet, size: int, rounds: int) -> int:
+    """Fill every resource's history, in at most `rounds` rounds of updates (with `size` 0:
+    exactly `rounds`, and no history), then read what it costs per resource. Returns the
+    rounds it took."""
     s = bench.settings
     resources = 200 if s.mode == "quick" else 1000
     sensor = await start_sensor(fleet, resources=resources)
-    server, url = await start_gateway(fleet, sensor)
+    config = gateway_config(sensor.ready["ready"], fleet.log_dir)
+    config = config.with_name(f"gateway-history{size}.toml")
+    config.write_text(gateway_config(sensor.ready["ready"], fleet.log_dir).read_text()
+                      + f"\n[history]\nsize = {size}\n")
+    server = await fleet.python(f"gateway-history{size}", "translator", "serve", "--config",
+                                str(config), ready_pattern=r"listening on (ws://\S+)")
+    url = server.ready["ready"]
     loadgen = (await start_loadgens(fleet, 1))[0]
     uris = [f"{sensor.ready['ready']}/r/{i}" for i in range(resources)]
     reply = await loadgen.call(
@@ -147,34 +167,50 @@ async def memory_history(bench: Run, fleet: Fleet) -> None:
     frame = await _one_notify(url, uris[0])
     before_rss = await settled_rss(server, s.settle)
     before = await gateway_metric(url, "coap_ws_gateway_history_bytes") or 0.0
-    offered = await offered_updates(sensor)
-    # Each resource gets every update in turn: (size + 1) rounds fill every history, as
-    # the newest frame is the resource's cached notify (outside the history).
-    need = (HISTORY_SIZE + 2) * resources
-    await sensor.call({"cmd": "rate", "rate": HISTORY_RATE})
-    deadline = time.monotonic() + 10 * need / HISTORY_RATE + 30
-    while await offered_updates(sensor) - offered < need:
-        if time.monotonic() > deadline:
-            raise BenchError("history: the sensor did not offer the updates in time")
-        await asyncio.sleep(0.5)
-    await sensor.call({"cmd": "rate", "rate": 0})
+    # The sensor updates its resources in turn: (size + 1) rounds would fill every history
+    # (the newest frame is the resource's cached notify, outside it), but the gateway drops
+    # a notification that a newer one of its resource overtakes while it is behind, so
+    # rounds go on until the history holds size - 1 frames of every resource (the gateway
+    # without history gets as many rounds as the one with).
+    full = RESOURCE_OVERHEAD + (HISTORY_SIZE - 1) * (sys.getsizeof("x" * frame) + ENTRY_OVERHEAD)
+    after = 0.0
+    done = 0
+    for done in range(1, rounds + 1):  # noqa: B007 (how many it took is reported)
+        offered = await offered_updates(sensor)
+        need = (HISTORY_SIZE + 2) * resources
+        await sensor.call({"cmd": "rate", "rate": HISTORY_RATE})
+        deadline = time.monotonic() + 10 * need / HISTORY_RATE + 30
+        while await offered_updates(sensor) - offered < need:
+            if time.monotonic() > deadline:
+                raise BenchError("history: the sensor did not offer the updates in time")
+            await asyncio.sleep(0.5)
+        await sensor.call({"cmd": "rate", "rate": 0})
+        await asyncio.sleep(s.settle)
+        read = await gateway_metric(url, "coap_ws_gateway_history_bytes")
+        if read is None:
+            raise BenchError("history: no coap_ws_gateway_history_bytes in /metrics")
+        after = read
+        if size and after / resources >= 0.98 * full:  # frame sizes vary by a few digits
+            break
     rss = await settled_rss(server, max(s.settle, 1.0))
-    after = await gateway_metric(url, "coap_ws_gateway_history_bytes")
-    if after is None:
-        raise BenchError("history: no coap_ws_gateway_history_bytes in /metrics")
+    frame = await _one_notify(url, uris[0])  # as the frames kept are now
     result = {
         "scenario": "history_memory", "system": "gateway", "resources": resources,
-        "history_size": HISTORY_SIZE, "frame_bytes": frame,
+        "history_size": size, "frame_bytes": frame, "rounds": done,
         "history_bytes_before": int(before), "history_bytes": int(after),
         "history_bytes_per_resource": round((after - before) / resources),
+        "frames_per_resource": round(
+            max(0.0, after / resources - RESOURCE_OVERHEAD)
+            / (sys.getsizeof("x" * frame) + ENTRY_OVERHEAD), 1),
         "rss_growth_bytes_per_resource": round((rss - before_rss) / resources),
         "rss_mib": round(rss / 2**20, 1),
     }
     bench.runs.append(result)
-    log(f"  history: {resources} resources x {HISTORY_SIZE} frames of {frame} bytes: "
-        f"{result['history_bytes_per_resource']} B per resource accounted, RSS grew "
-        f"{result['rss_growth_bytes_per_resource']} B per resource")
+    log(f"  history size {size}: {resources} resources, {result['frames_per_resource']} "
+        f"frames of {frame} bytes each kept: {result['history_bytes_per_resource']} B per "
+        f"resource accounted, RSS grew {result['rss_growth_bytes_per_resource']} B per resource")
     await fleet.stop(loadgen, server, sensor)
+    return done
 
 
 async def _one_notify(url: str, uri: str) -> int:
@@ -208,6 +244,11 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 entry[figure] = round(mean_a / mean_b, 3)
                 entry[f"{figure} per round"] = per_round
         out[f"metrics {phase} / no scraper"] = entry
+    hist = {r["history_size"]: r for r in runs if r.get("scenario") == "history_memory"}
+    if HISTORY_SIZE in hist and 0 in hist:
+        out[HISTORY_RSS] = (hist[HISTORY_SIZE]["rss_growth_bytes_per_resource"]
+                            - hist[0]["rss_growth_bytes_per_resource"])
+        out[HISTORY_ACCOUNTED] = hist[HISTORY_SIZE]["history_bytes_per_resource"]
     # The same cost computed rather than read from noisy windows: a scrape's CPU once a
     # second, as a share of the CPU the unscraped fan-out used.
     scrape = next((r for r in runs if r.get("scenario") == "metrics_scrape"), None)
@@ -251,8 +292,10 @@ def report_parts(runs: list[dict[str, Any]], table: Any, head: Any) -> list[str]
     hist = [r for r in runs if r.get("scenario") == "history_memory"]
     if hist:
         parts.append(head("History memory (every resource's history full)") + table(
-            ["resources", "size", "frame bytes", "history B/resource", "RSS growth B/resource"],
-            [[r["resources"], r["history_size"], r["frame_bytes"],
+            ["resources", "size", "rounds", "frames kept", "frame bytes", "history B/resource",
+             "RSS growth B/resource"],
+            [[r["resources"], r["history_size"], r.get("rounds"), r.get("frames_per_resource"),
+              r["frame_bytes"],
               r["history_bytes_per_resource"], r["rss_growth_bytes_per_resource"]]
              for r in hist]))
     return parts
