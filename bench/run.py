@@ -892,7 +892,9 @@ async def memory_resources(bench: Run, fleet: Fleet, system: str) -> None:
         }
         if system == "gateway":
             # The resume history is part of each resource's cost: counted apart, from the
-            # gateway's own metrics (it holds one notify per resource here: each got one).
+            # gateway's own metrics. Each resource got one notify here, which is its cached
+            # latest value, not history: this reads about 0. A full history's cost is
+            # measured by `bench.operations.memory_history`.
             history = await gateway_metric(url, "coap_ws_gateway_history_bytes")
             if history is not None:
                 result["history_kib_per_resource"] = round(history / 1024 / done, 2)
