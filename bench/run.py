@@ -117,7 +117,7 @@ class Settings:
     slow_rates: tuple[float, ...] = (50.0, 50.0, 50.0, 20.0, 20.0, 20.0)
     """Frames per second each slow reader takes: 1/4 and 1/10 of `SLOW_UPDATE_RATE`."""
     slow_fast_clients: int = 100
-    budget: float = 660.0
+    budget: float = 900.0  # the metrics and history scenarios added some 2.5 min
     profile: bool = False
     chart: bool = True
 
