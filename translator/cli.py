@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one readable line per record (default), or one JSON object")
     serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve wss://")
     serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="also serve /metrics on this address ([metrics] listen)")
     serve.add_argument("--no-auth", action="store_true",
                        help="run without authentication even off loopback ([auth] mode = none)")
 
@@ -194,6 +196,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         no_auth=args.no_auth,
+        metrics_listen=args.metrics_listen,
     )
     _setup_logging(config.log_level, config.log_format)
     return _serve(config, announce=lambda url: _ready(f"listening on {url}"))

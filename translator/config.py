@@ -14,6 +14,7 @@ Every error is a :class:`ConfigError` naming the offending key, e.g.
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import math
 import tomllib
 import types
@@ -39,6 +40,7 @@ __all__ = [
     "GatewayConfig",
     "HistoryConfig",
     "LimitsConfig",
+    "MetricsConfig",
     "PolicyConfig",
     "RdConfig",
     "SensorConfig",
@@ -605,6 +607,52 @@ class AuthConfig:
     def __post_init__(self) -> None:
         _check_fields(self)
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: where else ``GET /metrics`` is served, besides the WebSocket port."""
+
+    listen: str | None = _setting(None, nonempty=True)
+    """``HOST:PORT`` (``127.0.0.1:9464``, ``[::1]:9464``; port 0 lets the OS pick) of a
+    plain-HTTP listener for a scraper on another network. Protected like the WebSocket
+    port: with tokens configured, only a token with the ``metrics`` scope reads them."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.listen is not None:
+            listen_address(self.listen, "listen")
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The listen address as (host, port), or None when not set."""
+        return None if self.listen is None else listen_address(self.listen, "listen")
+
+
+def listen_address(text: str, key: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port): an IPv4 address or host name, or an IPv6 address in
+    brackets. Raises ConfigError naming `key`."""
+    example = "HOST:PORT, e.g. 127.0.0.1:9464 or [::1]:9464"
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not host or not port_text.isascii() or not port_text.isdigit():
+        raise ConfigError(key, f"must be {example}, got {_show(text)}")
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(key, f"port must be in 0..65535, got {port}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ConfigError(key, f"{_show(host)} is not an IPv6 address") from None
+        return host[1:-1], port
+    if ":" in host:
+        raise ConfigError(key, f"an IPv6 address goes in brackets: {example}")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        problem = host_name_problem(host.lower().rstrip("."))
+        if problem is not None:
+            raise ConfigError(key, problem) from None
+    return host, port
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -626,6 +674,8 @@ class GatewayConfig:
     """``[history]``."""
     auth: AuthConfig = field(default_factory=AuthConfig)
     """``[auth]``."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """``[metrics]``."""
     credentials: tuple[CredentialConfig, ...] = _setting(())
     """``[[credentials]]``: DTLS keys and OSCORE contexts for protected sensors."""
     rd: RdConfig = field(default_factory=RdConfig)
@@ -713,6 +763,7 @@ def apply_overrides(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     no_auth: bool = False,
+    metrics_listen: str | None = None,
 ) -> GatewayConfig:
     """Apply command-line flags on top of a configuration.
 
@@ -758,6 +809,9 @@ def apply_overrides(
         config = _replace(config, "--log-level", log_level=log_level)
     if log_format is not None:
         config = _replace(config, "--log-format", log_format=log_format)
+    if metrics_listen is not None:
+        metrics = _replace(config.metrics, "--metrics-listen", listen=metrics_listen)
+        config = dataclasses.replace(config, metrics=metrics)
     return config
 
 

@@ -68,6 +68,7 @@ from translator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from translator.metrics import GatewayMetrics
 from translator.registry import Registry
 from translator.web.front import COAP_WS_PATH, WS_PATH, Answer, text_answer
+from translator.web.metrics_port import MetricsPort, host_names
 from translator.web.server import (
     Connection,
     Refusal,
@@ -235,6 +236,11 @@ class Gateway:
         self.budget: Budget | None = None
         """The clients the open-files limit allows, once started."""
         self.metrics_registry = GatewayMetrics(self)
+        address = config.metrics.address
+        self.metrics_port = None if address is None else MetricsPort(
+            *address, host_names(address[0], config.server.server_names), self
+        )
+        """`[metrics] listen`: the operator's endpoints on an address of their own."""
 
     @property
     def url(self) -> str:
@@ -263,6 +269,13 @@ class Gateway:
         loop = asyncio.get_running_loop()
         limit_loop_exceptions(loop, explained={ACCEPT_EXHAUSTED: _accept_exhausted})
         compat.accept_backoff(loop)
+        if self.metrics_port is not None:  # first: nothing else to undo when it fails
+            try:
+                await self.metrics_port.start()
+            except OSError as exc:
+                raise ConfigError("metrics.listen", f"cannot listen on "
+                                  f"{self.config.metrics.listen}: {exc.strerror or exc}") from None
+            log.info("metrics at %s", self.metrics_port.url)
         await self.coap.start()
         await self.registry.start()
         await self.ws.start()
@@ -318,6 +331,8 @@ class Gateway:
             await asyncio.wait(pending, timeout=2)
         await self.registry.stop()
         await self.coap.shutdown()
+        if self.metrics_port is not None:
+            await self.metrics_port.stop()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)

@@ -19,6 +19,7 @@ import aiocoap
 from translator.coap import exchanges
 from translator.coap.answers import CoapAnswer, RepresentationTooLarge, UpstreamError
 from translator.coap.batch import RECEIVE_BUFFER, readers_of
+from translator.coap.kernel_drops import kernel_drops
 from translator.coap.observations import DEREGISTRATION_TIMEOUT, ObservationListener, Observations
 from translator.coap.security import client_context, close_client_context
 from translator.config import SupervisionConfig
@@ -98,6 +99,14 @@ class CoapSide:
                 for kind, count in reader.dropped.items():
                     counts[kind] = counts.get(kind, 0) + count
         return counts
+
+    @property
+    def kernel_drops(self) -> int | None:
+        """Datagrams the kernel dropped at the CoAP sockets (their receive buffers were full),
+        or None where the system does not say (translator/coap/kernel_drops.py)."""
+        if self._context is None:
+            return None
+        return kernel_drops(reader.sock for reader in readers_of(self._context))
 
     # -- observations ------------------------------------------------------------------------
 

@@ -436,6 +436,10 @@ class WebSocketServer:
         )
         self.slow_consumers_closed = 0
         """Connections closed by the slow-consumer policy."""
+        self.slow_consumer_frames_dropped = 0
+        """Frames that were waiting for those connections when they were closed."""
+        self._coalesced_of_closed = 0
+        """Notify frames replaced in the outboxes of connections that have since closed."""
         self._limiter = ConnectionLimiter(
             settings.max_connections, settings.max_connections_per_ip
         )
@@ -657,8 +661,16 @@ class WebSocketServer:
             return None
         return Refusal(http.HTTPStatus.FORBIDDEN, f"origin {origin!r} is not allowed")
 
+    @property
+    def coalesced_total(self) -> int:
+        """Notify frames replaced by newer ones in an outbox, since the server started
+        (summed over the open connections when asked: the fan-out does not count)."""
+        return self._coalesced_of_closed + sum(c.outbox.replaced for c in self.connections)
+
     def _count_slow_consumer(self, conn: Connection) -> None:
+        # Called before the close drops what waits.
         self.slow_consumers_closed += 1
+        self.slow_consumer_frames_dropped += conn.outbox.frames
 
     async def _serve_connection(self, ws: ServerConnection) -> None:
         _forget_handshake_headers(ws)
@@ -676,6 +688,7 @@ class WebSocketServer:
             pass
         finally:
             self.connections.discard(conn)
+            self._coalesced_of_closed += conn.outbox.replaced
             self.handler.disconnected(conn)
             await conn.finish()
             conn.finished.set_result(None)
