@@ -44,7 +44,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from . import cpu_split
+from . import conditions, cpu_split
 from .control import Histogram
 from .procs import (
     ROOT,
@@ -104,7 +104,7 @@ class Settings:
     floor_bursts: int = 50
     """Bursts per writer in bench.floor (three writers, one burst every 100 ms)."""
     floor_hiccups: int = 200
-    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow")
+    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow", "cond")
     slow_seconds: float = 60.0
     """The slow readers' measurement, per gateway (bound on, bound off)."""
     slow_window: float = 10.0
@@ -1288,6 +1288,14 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
                           "per window") + table(
             ["bound", "reads/s", "clients", "mean seq step", "p50/p99 s per window", "closed"],
             rows))
+    cond_rows = conditions.cond_rows(runs)
+    if cond_rows:
+        cond_run = [r for r in runs if r.get("scenario") == "cond"][-1]
+        parts.append(head(
+            f"Conditional notifications: one {conditions.SENSOR_RATE:g} Hz resource, "
+            f"{cond_run['clients_per_group']} clients per group, gateway CPU "
+            f"{cond_run['gateway_cpu_s_per_s'] * 100:.1f} % of a core for all of them")
+            + table(conditions.COND_HEADERS, cond_rows))
     ing = [r for r in runs if r.get("scenario") == "ingest_best"]
     if ing:
         parts.append(head("Ingest (1000 observed resources)") + table(
@@ -1413,6 +1421,8 @@ async def run_all(bench: Run, log_dir: Path) -> None:
                          partial(memory_resources, bench, system=system)))
     if "slow" in s.scenarios:
         plan.append(("slow readers", partial(slow_readers, bench)))
+    if "cond" in s.scenarios:
+        plan.append(("conditional notifications", partial(conditions.conditions, bench)))
     for name, step in plan:
         log(name)
         async with Fleet(log_dir / name.replace(" ", "_").replace("=", "")) as fleet:
@@ -1485,7 +1495,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny fan-out (N = 2) for the test suite")
     parser.add_argument("--only", action="append",
-                        choices=["fanout", "ingest", "commands", "memory", "slow"],
+                        choices=["fanout", "ingest", "commands", "memory", "slow", "cond"],
                         help="run only this scenario (repeatable)")
     parser.add_argument("--out", help="directory for latest.json and latest.png "
                         "(default bench/results)")

@@ -52,6 +52,9 @@ from translator.core.hub import Deliver, Hub, Repeat, Wake
     ({"path": "v"}, "cond.path"),
     ({"path": "/a~2b"}, "cond.path"),
     ({"path": 3}, "cond.path"),
+    ({"path": "/\ud800"}, "cond.path"),
+    ({"path": "/" + "a" * 300}, "cond.path"),
+    ({"path": "/a" * 40}, "cond.path"),
     ([], "cond"),
 ])
 def test_invalid_parameters_are_refused_naming_the_parameter(cond: Any, parameter: str) -> None:

@@ -123,6 +123,12 @@ def parse_pointer(text: str) -> tuple[str, ...]:
         raise ValueError("must be empty or start with '/' (RFC 6901 JSON Pointer)")
     if len(text) > MAX_POINTER_LENGTH:
         raise ValueError(f"must be at most {MAX_POINTER_LENGTH} characters")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # It would come back in a `cond_error`, which no UTF-8 text frame can carry.
+            raise ValueError("contains a lone surrogate") from None
     tokens = text[1:].split("/")
     if len(tokens) > MAX_POINTER_TOKENS:
         raise ValueError(f"must have at most {MAX_POINTER_TOKENS} reference tokens")
