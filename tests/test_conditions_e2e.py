@@ -12,6 +12,7 @@ from typing import Any
 import pytest_asyncio
 
 from tests.conftest import Client, gateway_config
+from translator.config import config_from_mapping
 from translator.gateway import Gateway
 from translator.sim import SimulatedSensors
 
@@ -178,3 +179,33 @@ async def test_plain_subscribers_of_the_same_resource_get_every_update(
         seqs.append((await plain.next_notify(sub))["seq"])
     assert seqs == [seqs[0], seqs[0] + 1, seqs[0] + 2]
     assert [f for f in conditional.seen if f["type"] == "notify"][1:] == []
+
+
+async def test_pmax_repeats_take_from_the_connections_rate_budget(
+    sensors: SimulatedSensors, make_gateway: Any, make_client: Any
+) -> None:
+    config = gateway_config(sensors)
+    # One token, refilled at a crawl: the subscribe takes 0.5, each repeat 0.1.
+    config["limits"] = {"min_pmax": 0.1, "rate": 0.001, "burst": 1}
+    gateway = await make_gateway(config)
+    client = await make_client(gateway.url)
+    sub, _ = await subscribe(client, "temperature", {"pmax": 0.1})
+    for _ in range(5):
+        assert (await client.next_notify(sub))["repeat"] is True
+    # Had the repeats been free, half the bucket would be left for this ping.
+    reply = await client.call({"type": "ping"})
+    assert reply["type"] == "error" and reply["error"] == "rate_limited", reply
+
+
+async def test_shutdown_cancels_the_timer(sensors: SimulatedSensors, make_client: Any) -> None:
+    config = gateway_config(sensors)
+    config["limits"] = {"min_pmax": 0.1}
+    gateway = Gateway(config_from_mapping(config))
+    await gateway.start()
+    try:
+        client = await make_client(gateway.url)
+        await subscribe(client, "temperature", {"pmax": 0.2, "pmin": 0.1})
+        assert gateway._wake is not None
+    finally:
+        await gateway.stop()
+    assert gateway._wake is None
