@@ -446,3 +446,16 @@ def test_hub_min_pmax_and_since_with_cond() -> None:
     assert frames_out[0]["type"] == "subscribed" and frames_out[0]["recovered"] is False
     assert [f.get("replay") for f in frames_out[1:]] == [None]    # the current value only
     assert frames_out[1]["value"] == 2.0
+
+
+def test_hub_repeats_due_together_share_one_text() -> None:
+    clock = Clock()
+    hub = make_hub(clock)
+    hub.subscribe("plain", URI)
+    update(hub, 1.0)
+    for conn in ("a", "b", "c"):
+        hub.subscribe(conn, URI, cond=Condition(pmax=2))
+    clock.now = 102.0
+    repeats = [c for c in hub.wake() if isinstance(c, Repeat)]
+    assert len(repeats) == 1 and repeats[0].targets == ("a", "b", "c")
+    assert hub.deliveries_total == 1 + 3   # the update to "plain", then the repeats

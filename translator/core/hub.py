@@ -807,24 +807,28 @@ class Hub(Generic[C]):
         window, and `pmax` frames that are due; then the next `Wake`."""
         now = self.monotonic() if now is None else now
         self._wake_announced = None  # the shell's timer fired: none is armed now
-        groups: dict[tuple[str, str, bool], list[C]] = {}
+        # Subscriptions due together that get the same frame share one text: grouped by
+        # (resource, the frame's text object, cond_error, repeat), encoded once per group.
+        groups: dict[tuple[str, int, str | None, bool], tuple[str, list[C]]] = {}
         for uri, conn in self._wakes.due(now):
             resource = self._resources.get(uri)
             watch = resource.watches.get(conn) if resource and resource.watches else None
             if resource is None or watch is None:
                 continue
             outcome, text = watch.wake(now, resource.last_notify)
-            if outcome == "send" and text is not None:
-                groups.setdefault((uri, self._variant(text, watch.error), False), []).append(conn)
-            elif outcome == "repeat" and resource.last_notify is not None:
-                variant = self._variant(resource.last_notify, watch.error, repeat=True)
-                groups.setdefault((uri, variant, True), []).append(conn)
+            repeat = outcome == "repeat"
+            if repeat:
+                text = resource.last_notify
+            if text is not None and outcome != "drop":
+                key = (uri, id(text), watch.error, repeat)
+                groups.setdefault(key, (text, []))[1].append(conn)
             self._wakes.set((uri, conn), watch.wake_at)
         commands: list[Command[C]] = []
-        for (uri, text, repeat), conns in groups.items():
+        for (uri, _, error, repeat), (text, conns) in groups.items():
             sub = self._resources[uri].sub
             self.deliveries_total += len(conns)
-            commands.append((Repeat if repeat else Deliver)(tuple(conns), text, sub))
+            variant = self._variant(text, error, repeat)
+            commands.append((Repeat if repeat else Deliver)(tuple(conns), variant, sub))
         commands.extend(self._announce())
         return commands
 
