@@ -14,7 +14,9 @@ Scenarios (see docs/performance.md for the method and the latest figures):
 6. baselines for each: a bare websockets broadcast server, a bare aiocoap client;
 7. slow readers: clients behind a slow link (1/4 and 1/10 of 200 updates/s) beside 100
    full-speed ones, with the bound on what waits in the kernel (`max_inflight_bytes`) on and
-   off: the age of the values the slow ones get, the full-speed ones' latency.
+   off: the age of the values the slow ones get, the full-speed ones' latency;
+8. resource directory (bench/rd.py): registrations and updates per second and RSS per
+   registration of the gateway's RFC 9176 directory, against aiocoap's `aiocoap-rd`.
 
 Every process (sensor, gateway, load generators, baselines) is a child on 127.0.0.1, and
 every one is stopped when the run ends, whatever way it ends. The run has a time budget;
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from . import conditions, cpu_split
+from . import rd as rd_bench
 from .control import Histogram
 from .procs import (
     ROOT,
@@ -104,7 +107,9 @@ class Settings:
     floor_bursts: int = 50
     """Bursts per writer in bench.floor (three writers, one burst every 100 ms)."""
     floor_hiccups: int = 200
-    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow", "cond")
+    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow", "rd", "cond")
+    rd_registrations: int = 3000
+    """Endpoints registered per system in the resource directory scenario."""
     slow_seconds: float = 60.0
     """The slow readers' measurement, per gateway (bound on, bound off)."""
     slow_window: float = 10.0
@@ -132,7 +137,8 @@ class Settings:
                     ingest_window=1.0, settle=0.3, command_seconds=0.4,
                     idle_connections=(1000,), observed_resources=(1000,), admission_clients=0,
                     floor_bursts=15, floor_hiccups=60, budget=90.0,
-                    scenarios=("fanout", "ingest", "commands", "memory"))
+                    scenarios=("fanout", "ingest", "commands", "memory", "rd"),
+                    rd_registrations=500)
         else:
             s = cls()
         if args.large:
@@ -994,6 +1000,10 @@ def slow_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # -- the summary: ratios and targets -----------------------------------------------------------
 
 
+async def resource_directory(bench: Run, fleet: Fleet, system: str) -> None:
+    bench.runs.append(await rd_bench.measure(fleet, system, bench.settings.rd_registrations))
+
+
 def _find(runs: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
     for run in runs:
         if all(run.get(k) == v for k, v in match.items()):
@@ -1091,6 +1101,15 @@ def summarize(bench: Run) -> dict[str, Any]:
         if gw and bare:
             ratios[f"memory per observed resource at {count}"] = _ratio(
                 gw["kib_per_resource"], bare["kib_per_resource"])
+    gw = _find(runs, scenario="rd", system="gateway")
+    bare = _find(runs, scenario="rd", system="aiocoap_rd")
+    if gw and bare:
+        ratios["resource directory"] = {
+            "registrations_per_s": _ratio(gw["registrations_per_s"], bare["registrations_per_s"]),
+            "updates_per_s": _ratio(gw["updates_per_s"], bare["updates_per_s"]),
+            "bytes_per_registration": _ratio(gw["bytes_per_registration"],
+                                             bare["bytes_per_registration"]),
+        }
     means = [m for n in s.fanout_ns
              for phase in ("10hz", "saturated", "overload2x", "flood10x", "admission")
              for system in ("gateway", "bare_ws")
@@ -1317,6 +1336,14 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
               r.get("kib_per_connection", r.get("kib_per_resource")),
               r.get("kib_per_connection_with_first", r.get("kib_per_resource_with_first"))]
              for r in mem]))
+    directory = [r for r in runs if r.get("scenario") == "rd"]
+    if directory:
+        parts.append(head("Resource directory (4 links per registration)") + table(
+            ["system", "registrations", "registrations/s", "updates/s", "bytes/registration",
+             "srv CPU ms/registration"],
+            [[r["system"], r["registered"], r["registrations_per_s"], r["updates_per_s"],
+              r["bytes_per_registration"], r.get("cpu_ms_per_registration")]
+             for r in directory]))
     ratios = result["summary"]["ratios"]
     if ratios:
         rows = []
@@ -1421,6 +1448,10 @@ async def run_all(bench: Run, log_dir: Path) -> None:
                          partial(memory_resources, bench, system=system)))
     if "slow" in s.scenarios:
         plan.append(("slow readers", partial(slow_readers, bench)))
+    if "rd" in s.scenarios:
+        for system in ("gateway", "aiocoap_rd"):
+            plan.append((f"resource directory {system}",
+                         partial(resource_directory, bench, system=system)))
     if "cond" in s.scenarios:
         plan.append(("conditional notifications", partial(conditions.conditions, bench)))
     for name, step in plan:
@@ -1495,7 +1526,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny fan-out (N = 2) for the test suite")
     parser.add_argument("--only", action="append",
-                        choices=["fanout", "ingest", "commands", "memory", "slow", "cond"],
+                        choices=["fanout", "ingest", "commands", "memory", "slow", "rd", "cond"],
                         help="run only this scenario (repeatable)")
     parser.add_argument("--out", help="directory for latest.json and latest.png "
                         "(default bench/results)")

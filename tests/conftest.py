@@ -70,7 +70,7 @@ def asyncapi_validator(schema_name: str) -> jsonschema.Draft7Validator:
 GATEWAY_FRAME_SCHEMAS = {
     "subscribed": "Subscribed", "unsubscribed": "Unsubscribed", "response": "Response",
     "resources": "Resources", "pong": "Pong", "notify": "Notify", "status": "Status",
-    "error": "Error",
+    "error": "Error", "catalog": "Catalog",
 }
 """Gateway frame type -> its schema. The hook picks the schema by `type` rather than
 validating against the `GatewayFrame` union: the same verdict (each branch has its own

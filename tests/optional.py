@@ -23,6 +23,8 @@ PARTS: Final = {
     "raw-sockets": "Linux and root (or CAP_NET_RAW): spoofed datagrams and forged ICMP errors "
                    "go out through a raw IPv4 socket (tests/spoof.py)",
     "node": "Node.js 20+ on PATH (the JavaScript client's tests run in it: tests/js/)",
+    "libcoap": "Debian's libcoap3-bin (coap-client-notls and coap-server-notls on PATH): "
+               "apt-get install libcoap3-bin",
 }
 """Each optional part, and what provides it."""
 

@@ -202,6 +202,7 @@ def closed_tcp_port() -> int:
         ("[server]\nprot = 1\n", "server.prot"),
         ('[[sensors]]\nname = "a"\nuri = "http://x/y"\n', "sensors[0].uri"),
         ("[server\n", "TOML"),
+        ('[coap]\nlisten = ["127.0.0.1:0"]\n', "rd.allow_from"),  # an RD open to anyone
     ],
 )
 def test_invalid_config_is_exit_2_naming_the_key(

@@ -459,3 +459,18 @@ def test_hub_repeats_due_together_share_one_text() -> None:
     repeats = [c for c in hub.wake() if isinstance(c, Repeat)]
     assert len(repeats) == 1 and repeats[0].targets == ("a", "b", "c")
     assert hub.deliveries_total == 1 + 3   # the update to "plain", then the repeats
+
+
+def test_hub_a_moved_resource_keeps_its_conditional_subscriptions_timers() -> None:
+    clock = Clock()
+    hub = make_hub(clock)
+    hub.subscribe("plain", URI)
+    update(hub, 1.0)
+    hub.subscribe("c", URI, cond=Condition(pmax=2))
+    moved = "coap://other.example/temperature"
+    hub.move(URI, moved)                      # its endpoint registered from another address
+    clock.now = 102.0
+    repeats = [c for c in hub.wake() if isinstance(c, Repeat)]
+    assert len(repeats) == 1 and repeats[0].targets == ("c",)
+    hub.disconnect("c")
+    assert len(hub._wakes) == 0

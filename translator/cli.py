@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8765, help="WebSocket port (default 8765)")
     demo.add_argument("--coap-port", type=int, default=0,
                       help="UDP port of the simulated sensors (default: any free port)")
+    demo.add_argument("--rd", action="store_true",
+                      help="the sensors register themselves at the gateway's Resource "
+                      "Directory (RFC 9176) instead of being configured")
+    demo.add_argument("--rd-port", type=int, default=0,
+                      help="the directory's CoAP port with --rd (default 0: the OS picks)")
     demo.add_argument("--log-level", default="warning",
                       choices=["debug", "info", "warning", "error"])
     demo.add_argument("--log-format", default="text", choices=["text", "json"])
@@ -267,13 +272,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "demo/status": f"{base}/status",
             "demo/led": f"{base}/led",
         }
+        listen = f"[{args.host}]:{args.rd_port}" if ":" in args.host else \
+            f"{args.host}:{args.rd_port}"
         config = config_from_mapping({
             "server": {"host": args.host, "port": args.port},
-            "sensors": [
-                {"name": name, "uri": uri, "observe": name != "demo/status"}
-                for name, uri in names.items()
-            ],
             "policy": {"allow": [f"{base}/*"]},
+            **({
+                # The sensors register as endpoint "demo": named demo/temperature etc.,
+                # as the configured ones are without --rd.
+                "coap": {"listen": [listen]},
+                "rd": {"allow_from": [args.host], "endpoints": ["demo"]},
+            } if args.rd else {
+                "sensors": [
+                    {"name": name, "uri": uri, "observe": name != "demo/status"}
+                    for name, uri in names.items()
+                ],
+            }),
         })
         gateway = Gateway(config)
         try:
@@ -281,6 +295,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         except OSError as exc:
             await sensors.stop()
             raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+        registerer: Any = None
+        if args.rd:
+            assert gateway.registry.server is not None
+            rd_host, rd_port = gateway.registry.server.addresses[0]
+            rd_uri = f"coap://[{rd_host}]:{rd_port}" if ":" in rd_host else \
+                f"coap://{rd_host}:{rd_port}"
+            registerer = sensors.register_at(rd_uri, "demo", lt=DEMO_LIFETIME)
+            print(f"resource directory on {rd_uri}; the sensors register as 'demo'",
+                  flush=True)
         url = gateway.url
         page = url.removesuffix("/ws").replace("ws", "http", 1) + "/"
         print(f"simulated sensors on {base}", flush=True)
@@ -295,12 +318,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
               flush=True)
 
         async def stop() -> None:
+            if registerer is not None:
+                await registerer.shutdown()
             await gateway.stop()
             await sensors.stop()
 
         return stop
 
     return _run_until_signal(start)
+
+
+DEMO_LIFETIME: Final = 120
+"""`lt` of the demo sensors' registration with --rd (renewed every 90 s by aiocoap's client)."""
 
 
 def _cmd_sensors(args: argparse.Namespace) -> int:

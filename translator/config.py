@@ -32,12 +32,15 @@ if TYPE_CHECKING:
 __all__ = [
     "LOG_LEVELS",
     "AuthConfig",
+    "CoapConfig",
     "ConfigError",
     "CredentialConfig",
+    "DiscoveryConfig",
     "GatewayConfig",
     "HistoryConfig",
     "LimitsConfig",
     "PolicyConfig",
+    "RdConfig",
     "SensorConfig",
     "ServerConfig",
     "SupervisionConfig",
@@ -302,6 +305,113 @@ class HistoryConfig:
         _check_fields(self)
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"[::]:5683"``, ``"127.0.0.1:0"`` -> (host, port); ValueError for anything else."""
+    import ipaddress
+
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
+        raise ValueError(f"expected HOST:PORT (an IPv6 address in brackets), got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets: {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    if int(port_text) > 65535:
+        raise ValueError(f"port {port_text} is out of range")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class CoapConfig:
+    """``[coap]``: the gateway's own CoAP server endpoint (for the Resource Directory)."""
+
+    listen: tuple[str, ...] = _setting(())
+    """``HOST:PORT`` addresses (``[::]:5683``; port 0 lets the OS pick); empty: no CoAP
+    server, no directory."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        for index, text in enumerate(self.listen):
+            try:
+                parse_listen(text)
+            except ValueError as error:
+                raise ConfigError(f"listen[{index}]", str(error)) from None
+
+
+NAME_FIELDS: Final = ("ep", "d", "path")
+"""The placeholders of ``[rd] name_template``."""
+
+
+@dataclass(frozen=True)
+class RdConfig:
+    """``[rd]``: who may register at the gateway's Resource Directory, and how much."""
+
+    allow_from: tuple[str, ...] = _setting(())
+    """Address prefixes registrations may come from (``10.0.0.0/8``, ``::1``). Required
+    when ``[coap] listen`` is set: a directory open to anyone is a way in."""
+    endpoints: tuple[str, ...] = _setting(("*",))
+    """Endpoint-name patterns (``*``, ``?``, ``[...]``) a registration's ``ep`` must match."""
+    name_template: str = _setting("{ep}/{path}", nonempty=True)
+    """The catalogue name of a registered resource: ``{ep}``, ``{d}`` and ``{path}`` (the
+    link's path without its leading ``/``)."""
+    max_registrations: int = _setting(1000, minimum=1, maximum=MILLION)
+    max_links: int = _setting(64, minimum=1, maximum=10_000)
+    """Links per registration."""
+    max_payload: int = _setting(4096, minimum=64, maximum=1 << 20)
+    """Bytes of link-format per registration."""
+    min_lifetime: int = _setting(60, minimum=1, maximum=DAY)
+    """A registration's ``lt`` is raised to at least this many seconds."""
+
+    def __post_init__(self) -> None:
+        import ipaddress
+        import string
+
+        _check_fields(self)
+        for index, prefix in enumerate(self.allow_from):
+            try:
+                ipaddress.ip_network(prefix, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"allow_from[{index}]", f"{prefix!r} is not an address prefix"
+                ) from None
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(self.name_template)
+                      if name is not None]
+        except ValueError as error:
+            raise ConfigError("name_template", str(error)) from None
+        unknown = [name for name in fields if name not in NAME_FIELDS]
+        if unknown or "ep" not in fields:
+            raise ConfigError(
+                "name_template",
+                f"must contain {{ep}} and no placeholders but {{ep}}, {{d}}, {{path}}; "
+                f"got {self.name_template!r}",
+            )
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """``[discovery]``: an existing Resource Directory whose endpoints join the catalogue."""
+
+    rd: str | None = _setting(None)
+    """``coap://host:port`` of the directory (its /rd-lookup/res is read)."""
+    refresh: float = _setting(300.0, above=0, maximum=DAY)
+    """Seconds between reads of the directory."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.rd is not None:
+            try:
+                uri = parse_coap_uri(self.rd)
+            except UriError as error:
+                raise ConfigError("rd", str(error)) from None
+            if uri.scheme != "coap":
+                raise ConfigError("rd", "only coap:// directories can be read")
+
+
 DTLS_PSK_MAX_BYTES: Final = 16
 """Longest DTLS pre-shared key the gateway's DTLS stack (tinydtls, through DTLSSocket) takes.
 Its buffer is this size and a longer key would overrun it, so the limit is checked here."""
@@ -507,6 +617,12 @@ class GatewayConfig:
     """``[auth]``."""
     credentials: tuple[CredentialConfig, ...] = _setting(())
     """``[[credentials]]``: DTLS keys and OSCORE contexts for protected sensors."""
+    coap: CoapConfig = field(default_factory=CoapConfig)
+    """``[coap]``."""
+    rd: RdConfig = field(default_factory=RdConfig)
+    """``[rd]``."""
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    """``[discovery]``."""
     log_level: str = _setting("info", choices=LOG_LEVELS)
     """Logging threshold."""
     log_format: str = _setting("text", choices=LOG_FORMATS)
@@ -535,6 +651,12 @@ class GatewayConfig:
                         f"[{earlier_index}]): some origin matches both, so which credentials "
                         "apply would be ambiguous; make the patterns disjoint",
                     )
+        if self.coap.listen and not self.rd.allow_from:
+            raise ConfigError(
+                "rd.allow_from",
+                "[coap] listen enables the Resource Directory: name the address prefixes "
+                "registrations may come from (e.g. allow_from = [\"fd00::/8\"])",
+            )
         for index, sensor in enumerate(self.sensors):
             if sensor.uri.startswith("coaps://") and not any(
                 entry.kind == "dtls" and entry.matches(sensor.uri) for entry in self.credentials

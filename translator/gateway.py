@@ -19,7 +19,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -35,6 +35,7 @@ from translator.auth import (
 )
 from translator.coap.security import check_installed, dtls_missing
 from translator.coap.side import CoapAnswer, CoapSide, UpstreamError
+from translator.coap_ws_proxy import CoapWsGrant, CoapWsProxy
 from translator.config import ConfigError, GatewayConfig, policy_for
 from translator.core import frames
 from translator.core.codecs import UnsupportedValue, decode_payload, encode_value
@@ -56,7 +57,8 @@ from translator.core.uris import UriError, parse_coap_uri
 from translator.credentials import client_credentials
 from translator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from translator.metrics import GatewayMetrics
-from translator.web.front import Answer, text_answer
+from translator.registry import Registry
+from translator.web.front import COAP_WS_PATH, WS_PATH, Answer, text_answer
 from translator.web.server import (
     Connection,
     Refusal,
@@ -77,6 +79,7 @@ FRAME_COSTS: Final[dict[type, float]] = {
     frames.Subscribe: 0.5,
     frames.Unsubscribe: 0.25,
     frames.Ping: 0.1,
+    frames.Watch: 5.0,  # a snapshot of the catalogue, like a list
 }
 """What each client frame takes from its connection's token bucket (`[limits] rate` and
 `burst` are in these units): every frame type is rate limited, by what it costs."""
@@ -197,6 +200,8 @@ class Gateway:
             config.auth, sensors=self.hub.sensor_uris, env=os.environ
         )
         self._sessions: dict[Connection, Session] = {}
+        self.coap_ws = CoapWsProxy(self)
+        """The RFC 8323 endpoint's peers (`/.well-known/coap`)."""
         self._lingers: dict[str, asyncio.TimerHandle] = {}
         self._wake: asyncio.TimerHandle | None = None
         """The one timer of all conditional subscriptions (`Hub.wake`)."""
@@ -205,11 +210,18 @@ class Gateway:
         self._discovery: asyncio.Task[None] | None = None
         self._stopping = False
         self._started = False
+        self.registry = Registry(config, self.hub, self.coap, self._execute, self._spawn)
+        """Resources that registered themselves (the RD), and who watches the catalogue."""
         self.metrics_registry = GatewayMetrics(self)
 
     @property
     def url(self) -> str:
         return self.ws.url
+
+    @property
+    def coap_ws_url(self) -> str:
+        """The RFC 8323 endpoint beside `url`: CoAP over WebSockets, subprotocol ``coap``."""
+        return self.ws.url.removesuffix(WS_PATH) + COAP_WS_PATH
 
     @property
     def authenticating(self) -> bool:
@@ -225,7 +237,9 @@ class Gateway:
         if self.policy.allows_everything:
             log.warning("policy allows every CoAP destination ('*'): for development only")
         await self.coap.start()
+        await self.registry.start()
         await self.ws.start()
+        log.info("CoAP over WebSockets (RFC 8323) at %s", self.coap_ws_url)
         self._started = True
         self._execute(self.hub.startup())
         if self.config.sensors:
@@ -256,6 +270,7 @@ class Gateway:
         pending = [*self._tasks, *(t for s in self._sessions.values() for t in s.tasks)]
         if pending:
             await asyncio.wait(pending, timeout=2)
+        await self.registry.stop()
         await self.coap.shutdown()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -271,10 +286,14 @@ class Gateway:
             if self._stopping and isinstance(command, StartObservation | StartLinger):
                 continue
             if isinstance(command, Repeat):
+                # Only WebSocket sessions hold conditional subscriptions (never a CoAP peer).
                 fan_out(self._within_rate(command.targets), command.text, command.replaces)
             elif isinstance(command, Deliver):
+                targets: Sequence[Connection] = command.targets
+                if self.coap_ws.peers:  # CoAP-over-WebSocket peers get CoAP messages
+                    targets = self.coap_ws.take_deliveries(command)
                 # Frame once, send to many: the same bytes go to every target.
-                fan_out(command.targets, command.text, command.replaces)
+                fan_out(targets, command.text, command.replaces)
             elif isinstance(command, Wake):
                 self._arm_wake(None if self._stopping else command.at)
             elif isinstance(command, StartObservation):
@@ -283,6 +302,7 @@ class Gateway:
             elif isinstance(command, StopObservation):
                 self._cancel_linger(command.uri)
                 self.coap.stop_observation(command.uri)
+                self.coap_ws.forget(command.uri)
             elif isinstance(command, StartLinger):
                 self._cancel_linger(command.uri)
                 self._lingers[command.uri] = asyncio.get_running_loop().call_later(
@@ -326,6 +346,7 @@ class Gateway:
 
     def answer(self, uri: str, answer: CoapAnswer) -> None:
         hub, code, cf = self.hub, answer.code, answer.cf
+        self.coap_ws.upstream_answer(uri, answer)
         age, observe = answer.max_age, answer.observable
         if answer.broken is not None:
             commands = hub.upstream_unusable(
@@ -352,10 +373,12 @@ class Gateway:
 
     # -- the WebSocket side's events (MessageHandler) ----------------------------------------
 
-    def admit(self, path: str, headers: Headers, remote_ip: str) -> Refusal | Principal:
+    def admit(
+        self, path: str, headers: Headers, remote_ip: str
+    ) -> Refusal | Principal | CoapWsGrant:
         """The handshake's authentication (Gatekeeper): who the client is, or HTTP 401."""
         if not self.authenticating:
-            return ANONYMOUS
+            return self._grant(path, ANONYMOUS)
         presented = headers.get_all("Authorization")
         principal = (
             # Two Authorization headers are ambiguous: refuse rather than pick one.
@@ -370,6 +393,13 @@ class Gateway:
                 (("WWW-Authenticate", 'Bearer realm="coap-ws-gateway"'),),
             )
         log.info("client %s authenticated as %s", remote_ip, principal.name)
+        return self._grant(path, principal)
+
+    @staticmethod
+    def _grant(path: str, principal: Principal) -> Principal | CoapWsGrant:
+        """The RFC 8323 endpoint's connections are told apart by their grant."""
+        if path.partition("?")[0] == COAP_WS_PATH:
+            return CoapWsGrant(principal)
         return principal
 
     # -- the operator's endpoints (Operations) ----------------------------------------------
@@ -396,19 +426,31 @@ class Gateway:
         )
 
     def connected(self, conn: Connection) -> None:
-        principal = conn.grant if isinstance(conn.grant, Principal) else ANONYMOUS
+        grant = conn.grant
+        principal = (
+            grant.principal if isinstance(grant, CoapWsGrant)
+            else grant if isinstance(grant, Principal) else ANONYMOUS
+        )
         limits = self.config.limits
-        self._sessions[conn] = Session(conn, principal, TokenBucket(limits.rate, limits.burst))
+        session = Session(conn, principal, TokenBucket(limits.rate, limits.burst))
+        self._sessions[conn] = session
         self.hub.connect(conn)
+        if isinstance(grant, CoapWsGrant):
+            self.coap_ws.connected(session)
 
     def disconnected(self, conn: Connection) -> None:
         session = self._sessions.pop(conn, None)
         if session is not None:
             for task in session.tasks:
                 task.cancel()
+        self.coap_ws.disconnected(conn)
+        self.registry.forget(conn)
         self._execute(self.hub.disconnect(conn))
 
     def received(self, conn: Connection, message: str | bytes) -> None:
+        if conn in self.coap_ws.peers:
+            self.coap_ws.received(conn, message)
+            return
         session = self._sessions.get(conn)
         if session is None:
             return
@@ -523,6 +565,18 @@ class Gateway:
                 )
             case frames.Ping():
                 conn.send(frames.Pong(frame.id).serialize())
+            case frames.Watch():
+                self._require(session.principal, READ, frame.id)
+                visible = self._visible(session.principal)
+                configured = [
+                    {"name": s.name, "uri": s.uri, "ep": None, "source": "config"}
+                    for s in self.config.sensors if visible(s.uri)
+                ]
+                principal = session.principal
+                self.registry.watch(
+                    conn, frame.id,
+                    lambda uri: principal.allows(uri, self.hub.sensor_uris), configured,
+                )
 
     @staticmethod
     def _require(principal: Principal, scope: str, frame_id: FrameId) -> None:
@@ -547,7 +601,7 @@ class Gateway:
         self._require(session.principal, scope, frame_id)
         principal = session.principal
         if name is not None:
-            found = self.hub.uri_for_name(name)
+            found = self.hub.uri_for_name(name) or self.registry.uri_for_name(name)
             # A name this token may not reach gets the same answer as an unknown one, so that
             # a narrowed token can neither enumerate names nor learn their URIs.
             if found is None or not principal.allows(found, self.hub.sensor_uris):
@@ -562,6 +616,10 @@ class Gateway:
         except UriError as exc:
             raise FrameError(frames.BAD_REQUEST, str(exc), frame_id) from None
         decision = self.policy.decide(uri)
+        if not decision.allowed and self.registry.catalogued(str(uri)):
+            # A registered resource passed the directory's rules when it joined (an IP
+            # literal, never multicast or broadcast, from an allowed registrant).
+            decision = Decision(uri, True, False, "")
         if not decision.allowed:
             raise FrameError(frames.FORBIDDEN, decision.reason, frame_id)
         if not principal.allows(uri, self.hub.sensor_uris):
@@ -583,7 +641,8 @@ class Gateway:
         """A hint naming the configured sensors closest to `name` that `principal` may reach
         (never one it may not: that would let a narrowed token enumerate names)."""
         sensors = self.hub.sensor_uris
-        reachable = [n for n, uri in sensors.items() if principal.allows(uri, sensors)]
+        names = {**self.registry.catalog.names, **sensors}
+        reachable = [n for n, uri in names.items() if principal.allows(uri, sensors)]
         close = difflib.get_close_matches(name, reachable, n=3)
         return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 
@@ -745,12 +804,19 @@ class Gateway:
             if other.principal == principal
             for uri in self.hub.subscribed_uris(other.conn)
         }
-        entries = self.hub.list_entries(
-            lambda uri: uri in own
-            or (
-                self.hub.catalogued(uri)
-                and self.policy.allows(uri)
+        visible = self._visible(principal)
+        entries = self.hub.list_entries(lambda uri: uri in own or visible(uri))
+        entries = self.registry.annotate(entries, visible)
+        conn.send(frames.Resources(frame_id, tuple(entries)).serialize())
+
+    def _visible(self, principal: Principal) -> Callable[[str], bool]:
+        """Whether a catalogued resource is shown to `principal`: configured, discovered at
+        a configured sensor's host, or registered, as far as the policy (registered ones
+        passed the directory's rules instead) and the token allow."""
+        def visible(uri: str) -> bool:
+            registered = self.registry.catalogued(uri)
+            return (
+                (registered or (self.hub.catalogued(uri) and self.policy.allows(uri)))
                 and principal.allows(uri, self.hub.sensor_uris)
             )
-        )
-        conn.send(frames.Resources(frame_id, tuple(entries)).serialize())
+        return visible

@@ -91,6 +91,25 @@ class GatewayCollector(Collector):
         for reason, count in sorted(_coap_dropped(gateway).items()):
             dropped.add_metric([reason], count)
         yield dropped
+        yield from _directory(gateway)
+
+
+def _directory(gateway: Gateway) -> Iterator[Metric]:
+    """The Resource Directory's size and refusals, and the catalogue it fills."""
+    registry = gateway.registry
+    yield _gauge("catalogued", "Resources in the catalogue that registered themselves or were "
+                 "read from another directory", len(registry.catalog))
+    if registry.directory is None or registry.server is None:
+        return
+    yield _gauge("rd_registrations", "Registrations at the gateway's Resource Directory",
+                 len(registry.directory))
+    refused = CounterMetricFamily(
+        "coap_ws_gateway_rd_refused", "Requests the Resource Directory refused, by CoAP code",
+        labels=["code"],
+    )
+    for code, count in sorted(registry.server.site.refused.items()):
+        refused.add_metric([code], count)
+    yield refused
 
 
 def _coap_dropped(gateway: Gateway) -> dict[str, int]:

@@ -153,7 +153,15 @@ class Ping:
     type: Literal["ping"] = "ping"
 
 
-ClientFrame = Subscribe | Unsubscribe | Request | ListResources | Ping
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """Ask for the catalogue now and for each change of it (`catalog` frames)."""
+
+    id: FrameId
+    type: Literal["watch"] = "watch"
+
+
+ClientFrame = Subscribe | Unsubscribe | Request | ListResources | Ping | Watch
 
 
 def _read_id(obj: dict[str, JSONValue]) -> FrameId:
@@ -314,12 +322,17 @@ def _parse_ping(f: _Fields) -> Ping:
     return Ping(id=f.frame_id)
 
 
+def _parse_watch(f: _Fields) -> Watch:
+    return Watch(id=f.frame_id)
+
+
 _PARSERS: Final[dict[str, Callable[[_Fields], ClientFrame]]] = {
     "subscribe": _parse_subscribe,
     "unsubscribe": _parse_unsubscribe,
     "request": _parse_request,
     "list": _parse_list,
     "ping": _parse_ping,
+    "watch": _parse_watch,
 }
 
 
@@ -407,6 +420,25 @@ class Resources:
 
     def serialize(self) -> str:
         return dumps({**_with_id("resources", self.id), "resources": list(self.resources)})
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """The catalogue (`snapshot`: everything this client may see, in `added`) or a change
+    of it: entries added, removed (each with its `reason`) or changed (the new entry)."""
+
+    id: FrameId
+    snapshot: bool
+    added: tuple[dict[str, JSONValue], ...] = ()
+    removed: tuple[dict[str, JSONValue], ...] = ()
+    changed: tuple[dict[str, JSONValue], ...] = ()
+
+    def serialize(self) -> str:
+        return dumps({
+            **_with_id("catalog", self.id), "snapshot": self.snapshot,
+            "added": list(self.added), "removed": list(self.removed),
+            "changed": list(self.changed),
+        })
 
 
 @dataclass(frozen=True, slots=True)

@@ -333,7 +333,9 @@ class Hub(Generic[C]):
         """The shortest `cond.pmax` a client may ask for ([limits] min_pmax)."""
         self.monotonic = monotonic or time.monotonic
         """The time of `pmin`/`pmax` windows and of `Wake` (not the frames' `ts`)."""
-        self._wakes: WakeQueue[tuple[str, C]] = WakeQueue()
+        self._wakes: WakeQueue[tuple[Resource[C], C]] = WakeQueue()
+        """When each conditional subscription wants `wake()`, keyed by the resource object
+        (not its URI, which `move` may change) and the connection."""
         self._wake_announced: float | None = None
         self.sensor_uris: dict[str, str] = dict(sensors or {})
         self._sensor_uri_set = frozenset(self.sensor_uris.values())
@@ -351,6 +353,9 @@ class Hub(Generic[C]):
         self._connections: dict[C, dict[str, Resource[C]]] = {}
         self._links: dict[str, LinkInfo] = {}
         self._links_by_origin: dict[str, tuple[str, ...]] = {}
+        self.registered_cf: Callable[[str], int | None] | None = None
+        """The `ct` a resource registered with (the Resource Directory's catalogue), for
+        the resources no /.well-known/core read describes."""
         for name, uri in self.sensor_uris.items():
             self._resource(uri).name = name
         for uri in pinned:
@@ -381,6 +386,8 @@ class Hub(Generic[C]):
 
     def advertised_cf(self, uri: str) -> int | None:
         link = self._links.get(uri)
+        if link is None and self.registered_cf is not None:
+            return self.registered_cf(uri)
         return link.cf if link else None
 
     @property
@@ -558,6 +565,10 @@ class Hub(Generic[C]):
         if resource.watches and conn in resource.watches:
             self._unwatch(resource, conn)
             wake = self._announce()
+        if not resource.observing and not resource.subscribers and not resource.pinned \
+                and resource.name is None and resource.uri not in self._idle:
+            # A withdrawn resource (see `withdraw`) that its last subscriber left.
+            self._remember_idle(resource)
         if resource.subscribers or resource.pinned or not resource.observing:
             return wake
         if self.linger <= 0:
@@ -756,7 +767,7 @@ class Hub(Generic[C]):
             commands.append(Deliver(
                 (conn,), self._variant(resource.last_notify, watch.error), resource.sub
             ))
-        self._wakes.set((resource.uri, conn), watch.wake_at)
+        self._wakes.set((resource, conn), watch.wake_at)
         return [*commands, *self._announce()]
 
     def _unwatch(self, resource: Resource[C], conn: C) -> None:
@@ -765,7 +776,7 @@ class Hub(Generic[C]):
             watches.pop(conn, None)
             if not watches:
                 resource.watches = None
-        self._wakes.remove((resource.uri, conn))
+        self._wakes.remove((resource, conn))
 
     def _announce(self) -> list[Command[C]]:
         """A `Wake` when the earliest time any watch wants changed since the last one."""
@@ -792,7 +803,7 @@ class Hub(Generic[C]):
                     targets.append(conn)
                 else:
                     variants.setdefault(watch.error, []).append(conn)
-            self._wakes.set((resource.uri, conn), watch.wake_at)
+            self._wakes.set((resource, conn), watch.wake_at)
         commands: list[Command[C]] = []
         if targets:
             commands.append(Deliver(tuple(targets), text, resource.sub))
@@ -809,23 +820,22 @@ class Hub(Generic[C]):
         self._wake_announced = None  # the shell's timer fired: none is armed now
         # Subscriptions due together that get the same frame share one text: grouped by
         # (resource, the frame's text object, cond_error, repeat), encoded once per group.
-        groups: dict[tuple[str, int, str | None, bool], tuple[str, list[C]]] = {}
-        for uri, conn in self._wakes.due(now):
-            resource = self._resources.get(uri)
-            watch = resource.watches.get(conn) if resource and resource.watches else None
-            if resource is None or watch is None:
+        groups: dict[tuple[Resource[C], int, str | None, bool], tuple[str, list[C]]] = {}
+        for resource, conn in self._wakes.due(now):
+            watch = resource.watches.get(conn) if resource.watches else None
+            if watch is None:
                 continue
             outcome, text = watch.wake(now, resource.last_notify)
             repeat = outcome == "repeat"
             if repeat:
                 text = resource.last_notify
             if text is not None and outcome != "drop":
-                key = (uri, id(text), watch.error, repeat)
+                key = (resource, id(text), watch.error, repeat)
                 groups.setdefault(key, (text, []))[1].append(conn)
-            self._wakes.set((uri, conn), watch.wake_at)
+            self._wakes.set((resource, conn), watch.wake_at)
         commands: list[Command[C]] = []
-        for (uri, _, error, repeat), (text, conns) in groups.items():
-            sub = self._resources[uri].sub
+        for (resource, _, error, repeat), (text, conns) in groups.items():
+            sub = resource.sub
             self.deliveries_total += len(conns)
             variant = self._variant(text, error, repeat)
             commands.append((Repeat if repeat else Deliver)(tuple(conns), variant, sub))
@@ -885,6 +895,68 @@ class Hub(Generic[C]):
         if not resource.subscribers:
             return []
         return [Deliver(resource.subscribers, text)]
+
+    # -- resources that come and go (the Resource Directory) --------------------------------
+
+    def withdraw(self, uri: str, reason: str) -> list[Command[C]]:
+        """`uri` is gone from the catalogue (its registration expired or was removed): stop
+        observing it, tell its subscribers it is offline and why, and keep their
+        subscriptions for the endpoint's return (`move` or `restore`)."""
+        resource = self._resources.get(uri)
+        if resource is None:
+            return []
+        commands: list[Command[C]] = []
+        if resource.observing:
+            resource.observing = False
+            self.observing_count -= 1
+            resource.linger_generation += 1
+            self._end_linger(uri)
+            commands.append(StopObservation(uri))
+        commands.extend(self._event(resource, "failed", reason))
+        if not resource.subscribers and not resource.pinned and resource.name is None:
+            self._remember_idle(resource)
+        return commands
+
+    def move(self, old: str, new: str) -> list[Command[C]]:
+        """The resource at `old` is now at `new` (its endpoint registered from another
+        address): its subscriptions, `sub` and `seq` go with it and observe `new`. When `new`
+        is already watched on its own the two cannot be merged (each has its `sub`): the
+        subscribers of `old` stay where they are."""
+        resource = self._resources.get(old)
+        if resource is None or old == new:
+            return self.restore(new)
+        existing = self._resources.get(new)
+        if existing is not None:
+            if existing.subscribers or existing.observing or existing.pinned:
+                return []
+            self.idle_bytes -= self._idle.pop(new, 0)
+            del self._resources[new]
+            self.history.forget(new)
+        commands: list[Command[C]] = []
+        if resource.observing:
+            resource.observing = False
+            self.observing_count -= 1
+            resource.linger_generation += 1
+            self._end_linger(old)
+            commands.append(StopObservation(old))
+        del self._resources[old]
+        self.idle_bytes -= self._idle.pop(old, 0)
+        self.history.forget(old)
+        resource.uri = new
+        self._resources[new] = resource
+        if resource.subscribers:
+            commands.extend(self._start(resource))
+        elif not resource.pinned and resource.name is None:
+            self._remember_idle(resource)
+        return commands
+
+    def restore(self, uri: str) -> list[Command[C]]:
+        """`uri` is back in the catalogue at the same address: observe it again for the
+        subscriptions that waited."""
+        resource = self._resources.get(uri)
+        if resource is None or resource.observing or not resource.subscribers:
+            return []
+        return self._start(resource)
 
     # -- discovery and listing ---------------------------------------------------------------
 

@@ -38,14 +38,17 @@ OVERFLOW_FRAMES: Final = "pending frames over the limit"
 class _Entry:
     __slots__ = ("key", "size", "text")
 
-    def __init__(self, text: str | None, key: str | None, size: int) -> None:
+    def __init__(self, text: str | bytes | None, key: str | None, size: int) -> None:
         self.text = text
         self.key = key
         self.size = size
 
 
-def utf8_size(text: str) -> int:
-    """The UTF-8 length of `text`, without encoding an ASCII one (CPython knows it is)."""
+def utf8_size(text: str | bytes) -> int:
+    """The UTF-8 length of `text`, without encoding an ASCII one (CPython knows it is); the
+    length of a binary frame's bytes."""
+    if isinstance(text, bytes):
+        return len(text)
     return len(text) if text.isascii() else len(text.encode())
 
 
@@ -85,7 +88,7 @@ class Outbox:
     def __len__(self) -> int:
         return self.frames
 
-    def push(self, text: str, key: str | None, now: float) -> str | None:
+    def push(self, text: str | bytes, key: str | None, now: float) -> str | None:
         """Queue a frame; returns None, or the overflow reason when the client is too slow.
 
         `key` marks a droppable notify (its subscription); None is never dropped.
@@ -118,7 +121,7 @@ class Outbox:
             return OVERFLOW_FRAMES
         return None
 
-    def pop(self) -> str | None:
+    def pop(self) -> str | bytes | None:
         """The next frame to write, or None when nothing waits."""
         queue = self._queue
         while queue:  # None or empty: nothing waits

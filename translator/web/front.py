@@ -8,7 +8,8 @@ and carries out what it decides. It owns
   websockets is one websockets answers (websockets closes the connection without a word on
   a head it cannot parse);
 * the operator's endpoints: `/healthz`, `/readyz` and `/metrics` (`Operations` decides);
-* the answers to everything that is not a WebSocket handshake on `/ws` (`answer_request`):
+* the answers to everything that is not a WebSocket handshake on `/ws` or on
+  `/.well-known/coap` (RFC 8323) (`answer_request`):
   the page at `/`, the JavaScript client at `/client.js` (its types at `/client.d.ts`),
   `HEAD`, 404 (an upgrade on another path says where the endpoint is), 405, and
   400/414/431/505 for heads that are not HTTP;
@@ -37,6 +38,9 @@ from importlib import resources
 from typing import Final, Protocol
 
 WS_PATH: Final = "/ws"
+COAP_WS_PATH: Final = "/.well-known/coap"
+"""CoAP over WebSockets (RFC 8323 §4), subprotocol ``coap``, beside the JSON API."""
+WS_PATHS: Final = (WS_PATH, COAP_WS_PATH)
 PAGE_PATHS: Final = ("/", "/index.html")
 CLIENT_FILES: Final = {
     "/client.js": ("client.js", "text/javascript; charset=utf-8"),
@@ -257,7 +261,7 @@ OPERATIONS_PATHS: Final = ("/healthz", "/readyz", "/metrics")
 def answer_request(
     head: RequestHead, hosts: HostNames | None = None, operations: Operations | None = None
 ) -> Answer | None:
-    """The answer to `head`, or None for a WebSocket handshake (GET on /ws), which is
+    """The answer to `head`, or None for a WebSocket handshake (GET on a `WS_PATHS`), which is
     websockets' to check and answer. An answer to HEAD has the headers of the GET's, and
     no body. `hosts`: the names served (default: ``localhost`` and IP literals);
     `operations`: who answers `/readyz` and `/metrics` (without, only `/healthz` is)."""
@@ -269,7 +273,7 @@ def answer_request(
 
 def _route(head: RequestHead, operations: Operations | None = None) -> Answer | None:
     path = head.path
-    if path != WS_PATH and any(
+    if path not in WS_PATHS and any(
         "websocket" in value.lower() for value in head.get_all("Upgrade")
     ):
         return error_answer(
@@ -289,7 +293,7 @@ def _route(head: RequestHead, operations: Operations | None = None) -> Answer | 
         if head.has_body:
             return error_answer(http.HTTPStatus.BAD_REQUEST, "a request body is not accepted")
         return client_answer(path)
-    if path == WS_PATH:
+    if path in WS_PATHS:
         if head.method != "GET":
             return method_not_allowed(WS_METHODS)
         if head.has_body:

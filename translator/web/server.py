@@ -1,10 +1,12 @@
 """The WebSocket side: the websockets server, one reader and one bounded writer per client.
 
-It owns I/O toward web clients and nothing else: the handshake (only the `/ws` path is a
-WebSocket endpoint), reading messages and handing them to the `MessageHandler`, and writing
-queued text frames. It knows nothing of CoAP, the hub or the frames' meaning. What a plain
-HTTP request gets (the page at `/`, 404, 405, ...) is `web.front`'s decision; this module
-reads the request head for it and sends its answer (`_ServerConnection`).
+It owns I/O toward web clients and nothing else: the handshake (`/ws` is the JSON endpoint;
+`/.well-known/coap`, subprotocol `coap`, carries RFC 8323 CoAP messages in binary frames,
+which the gateway tells apart by the handshake's grant), reading messages and handing them
+to the `MessageHandler`, and writing queued frames. It knows nothing of CoAP, the hub or the
+frames' meaning. What a plain HTTP request gets (the page at `/`, 404, 405, ...) is
+`web.front`'s decision; this module reads the request head for it and sends its answer
+(`_ServerConnection`).
 
 Outgoing frames go through `Connection.send()`, which never blocks: each connection has a
 bounded queue drained by its own writer task. A queue that overflows means the client does
@@ -36,23 +38,33 @@ import ssl
 import struct
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any, Final, Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
+from websockets.typing import Subprotocol
 
 from translator.compat import check_websockets
 from translator.core.outbox import OVERFLOW_BYTES, Outbox
 from translator.core.ratelimit import ConnectionLimiter
 from translator.redaction import install_redaction
 from translator.web import front as http_front
-from translator.web.front import WS_PATH, Answer, HeadReader, HostNames, HttpError, Operations
+from translator.web.front import (
+    COAP_WS_PATH,
+    WS_PATH,
+    WS_PATHS,
+    Answer,
+    HeadReader,
+    HostNames,
+    HttpError,
+    Operations,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +188,11 @@ class Connection:
         """The connection, as fields of a log record (`--log-format json`)."""
         return {"conn": self.id, "remote": self.remote}
 
-    def send(self, text: str, replaces: str | None = None, frame: bytes | None = None) -> None:
-        """Send a text frame now if the socket takes it, else queue it; never blocks.
+    def send(
+        self, text: str | bytes, replaces: str | None = None, frame: bytes | None = None
+    ) -> None:
+        """Send a text frame (a binary one for bytes) now if the socket takes it, else queue
+        it; never blocks.
 
         `frame` is `text` already framed by `text_frame()`, shared by every recipient of a
         fan-out. `replaces` (a subscription id) lets this frame replace an unsent one with
@@ -188,7 +203,7 @@ class Connection:
         if not self.outbox.frames and not self._writing and self._writable():
             # The hot path: nothing waits before this frame and the transport is below its
             # high-water mark, so write the shared bytes straight away, with no task switch.
-            self._transport.write(frame if frame is not None else text_frame(text))
+            self._transport.write(frame if frame is not None else data_frame(text))
             return
         outbox = self.outbox
         overflow = outbox.push(text, replaces, self._loop.time())
@@ -433,6 +448,7 @@ class WebSocketServer:
             settings.port,
             process_request=self._process_request,
             process_response=_process_response,
+            select_subprotocol=_select_subprotocol,
             max_size=settings.max_frame_bytes,
             # permessage-deflate costs more CPU per frame than it saves on loopback-sized
             # JSON, and halves fan-out throughput.
@@ -561,7 +577,7 @@ class WebSocketServer:
         `_ServerConnection` hands websockets only GETs on `/ws` (`web.front` answers every
         other request), so the limits, the Origin and the gatekeeper are all asked here.
         """
-        if request.path.partition("?")[0] != WS_PATH:  # not expected: see the docstring
+        if request.path.partition("?")[0] not in WS_PATHS:  # not expected: see the docstring
             return _response(http_front.error_answer(http.HTTPStatus.NOT_FOUND, "no such path"))
         address = ws.remote_address
         ip = str(address[0]) if address else ""
@@ -656,14 +672,14 @@ class _ServerConnection(ServerConnection):
     * a head websockets cannot parse (a body, an unknown HTTP version, a malformed header
       line) got no answer at all, only the end of the stream.
 
-    So the head is read here (`http_front.HeadReader`, `parse_head`). A GET on `/ws` goes to
-    websockets, without what follows it: those bytes wait until the handshake is answered,
-    then go to websockets too (frames after a 101; after a refusal websockets discards
-    them). Every other request gets `web.front`'s answer through websockets' Sans-I/O
-    `send_response()`, which logs it, ends the stream and discards what the client sends
-    until it closes (at most `CLOSE_TIMEOUT` seconds later, the TCP connection is dropped).
-    Only public websockets API is used: `create_connection`, `data_received`, the
-    protocol's `send_response()` and `data_to_send()`.
+    So the head is read here (`http_front.HeadReader`, `parse_head`). A GET on `/ws` (or on
+    `/.well-known/coap`) goes to websockets, without what follows it: those bytes wait until
+    the handshake is answered, then go to websockets too (frames after a 101; after a
+    refusal websockets discards them). Every other request gets `web.front`'s answer through
+    websockets' Sans-I/O `send_response()`, which logs it, ends the stream and discards what
+    the client sends until it closes (at most `CLOSE_TIMEOUT` seconds later, the TCP
+    connection is dropped). Only public websockets API is used: `create_connection`,
+    `data_received`, the protocol's `send_response()` and `data_to_send()`.
 
     Every attribute is named when the connection is created: CPython 3.11 lets a class's
     instances share one table of attribute names, which has room for a few more names than
@@ -797,6 +813,18 @@ def _process_response(
     return None
 
 
+def _select_subprotocol(
+    ws: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """`/.well-known/coap` speaks the subprotocol ``coap`` (RFC 8323 §4.1: a client MUST
+    offer it; one that does not is refused with 400); `/ws` none."""
+    if ws.request is None or ws.request.path.partition("?")[0] != COAP_WS_PATH:
+        return None
+    if "coap" not in offered:
+        raise NegotiationError(f"{COAP_WS_PATH} needs the WebSocket subprotocol 'coap'")
+    return Subprotocol("coap")
+
+
 def _forget_handshake_headers(ws: ServerConnection) -> None:
     """Drop the opening handshake's headers once the connection is open.
 
@@ -897,14 +925,23 @@ def _plain_socket_fd(transport: asyncio.Transport) -> int:
 
 def text_frame(text: str) -> bytes:
     """A complete, unmasked, unfragmented WebSocket text frame (RFC 6455 §5.2) for `text`."""
-    payload = text.encode()
+    return data_frame(text)
+
+
+def data_frame(data: str | bytes) -> bytes:
+    """A complete, unmasked, unfragmented WebSocket frame: text for a str, binary for bytes
+    (CoAP messages on the RFC 8323 endpoint)."""
+    if isinstance(data, str):
+        opcode, payload = 0x81, data.encode()
+    else:
+        opcode, payload = 0x82, data
     length = len(payload)
     if length < 126:
-        header = bytes((0x81, length))
+        header = bytes((opcode, length))
     elif length < 1 << 16:
-        header = struct.pack("!BBH", 0x81, 126, length)
+        header = struct.pack("!BBH", opcode, 126, length)
     else:
-        header = struct.pack("!BBQ", 0x81, 127, length)
+        header = struct.pack("!BBQ", opcode, 127, length)
     return header + payload
 
 
