@@ -90,7 +90,7 @@ async def registration_path(context: Any, base: str) -> str:
     message = aiocoap.Message(code=aiocoap.GET, uri=f"{base}/.well-known/core?rt=core.rd")
     async with asyncio.timeout(REQUEST_TIMEOUT):
         response = await context.request(message).response
-    text = response.payload.decode()
+    text: str = response.payload.decode()
     href = text.split(">", 1)[0].lstrip("<")
     if not href.startswith("/"):
         raise BenchError(f"{base} lists no registration interface: {text!r}")

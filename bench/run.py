@@ -17,6 +17,9 @@ Scenarios (see docs/performance.md for the method and the latest figures):
    off: the age of the values the slow ones get, the full-speed ones' latency;
 8. resource directory (bench/rd.py): registrations and updates per second and RSS per
    registration of the gateway's RFC 9176 directory, against aiocoap's `aiocoap-rd`.
+9. metrics: fan-out at N = 1000 with /metrics scraped (1/s, 10/s) and not; and, with the
+   full memory scenario, the resume history's bytes per resource when full
+   (bench/operations.py; neither is in a quick run unless asked for with --only).
 
 Every process (sensor, gateway, load generators, baselines) is a child on 127.0.0.1, and
 every one is stopped when the run ends, whatever way it ends. The run has a time budget;
@@ -107,7 +110,9 @@ class Settings:
     floor_bursts: int = 50
     """Bursts per writer in bench.floor (three writers, one burst every 100 ms)."""
     floor_hiccups: int = 200
-    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow", "rd", "cond")
+    scenarios: tuple[str, ...] = (
+        "fanout", "ingest", "commands", "memory", "slow", "rd", "metrics", "cond"
+    )
     rd_registrations: int = 3000
     """Endpoints registered per system in the resource directory scenario."""
     slow_seconds: float = 60.0
@@ -119,7 +124,7 @@ class Settings:
     slow_rates: tuple[float, ...] = (50.0, 50.0, 50.0, 20.0, 20.0, 20.0)
     """Frames per second each slow reader takes: 1/4 and 1/10 of `SLOW_UPDATE_RATE`."""
     slow_fast_clients: int = 100
-    budget: float = 660.0
+    budget: float = 960.0  # the metrics and history scenarios added some 2.5 min, cond 40 s
     profile: bool = False
     chart: bool = True
 
@@ -174,9 +179,13 @@ def gateway_config(sensor_base: str, directory: Path, inflight: int | None = Non
     """The gateway's configuration; `inflight`: its `max_inflight_bytes` (None: default)."""
     path = directory / f"gateway-{inflight}.toml"
     extra = "" if inflight is None else f"max_inflight_bytes = {inflight}\n"
+    # BENCH_RECEIVE_BUFFER=bytes: the CoAP socket's [coap] receive_buffer (its drops under
+    # the flood phases are measured against it; 0 = the kernel's default).
+    receive_buffer = os.environ.get("BENCH_RECEIVE_BUFFER")
+    coap = "" if receive_buffer is None else f"[coap]\nreceive_buffer = {int(receive_buffer)}\n"
     path.write_text(f"""# written by bench/run.py
 log_level = "warning"
-
+{coap}
 [server]
 host = "127.0.0.1"
 port = 0
@@ -895,7 +904,9 @@ async def memory_resources(bench: Run, fleet: Fleet, system: str) -> None:
         }
         if system == "gateway":
             # The resume history is part of each resource's cost: counted apart, from the
-            # gateway's own metrics (it holds one notify per resource here: each got one).
+            # gateway's own metrics. Each resource got one notify here, which is its cached
+            # latest value, not history: this reads about 0. A full history's cost is
+            # measured by `bench.operations.memory_history`.
             history = await gateway_metric(url, "coap_ws_gateway_history_bytes")
             if history is not None:
                 result["history_kib_per_resource"] = round(history / 1024 / done, 2)
@@ -1115,8 +1126,11 @@ def summarize(bench: Run) -> dict[str, Any]:
              for system in ("gateway", "bare_ws")
              if (m := fanout_mean(runs, system, n, phase)) is not None]
     slow = slow_summary(runs)
+    from . import operations  # it imports this module
+
+    ratios.update(operations.summary(runs))
     return {"fanout_means": means, "ratios": ratios, "slow_readers": slow,
-            "targets": targets(bench, ratios, slow)}
+            "targets": targets(bench, ratios, slow) + operations.targets(ratios)}
 
 
 def targets(bench: Run, ratios: dict[str, Any],
@@ -1344,6 +1358,9 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
             [[r["system"], r["registered"], r["registrations_per_s"], r["updates_per_s"],
               r["bytes_per_registration"], r.get("cpu_ms_per_registration")]
              for r in directory]))
+    from . import operations  # it imports this module
+
+    parts += operations.report_parts(runs, table, head)
     ratios = result["summary"]["ratios"]
     if ratios:
         rows = []
@@ -1452,6 +1469,13 @@ async def run_all(bench: Run, log_dir: Path) -> None:
         for system in ("gateway", "aiocoap_rd"):
             plan.append((f"resource directory {system}",
                          partial(resource_directory, bench, system=system)))
+    from . import operations  # it imports this module
+
+    # Not in a quick run (under a minute) unless asked for: `--quick --only history`.
+    if "history" in s.scenarios or ("memory" in s.scenarios and s.mode == "full"):
+        plan.append(("history memory", partial(operations.memory_history, bench)))
+    if "metrics" in s.scenarios:
+        plan.append(("metrics cost", partial(operations.metrics_cost, bench)))
     if "cond" in s.scenarios:
         plan.append(("conditional notifications", partial(conditions.conditions, bench)))
     for name, step in plan:
@@ -1526,7 +1550,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny fan-out (N = 2) for the test suite")
     parser.add_argument("--only", action="append",
-                        choices=["fanout", "ingest", "commands", "memory", "slow", "rd", "cond"],
+                        choices=["fanout", "ingest", "commands", "memory", "slow", "rd",
+                                 "metrics", "history", "cond"],
                         help="run only this scenario (repeatable)")
     parser.add_argument("--out", help="directory for latest.json and latest.png "
                         "(default bench/results)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
 import contextlib
 import json
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one readable line per record (default), or one JSON object")
     serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve wss://")
     serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="also serve /metrics on this address ([metrics] listen)")
     serve.add_argument("--no-auth", action="store_true",
                        help="run without authentication even off loopback ([auth] mode = none)")
 
@@ -182,7 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _setup_logging(level: str, log_format: str = "text") -> None:
+    from .logs import limit_every_record
+
     handler = logging.StreamHandler(sys.stderr)
+    # Nothing repeated floods the log: a line repeated at anyone's will (a failed accept, a
+    # sensor's garbage, a client's) costs a few lines and "...and N more" per 10 s. What
+    # was counted when the process ends is said then (before logging's own exit hook).
+    atexit.register(limit_every_record(handler).close)
     if log_format == "json":
         from .logs import JsonFormatter
 
@@ -230,6 +239,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         no_auth=args.no_auth,
+        metrics_listen=args.metrics_listen,
     )
     _setup_logging(config.log_level, config.log_format)
     return _serve(config, announce=lambda url: _ready(f"listening on {url}"))

@@ -14,6 +14,7 @@ Every error is a :class:`ConfigError` naming the offending key, e.g.
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import math
 import tomllib
 import types
@@ -39,6 +40,7 @@ __all__ = [
     "GatewayConfig",
     "HistoryConfig",
     "LimitsConfig",
+    "MetricsConfig",
     "PolicyConfig",
     "RdConfig",
     "SensorConfig",
@@ -152,6 +154,10 @@ class ServerConfig:
     """PEM certificate (chain) file: with ``tls_key``, serve ``wss://``."""
     tls_key: str | None = _setting(None)
     """PEM private key file for ``tls_cert``."""
+    backlog: int = _setting(1024, minimum=1, maximum=65535)
+    """Connections the kernel queues for the gateway to accept (``listen()``'s backlog; the
+    kernel caps it at ``net.core.somaxconn``): room for a burst of clients arriving while the
+    event loop is busy. Past it, new connections wait for the kernel's SYN retries."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -236,7 +242,9 @@ class LimitsConfig:
     burst: int = _setting(100, minimum=1, maximum=MILLION)
     """Token bucket size for ``rate``."""
     max_connections: int = _setting(10_000, minimum=1, maximum=MILLION)
-    """Open WebSocket connections in all; more get HTTP 503 at the handshake."""
+    """Open WebSocket connections in all; more get HTTP 503 at the handshake. The open-files
+    limit may allow fewer (translator/budget.py): then the lower number is enforced, and
+    the start-up log says so."""
     max_connections_per_ip: int = _setting(256, minimum=1, maximum=MILLION)
     """Open WebSocket connections from one client address; more get HTTP 503."""
     handshake_timeout: float = _setting(10.0, above=0, maximum=HOUR)
@@ -327,7 +335,14 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class CoapConfig:
-    """``[coap]``: the gateway's own CoAP server endpoint (for the Resource Directory)."""
+    """``[coap]``: the gateway's CoAP socket toward the sensors, and its own CoAP server
+    endpoint (for the Resource Directory)."""
+
+    receive_buffer: int = _setting(1 << 20, minimum=0, maximum=GIB, zero="keeps the kernel's")
+    """Bytes asked for the UDP socket's receive buffer (``SO_RCVBUF``), where datagrams wait
+    while the gateway is busy; a full buffer drops what arrives. Linux doubles the value
+    and caps it at ``net.core.rmem_max``; the effective size is logged at start. 0 keeps
+    the kernel's default (``net.core.rmem_default``)."""
 
     listen: tuple[str, ...] = _setting(())
     """``HOST:PORT`` addresses (``[::]:5683``; port 0 lets the OS pick); empty: no CoAP
@@ -596,6 +611,52 @@ class AuthConfig:
     def __post_init__(self) -> None:
         _check_fields(self)
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: where else ``GET /metrics`` is served, besides the WebSocket port."""
+
+    listen: str | None = _setting(None, nonempty=True)
+    """``HOST:PORT`` (``127.0.0.1:9464``, ``[::1]:9464``; port 0 lets the OS pick) of a
+    plain-HTTP listener for a scraper on another network. Protected like the WebSocket
+    port: with tokens configured, only a token with the ``metrics`` scope reads them."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.listen is not None:
+            listen_address(self.listen, "listen")
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The listen address as (host, port), or None when not set."""
+        return None if self.listen is None else listen_address(self.listen, "listen")
+
+
+def listen_address(text: str, key: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port): an IPv4 address or host name, or an IPv6 address in
+    brackets. Raises ConfigError naming `key`."""
+    example = "HOST:PORT, e.g. 127.0.0.1:9464 or [::1]:9464"
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not host or not port_text.isascii() or not port_text.isdigit():
+        raise ConfigError(key, f"must be {example}, got {_show(text)}")
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(key, f"port must be in 0..65535, got {port}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ConfigError(key, f"{_show(host)} is not an IPv6 address") from None
+        return host[1:-1], port
+    if ":" in host:
+        raise ConfigError(key, f"an IPv6 address goes in brackets: {example}")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        problem = host_name_problem(host.lower().rstrip("."))
+        if problem is not None:
+            raise ConfigError(key, problem) from None
+    return host, port
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -609,16 +670,18 @@ class GatewayConfig:
     """``[policy]``."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """``[limits]``."""
+    coap: CoapConfig = field(default_factory=CoapConfig)
+    """``[coap]``."""
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     """``[supervision]``."""
     history: HistoryConfig = field(default_factory=HistoryConfig)
     """``[history]``."""
     auth: AuthConfig = field(default_factory=AuthConfig)
     """``[auth]``."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """``[metrics]``."""
     credentials: tuple[CredentialConfig, ...] = _setting(())
     """``[[credentials]]``: DTLS keys and OSCORE contexts for protected sensors."""
-    coap: CoapConfig = field(default_factory=CoapConfig)
-    """``[coap]``."""
     rd: RdConfig = field(default_factory=RdConfig)
     """``[rd]``."""
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
@@ -704,6 +767,7 @@ def apply_overrides(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     no_auth: bool = False,
+    metrics_listen: str | None = None,
 ) -> GatewayConfig:
     """Apply command-line flags on top of a configuration.
 
@@ -749,6 +813,9 @@ def apply_overrides(
         config = _replace(config, "--log-level", log_level=log_level)
     if log_format is not None:
         config = _replace(config, "--log-format", log_format=log_format)
+    if metrics_listen is not None:
+        metrics = _replace(config.metrics, "--metrics-listen", listen=metrics_listen)
+        config = dataclasses.replace(config, metrics=metrics)
     return config
 
 

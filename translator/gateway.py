@@ -15,9 +15,11 @@ import difflib
 import http
 import logging
 import os
+import resource
 import socket
 import ssl
 import time
+from asyncio.constants import ACCEPT_RETRY_DELAY
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from typing import Any, Final
 
 from websockets.datastructures import Headers
 
+from translator import compat
 from translator.auth import (
     ANONYMOUS,
     READ,
@@ -32,6 +35,13 @@ from translator.auth import (
     TokenStore,
     scope_for_method,
     startup_problem,
+)
+from translator.budget import (
+    Budget,
+    client_budget,
+    default_lookup_workers,
+    open_descriptors,
+    raise_open_files_limit,
 )
 from translator.coap.security import check_installed, dtls_missing
 from translator.coap.side import CoapAnswer, CoapSide, UpstreamError
@@ -55,10 +65,12 @@ from translator.core.policy import Decision
 from translator.core.ratelimit import TokenBucket
 from translator.core.uris import UriError, parse_coap_uri
 from translator.credentials import client_credentials
+from translator.logs import limit_loop_exceptions
 from translator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from translator.metrics import GatewayMetrics
 from translator.registry import Registry
 from translator.web.front import COAP_WS_PATH, WS_PATH, Answer, text_answer
+from translator.web.metrics_port import MetricsPort, host_names
 from translator.web.server import (
     Connection,
     Refusal,
@@ -92,8 +104,24 @@ UNPARSABLE_COST: Final = 1.0
 HELD_FRAMES_MAX: Final = 32
 """Frames a connection may send while one of its subscriptions waits for its host name to
 resolve. They wait, in order, so that replies keep the order of their frames."""
+ACCEPT_EXHAUSTED: Final = "socket.accept() out of system resource"
+"""asyncio's report of an accept() that failed for want of descriptors (or memory)."""
+OPEN_AFTER_START: Final = 16
+"""Descriptors open after start, where /proc cannot count them (11 measured on Linux)."""
 LOOKUP_TIMEOUT: Final = 5.0
 """Seconds a host name may take to resolve before the frame fails with `upstream_error`."""
+
+
+def _accept_exhausted(context: dict[str, Any]) -> str:
+    """What asyncio's report of a failed accept() means, said once per interval."""
+    exc = context.get("exception")
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    open_now = open_descriptors()  # None when not even /proc/self/fd can be opened
+    in_use = f"{open_now} open" if open_now is not None else "all in use"
+    return (f"cannot accept connections: {why} (open-files limit {limit}, {in_use}); "
+            f"accepting again in {ACCEPT_RETRY_DELAY:g} s, new clients "
+            "wait meanwhile")
 
 
 def _tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
@@ -170,6 +198,7 @@ class Gateway:
             config.supervision,
             max_representation=config.limits.max_upstream_bytes,
             credentials=client_credentials(config.credentials),
+            receive_buffer=config.coap.receive_buffer,
         )
         limits = config.limits
         self.ws = WebSocketServer(
@@ -192,6 +221,7 @@ class Gateway:
                 server_names=config.server.server_names,
                 max_connections=limits.max_connections,
                 max_connections_per_ip=limits.max_connections_per_ip,
+                backlog=config.server.backlog,
             ),
             gatekeeper=self,
             operations=self,
@@ -212,7 +242,14 @@ class Gateway:
         self._started = False
         self.registry = Registry(config, self.hub, self.coap, self._execute, self._spawn)
         """Resources that registered themselves (the RD), and who watches the catalogue."""
+        self.budget: Budget | None = None
+        """The clients the open-files limit allows, once started."""
         self.metrics_registry = GatewayMetrics(self)
+        address = config.metrics.address
+        self.metrics_port = None if address is None else MetricsPort(
+            *address, host_names(address[0], config.server.server_names), self
+        )
+        """`[metrics] listen`: the operator's endpoints on an address of their own."""
 
     @property
     def url(self) -> str:
@@ -236,14 +273,46 @@ class Gateway:
                         "exposing the gateway beyond this machine")
         if self.policy.allows_everything:
             log.warning("policy allows every CoAP destination ('*'): for development only")
+        files = raise_open_files_limit()
+        log.info("open files: %s", files.describe())
+        loop = asyncio.get_running_loop()
+        limit_loop_exceptions(loop, explained={ACCEPT_EXHAUSTED: _accept_exhausted})
+        compat.accept_backoff(loop)
+        if self.metrics_port is not None:  # first: nothing else to undo when it fails
+            try:
+                await self.metrics_port.start()
+            except OSError as exc:
+                raise ConfigError("metrics.listen", f"cannot listen on "
+                                  f"{self.config.metrics.listen}: {exc.strerror or exc}") from None
+            log.info("metrics at %s", self.metrics_port.url)
         await self.coap.start()
         await self.registry.start()
         await self.ws.start()
         log.info("CoAP over WebSockets (RFC 8323) at %s", self.coap_ws_url)
+        self.budget = self._client_budget(files.soft)
+        self.ws.limit_connections(self.budget.clients, self.budget.sockets)
+        if self.budget.limited_by_files:
+            log.warning("clients: %s", self.budget.describe())
+        else:
+            log.info("clients: %s", self.budget.describe())
         self._started = True
         self._execute(self.hub.startup())
         if self.config.sensors:
             self._discovery = self._spawn(self._discover(), "discovery")
+
+    def _client_budget(self, limit: int) -> Budget:
+        """The clients the open-files limit allows besides what is open now (budget.py)."""
+        config = self.config
+        open_now = open_descriptors()
+        return client_budget(
+            limit,
+            config.limits.max_connections,
+            open_now=open_now if open_now is not None else OPEN_AFTER_START,
+            lookup_workers=default_lookup_workers(),
+            dtls_sensors=sum(s.uri.startswith("coaps://") for s in config.sensors),
+            oscore_contexts=sum(c.kind == "oscore" for c in config.credentials),
+            dtls_possible=any(c.kind == "dtls" for c in config.credentials),
+        )
 
     async def stop(self) -> None:
         """Deregister upstream observations, close WebSockets with 1001, stop everything.
@@ -272,6 +341,8 @@ class Gateway:
             await asyncio.wait(pending, timeout=2)
         await self.registry.stop()
         await self.coap.shutdown()
+        if self.metrics_port is not None:
+            await self.metrics_port.stop()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)

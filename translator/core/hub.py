@@ -232,6 +232,8 @@ class Resource(Generic[C]):
     """2.xx representations accepted (each gave a notify)."""
     registrations: int = 0
     """Upstream registrations (GET with Observe = 0) made for this resource."""
+    registering: bool = False
+    """A registration was sent and has had neither an answer nor a failure yet."""
     last_update: float | None = None
     """When the sensor last confirmed the current value: a notification, or a poll answer."""
     watches: dict[C, Watch] | None = None
@@ -321,6 +323,8 @@ class Hub(Generic[C]):
         self.deliveries_total = 0
         """Notify frames handed to subscribers (an update times its subscribers)."""
         self.registrations_total = 0
+        self.registration_failures_total = 0
+        """Registrations answered by a failure (no answer, RST, ICMP, 4.xx/5.xx)."""
         self.failures_total = 0
         """Upstream failures reported (no answer, RST, ICMP, 4.xx/5.xx)."""
         # Lingering observations, oldest first, with the connection whose leaving started
@@ -593,7 +597,7 @@ class Hub(Generic[C]):
         return self._stop(resource)
 
     def _stop(self, resource: Resource[C]) -> list[Command[C]]:
-        resource.observing = False
+        resource.observing = resource.registering = False
         self.observing_count -= 1
         self._end_linger(resource.uri)
         # Nobody watches the resource any more: what we knew of the upstream state is moot.
@@ -625,6 +629,7 @@ class Hub(Generic[C]):
         resource = self._resources.get(uri)
         if resource is not None and resource.observing:
             resource.registrations += 1
+            resource.registering = True
             self.registrations_total += 1
         return []
 
@@ -700,8 +705,9 @@ class Hub(Generic[C]):
         if resource is None or not resource.observing:
             return []  # a late answer after the observation was stopped
         if not code.startswith("2."):
-            self.failures_total += 1
+            self._count_failure(resource)
             return self._event(resource, "failed", f"the sensor answered {code}", code)
+        resource.registering = False
         if observe is not None:
             resource.observable = observe
         ts = self.clock() if now is None else now
@@ -847,6 +853,7 @@ class Hub(Generic[C]):
         resource = self._resources.get(uri)
         if resource is None or not resource.observing:
             return []
+        resource.registering = False
         resource.last_update = self.clock() if now is None else now
         return self._event(resource, "answered")
 
@@ -856,8 +863,18 @@ class Hub(Generic[C]):
 
     def upstream_failed(self, uri: str, reason: str, code: str | None = None) -> list[Command[C]]:
         """A registration or poll failed, or the observation broke (it is being renewed)."""
+        resource = self._resources.get(uri)
+        if resource is None or not resource.observing:
+            self.failures_total += 1
+            return []
+        self._count_failure(resource)
+        return self._event(resource, "failed", reason, code)
+
+    def _count_failure(self, resource: Resource[C]) -> None:
         self.failures_total += 1
-        return self.upstream_event(uri, "failed", reason, code)
+        if resource.registering:
+            resource.registering = False
+            self.registration_failures_total += 1
 
     def upstream_event(
         self, uri: str, event: Event, reason: str | None, code: str | None = None

@@ -280,7 +280,7 @@ def _route(head: RequestHead, operations: Operations | None = None) -> Answer | 
             http.HTTPStatus.NOT_FOUND, f"no WebSocket endpoint at {path[:80]}; it is at {WS_PATH}"
         )
     if path in OPERATIONS_PATHS:
-        return _operate(head, operations)
+        return operations_answer(head, operations)
     if path in PAGE_PATHS:
         if head.method not in ("GET", "HEAD"):
             return method_not_allowed(PAGE_METHODS)
@@ -302,7 +302,7 @@ def _route(head: RequestHead, operations: Operations | None = None) -> Answer | 
     return error_answer(http.HTTPStatus.NOT_FOUND, f"no such path; WebSocket is at {WS_PATH}")
 
 
-def _operate(head: RequestHead, operations: Operations | None) -> Answer:
+def operations_answer(head: RequestHead, operations: Operations | None) -> Answer:
     """`/healthz` (the process answers), `/readyz` (it serves) and `/metrics` (Prometheus,
     behind the token check of `operations`). The first two reveal nothing and need no
     token."""

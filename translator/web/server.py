@@ -36,6 +36,7 @@ import select
 import socket
 import ssl
 import struct
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +51,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 from websockets.typing import Subprotocol
 
+from translator import compat
 from translator.compat import check_websockets
 from translator.core.outbox import OVERFLOW_BYTES, Outbox
 from translator.core.ratelimit import ConnectionLimiter
@@ -390,6 +392,8 @@ class ServerSettings:
     """Host names the gateway serves besides ``localhost`` and its listen address."""
     max_connections: int = 10_000
     max_connections_per_ip: int = 256
+    backlog: int = 100
+    """Connections the kernel queues until they are accepted (``listen()``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,9 +436,15 @@ class WebSocketServer:
         )
         self.slow_consumers_closed = 0
         """Connections closed by the slow-consumer policy."""
+        self.slow_consumer_frames_dropped = 0
+        """Frames that were waiting for those connections when they were closed."""
+        self._coalesced_of_closed = 0
+        """Notify frames replaced in the outboxes of connections that have since closed."""
         self._limiter = ConnectionLimiter(
             settings.max_connections, settings.max_connections_per_ip
         )
+        self.sockets = SocketCount()
+        """TCP connections held (see `limit_connections`)."""
 
     async def start(self) -> None:
         check_websockets()  # the connection internals used below (translator/compat.py)
@@ -454,7 +464,9 @@ class WebSocketServer:
             # JSON, and halves fan-out throughput.
             compression=None,
             close_timeout=CLOSE_TIMEOUT,
-            create_connection=_ServerConnection.serving(self._host_names(), self.operations),
+            create_connection=_ServerConnection.serving(
+                self._host_names(), self.operations, self.sockets
+            ),
             # With the kernel's unsent bytes bounded (`Connection`), frames that the socket
             # does not take must wait in the outbox, not in the transport's buffer.
             write_limit=BOUNDED_WRITE_LIMIT
@@ -466,16 +478,28 @@ class WebSocketServer:
             open_timeout=settings.handshake_timeout,
             ssl=settings.ssl_context,
             server_header=SERVER_HEADER,
+            backlog=settings.backlog,
         )
         sockets = list(self._server.sockets)
         if sockets:
             self.port = sockets[0].getsockname()[1]
+        for listening in sockets:
+            compat.gate_accepts(listening.fileno(), self.sockets)
         self._sweeper = asyncio.create_task(self._sweep_laggards(), name="ws lag sweeper")
         if settings.ping_interval is not None:
             self._keepalive = asyncio.create_task(
                 self._keep_alive(settings.ping_interval, settings.ping_timeout),
                 name="ws keepalive",
             )
+
+    def limit_connections(self, most: int, sockets: int | None = None) -> None:
+        """Admit at most `most` connections in all from now on (the open-files budget may
+        allow fewer than `max_connections`); more get HTTP 503 with Retry-After. With
+        `sockets`, hold at most that many TCP connections (admitted, being handshaken or
+        being refused): past it, accepting pauses rather than fails for want of descriptors.
+        """
+        self._limiter.max_total = most
+        self.sockets.limit = sockets
 
     @property
     def url(self) -> str:
@@ -494,6 +518,8 @@ class WebSocketServer:
         self._sweeper = self._keepalive = None
         if self._server is None:
             return
+        for listening in self._server.sockets:
+            compat.ungate_accepts(listening.fileno())
         self._server.close(close_connections=True)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT + 1):
@@ -635,8 +661,16 @@ class WebSocketServer:
             return None
         return Refusal(http.HTTPStatus.FORBIDDEN, f"origin {origin!r} is not allowed")
 
+    @property
+    def coalesced_total(self) -> int:
+        """Notify frames replaced by newer ones in an outbox, since the server started
+        (summed over the open connections when asked: the fan-out does not count)."""
+        return self._coalesced_of_closed + sum(c.outbox.replaced for c in self.connections)
+
     def _count_slow_consumer(self, conn: Connection) -> None:
+        # Called before the close drops what waits.
         self.slow_consumers_closed += 1
+        self.slow_consumer_frames_dropped += conn.outbox.frames
 
     async def _serve_connection(self, ws: ServerConnection) -> None:
         _forget_handshake_headers(ws)
@@ -654,6 +688,7 @@ class WebSocketServer:
             pass
         finally:
             self.connections.discard(conn)
+            self._coalesced_of_closed += conn.outbox.replaced
             self.handler.disconnected(conn)
             await conn.finish()
             conn.finished.set_result(None)
@@ -695,13 +730,28 @@ class _ServerConnection(ServerConnection):
     every connection of a server, they cost no name in the instances' attribute table."""
     operations: Operations | None = None
     """Who answers `/readyz` and `/metrics`."""
+    sockets: SocketCount | None = None
+    """The server's TCP connections, whatever their state (handshake, open, refused)."""
 
     @classmethod
     def serving(
-        cls, hosts: HostNames, operations: Operations | None = None
+        cls, hosts: HostNames, operations: Operations | None = None,
+        sockets: SocketCount | None = None,
     ) -> type[_ServerConnection]:
-        """This class for a server that answers to `hosts`, with these `operations`."""
-        return type(cls.__name__, (cls,), {"hosts": hosts, "operations": operations})
+        """This class for a server that answers to `hosts`, with these `operations`, its
+        TCP connections counted in `sockets`."""
+        return type(cls.__name__, (cls,),
+                    {"hosts": hosts, "operations": operations, "sockets": sockets})
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.sockets is not None:
+            self.sockets.made()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.sockets is not None:
+            self.sockets.lost()
+        super().connection_lost(exc)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -785,6 +835,51 @@ class _ServerConnection(ServerConnection):
         # websockets' handshake task waits for a request that never comes, or for the
         # connection to close: a client that keeps it open is dropped after the grace time.
         self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+
+
+class SocketCount:
+    """The TCP connections a server holds: each is a descriptor, from accept() until the
+    connection is lost, whether it is being handshaken, open, or refused.
+
+    A connection is `pending` from accept() until asyncio makes its protocol (a loop turn
+    or two later), then `open` until it is lost. A pending one that is never made (asyncio
+    gave up on it) is forgotten after `PENDING_FOR` seconds.
+    """
+
+    __slots__ = ("limit", "open", "pending")
+
+    PENDING_FOR: Final = 1.0
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.pending: deque[float] = deque()
+        self.limit: int | None = None
+        """The most this server may hold (None: no bound but the process's)."""
+
+    def held(self) -> int:
+        pending, since = self.pending, time.monotonic() - self.PENDING_FOR
+        while pending and pending[0] < since:
+            pending.popleft()
+        return self.open + len(pending)
+
+    def made(self) -> None:
+        self.open += 1
+        if self.pending:
+            self.pending.popleft()
+
+    def lost(self) -> None:
+        self.open -= 1
+
+    # compat.AcceptGate: asked before each accept() on the server's listening sockets.
+
+    def no_room(self) -> str | None:
+        if self.limit is None or self.held() < self.limit:
+            return None
+        return (f"the open-files budget is spent ({self.held()} TCP connections held, "
+                f"at most {self.limit}: admitted, being opened or being refused)")
+
+    def accepted(self) -> None:
+        self.pending.append(time.monotonic())
 
 
 class _Front:
