@@ -49,7 +49,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from . import cpu_split
+from . import conditions, cpu_split
 from . import rd as rd_bench
 from .control import Histogram
 from .procs import (
@@ -110,7 +110,9 @@ class Settings:
     floor_bursts: int = 50
     """Bursts per writer in bench.floor (three writers, one burst every 100 ms)."""
     floor_hiccups: int = 200
-    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow", "rd", "metrics")
+    scenarios: tuple[str, ...] = (
+        "fanout", "ingest", "commands", "memory", "slow", "rd", "metrics", "cond"
+    )
     rd_registrations: int = 3000
     """Endpoints registered per system in the resource directory scenario."""
     slow_seconds: float = 60.0
@@ -122,7 +124,7 @@ class Settings:
     slow_rates: tuple[float, ...] = (50.0, 50.0, 50.0, 20.0, 20.0, 20.0)
     """Frames per second each slow reader takes: 1/4 and 1/10 of `SLOW_UPDATE_RATE`."""
     slow_fast_clients: int = 100
-    budget: float = 900.0  # the metrics and history scenarios added some 2.5 min
+    budget: float = 960.0  # the metrics and history scenarios added some 2.5 min, cond 40 s
     profile: bool = False
     chart: bool = True
 
@@ -1319,6 +1321,14 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
                           "per window") + table(
             ["bound", "reads/s", "clients", "mean seq step", "p50/p99 s per window", "closed"],
             rows))
+    cond_rows = conditions.cond_rows(runs)
+    if cond_rows:
+        cond_run = [r for r in runs if r.get("scenario") == "cond"][-1]
+        parts.append(head(
+            f"Conditional notifications: one {conditions.SENSOR_RATE:g} Hz resource, "
+            f"{cond_run['clients_per_group']} clients per group, gateway CPU "
+            f"{cond_run['gateway_cpu_s_per_s'] * 100:.1f} % of a core for all of them")
+            + table(conditions.COND_HEADERS, cond_rows))
     ing = [r for r in runs if r.get("scenario") == "ingest_best"]
     if ing:
         parts.append(head("Ingest (1000 observed resources)") + table(
@@ -1466,6 +1476,8 @@ async def run_all(bench: Run, log_dir: Path) -> None:
         plan.append(("history memory", partial(operations.memory_history, bench)))
     if "metrics" in s.scenarios:
         plan.append(("metrics cost", partial(operations.metrics_cost, bench)))
+    if "cond" in s.scenarios:
+        plan.append(("conditional notifications", partial(conditions.conditions, bench)))
     for name, step in plan:
         log(name)
         async with Fleet(log_dir / name.replace(" ", "_").replace("=", "")) as fleet:
@@ -1539,7 +1551,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="one tiny fan-out (N = 2) for the test suite")
     parser.add_argument("--only", action="append",
                         choices=["fanout", "ingest", "commands", "memory", "slow", "rd",
-                                 "metrics", "history"],
+                                 "metrics", "history", "cond"],
                         help="run only this scenario (repeatable)")
     parser.add_argument("--out", help="directory for latest.json and latest.png "
                         "(default bench/results)")

@@ -375,3 +375,29 @@ async def test_serve_logs_json_lines_with_the_connection_as_fields(
     assert lines and all({"ts", "level", "logger", "message"} <= set(line) for line in lines)
     connected = [line for line in lines if line["message"].endswith(" connected")]
     assert connected and isinstance(connected[0]["conn"], int) and connected[0]["remote"]
+
+
+async def test_subscribe_cond_is_sent_with_every_target(
+    sensors: SimulatedSensors, served: Served
+) -> None:
+    # The sensor changes every 50 ms by far less than 1000: only the current value comes.
+    code, out, err = await run_cli("subscribe", served.url, "kitchen/temperature",
+                                   "--cond", "st=1000,pmin=0.2", "--count", "2",
+                                   "--timeout", "1.5")
+    notifies = [f for f in map(json.loads, out.splitlines()) if f["type"] == "notify"]
+    assert code == 1 and len(notifies) == 1 and "fewer than 2" in err
+
+
+def test_cond_option_forms_and_mistakes(capsys: pytest.CaptureFixture[str]) -> None:
+    parse = build_parser().parse_args
+    args = parse(["subscribe", "ws://h/ws", "t", "--cond", "pmin=1,st=0.5,path=/0/v,band,gt=3"])
+    assert args.cond == {"pmin": 1, "st": 0.5, "path": "/0/v", "band": True, "gt": 3}
+    args = parse(["subscribe", "ws://h/ws", "t", "--cond", '{"edge": false}'])
+    assert args.cond == {"edge": False}
+    for bad, named in (("pmin=0", "'pmin'"), ("st=x", "st needs a number"),
+                       ("edge=maybe", "edge is true or false"), ("nope=1", "'nope'"),
+                       ("band", "'band'"), ("path=v", "'path'")):
+        with pytest.raises(SystemExit) as exited:
+            parse(["subscribe", "ws://h/ws", "t", "--cond", bad])
+        assert exited.value.code == 2
+        assert named in capsys.readouterr().err, bad

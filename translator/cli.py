@@ -34,6 +34,7 @@ from translator.config import (
     config_from_mapping,
     load_config,
 )
+from translator.core.conditions import ConditionError, parse_condition
 
 TOKEN_ENV = "COAP_WS_GATEWAY_TOKEN"
 
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="stop after N notify frames in total")
     subscribe.add_argument("--timeout", type=float, metavar="S",
                            help="stop after S seconds (exit 1 if --count was not reached)")
+    subscribe.add_argument("--cond", metavar="K=V,...", type=_cond_option,
+                           help="conditional notifications for every target, e.g. "
+                           "pmin=1,st=0.5,path=/0/v (pmin, pmax, gt, lt, st, band, edge, "
+                           "path; or a JSON object)")
     _token_option(subscribe)
 
     listing = commands.add_parser("list", help="print the resources the gateway knows")
@@ -122,6 +127,44 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("--non", action="store_true", help="send as non-confirmable")
     _token_option(request)
     return parser
+
+
+_COND_NUMBERS: Final = ("pmin", "pmax", "gt", "lt", "st")
+_COND_BOOLEANS: Final = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _cond_option(text: str) -> dict[str, Any]:
+    """`--cond`: ``pmin=1,st=0.5,path=/v`` (``band`` alone means band=true) or a JSON
+    object; checked here by the gateway's own rules, so a mistake is exit 2, not a frame."""
+    cond: dict[str, Any] = {}
+    if text.lstrip().startswith("{"):
+        try:
+            cond = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {exc}") from None
+    else:
+        for item in filter(None, text.split(",")):
+            key, has_value, value = item.partition("=")
+            key = key.strip()
+            if key in _COND_NUMBERS:
+                try:
+                    number = float(value)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(f"{key} needs a number, not {value!r}"
+                                                     ) from None
+                cond[key] = int(number) if number.is_integer() and "." not in value else number
+            elif key in ("band", "edge"):
+                flag = _COND_BOOLEANS.get(value.strip().lower()) if has_value else True
+                if flag is None:
+                    raise argparse.ArgumentTypeError(f"{key} is true or false, not {value!r}")
+                cond[key] = flag
+            else:
+                cond[key] = value  # path, and unknown names for the check below to name
+    try:
+        parse_condition(cond)
+    except ConditionError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("'cond.", "'")) from None
+    return cond
 
 
 def _token_option(parser: argparse.ArgumentParser) -> None:
@@ -360,7 +403,7 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
         ws = await _connect(args.url, _token(args))
         try:
             async with asyncio.timeout(args.timeout):
-                return await _follow(ws, args.targets, args.count)
+                return await _follow(ws, args.targets, args.count, args.cond)
         except TimeoutError:
             if args.count is None:
                 return EXIT_OK
@@ -373,7 +416,9 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
     return _run_client(run)
 
 
-async def _follow(ws: Any, targets: Sequence[str], count: int | None) -> int:
+async def _follow(
+    ws: Any, targets: Sequence[str], count: int | None, cond: dict[str, Any] | None = None
+) -> int:
     """Subscribe to `targets` and print what comes, until `count` notify frames, or every
     target has failed: an error frame, or `offline` with a 4.xx code (the resource is not
     there, or the gateway may not have it; retrying will not change that)."""
@@ -385,7 +430,8 @@ async def _follow(ws: Any, targets: Sequence[str], count: int | None) -> int:
     try:
         for number, target in enumerate(targets, 1):
             await ws.send(json.dumps({"type": "subscribe", "id": number,
-                                      **_target_fields(target)}))
+                                      **_target_fields(target),
+                                      **({} if cond is None else {"cond": cond})}))
         async for message in ws:
             frame = json.loads(message)
             kind = frame.get("type")

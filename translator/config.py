@@ -260,6 +260,10 @@ class LimitsConfig:
     """Upstream observations the gateway keeps at once, lingering ones and pinned sensors
     included; a subscription that needs one more ends the oldest lingering one, or gets
     ``limit``."""
+    min_pmax: float = _setting(1.0, above=0, maximum=DAY)
+    """Shortest ``cond.pmax`` a subscription may ask for (seconds): a repeat every pmax per
+    subscription is a frame the gateway makes up, so a client cannot turn it into a frame
+    generator."""
 
     def __post_init__(self) -> None:
         _check_fields(self)

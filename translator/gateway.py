@@ -55,9 +55,11 @@ from translator.core.hub import (
     Command,
     Deliver,
     Hub,
+    Repeat,
     StartLinger,
     StartObservation,
     StopObservation,
+    Wake,
 )
 from translator.core.policy import Decision
 from translator.core.ratelimit import TokenBucket
@@ -93,6 +95,10 @@ FRAME_COSTS: Final[dict[type, float]] = {
 }
 """What each client frame takes from its connection's token bucket (`[limits] rate` and
 `burst` are in these units): every frame type is rate limited, by what it costs."""
+REPEAT_COST: Final = 0.1
+"""What a `pmax` repeat takes from its connection's token bucket (as much as a ping): the
+frames a client makes the gateway generate count toward its rate; with the bucket empty,
+a repeat is skipped (the client has the value already)."""
 UNPARSABLE_COST: Final = 1.0
 """A frame that does not parse costs as much as a request: it is answered for nothing."""
 HELD_FRAMES_MAX: Final = 32
@@ -185,6 +191,7 @@ class Gateway:
             max_observations=config.limits.max_observations,
             max_idle_bytes=config.limits.max_idle_bytes,
             history=History(size=config.history.size, max_bytes=config.history.max_bytes),
+            min_pmax=config.limits.min_pmax,
         )
         self.coap = CoapSide(
             self,
@@ -226,6 +233,8 @@ class Gateway:
         self.coap_ws = CoapWsProxy(self)
         """The RFC 8323 endpoint's peers (`/.well-known/coap`)."""
         self._lingers: dict[str, asyncio.TimerHandle] = {}
+        self._wake: asyncio.TimerHandle | None = None
+        """The one timer of all conditional subscriptions (`Hub.wake`)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._discovered_at: float | None = None
         self._discovery: asyncio.Task[None] | None = None
@@ -315,6 +324,7 @@ class Gateway:
         for handle in self._lingers.values():
             handle.cancel()
         self._lingers.clear()
+        self._arm_wake(None)
         # The deregistrations go out first (they are what the sensors see); the clients are
         # closed while the sensors answer, so that a silent sensor and a stalled client cost
         # their timeouts side by side, within the CLI's 5 s.
@@ -346,12 +356,17 @@ class Gateway:
         for command in commands:
             if self._stopping and isinstance(command, StartObservation | StartLinger):
                 continue
-            if isinstance(command, Deliver):
+            if isinstance(command, Repeat):
+                # Only WebSocket sessions hold conditional subscriptions (never a CoAP peer).
+                fan_out(self._within_rate(command.targets), command.text, command.replaces)
+            elif isinstance(command, Deliver):
                 targets: Sequence[Connection] = command.targets
                 if self.coap_ws.peers:  # CoAP-over-WebSocket peers get CoAP messages
                     targets = self.coap_ws.take_deliveries(command)
                 # Frame once, send to many: the same bytes go to every target.
                 fan_out(targets, command.text, command.replaces)
+            elif isinstance(command, Wake):
+                self._arm_wake(None if self._stopping else command.at)
             elif isinstance(command, StartObservation):
                 self._cancel_linger(command.uri)
                 self.coap.start_observation(command.uri)
@@ -364,6 +379,27 @@ class Gateway:
                 self._lingers[command.uri] = asyncio.get_running_loop().call_later(
                     command.delay, self._linger_expired, command.uri, command.generation
                 )
+
+    def _arm_wake(self, at: float | None) -> None:
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        if at is not None:
+            delay = max(0.0, at - self.hub.monotonic())
+            self._wake = asyncio.get_running_loop().call_later(delay, self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._execute(self.hub.wake())
+
+    def _within_rate(self, targets: tuple[Connection, ...]) -> list[Connection]:
+        """The connections whose rate budget still has room for a `pmax` repeat."""
+        sessions = self._sessions
+        return [
+            conn for conn in targets
+            if (session := sessions.get(conn)) is not None
+            and session.bucket.take(min(REPEAT_COST, session.bucket.burst))
+        ]
 
     def _cancel_linger(self, uri: str) -> None:
         handle = self._lingers.pop(uri, None)
@@ -580,7 +616,9 @@ class Gateway:
                     task.add_done_callback(lambda _: self._release(session))
                 else:
                     self._execute(
-                        self.hub.subscribe(conn, str(decision.uri), frame.id, frame.since)
+                        self.hub.subscribe(
+                            conn, str(decision.uri), frame.id, frame.since, frame.cond
+                        )
                     )
             case frames.Unsubscribe():
                 self._execute(self.hub.unsubscribe(conn, frame.sub, frame.id))
@@ -716,7 +754,9 @@ class Gateway:
     ) -> None:
         await self._check_addresses(session.principal, decision, frame.id)
         self._execute(
-            self.hub.subscribe(session.conn, str(decision.uri), frame.id, frame.since)
+            self.hub.subscribe(
+                session.conn, str(decision.uri), frame.id, frame.since, frame.cond
+            )
         )
 
     @staticmethod

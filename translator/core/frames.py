@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from translator.core import strictjson
+from translator.core.conditions import Condition, ConditionError, parse_condition
 
 JSONValue = Any
 FrameId = str | int | None
@@ -94,6 +95,8 @@ class Subscribe:
     name: str | None = None
     since: Since | None = None
     """Where the client's copy of the resource's stream ends, to resume from there."""
+    cond: Condition | None = None
+    """Conditional notification parameters (`translator.core.conditions`)."""
     type: Literal["subscribe"] = "subscribe"
 
 
@@ -228,7 +231,18 @@ class _Fields:
 
 def _parse_subscribe(f: _Fields) -> Subscribe:
     uri, name = f.target()
-    return Subscribe(id=f.frame_id, uri=uri, name=name, since=_parse_since(f))
+    return Subscribe(
+        id=f.frame_id, uri=uri, name=name, since=_parse_since(f), cond=_parse_cond(f)
+    )
+
+
+def _parse_cond(f: _Fields) -> Condition | None:
+    if "cond" not in f.obj:
+        return None
+    try:
+        return parse_condition(f.obj["cond"])
+    except ConditionError as exc:
+        raise f.fail(str(exc)) from None
 
 
 def _parse_since(f: _Fields) -> Since | None:

@@ -21,6 +21,13 @@ linger timer fired) and returns *commands* for the I/O layers to carry out:
                                        block-wise transfer)
     upstream_unchanged (a poll)        [Deliver(status online)]
     upstream_stale / upstream_failed   Deliver(status stale / offline) when it changed
+    wake (a Wake time came)            Deliver / Repeat of what conditional subscriptions
+                                       held or owe for `pmax` (+ Wake for the next time)
+
+A subscription with a `cond` (see `conditions`) has a `Watch` that decides which updates
+it gets; the hub asks it only for the resources that have one (`Resource.watches`), so
+subscriptions without conditions cost nothing more. One `Wake` time, the earliest any watch
+wants, is the I/O shell's single timer for all of them.
 
 The upstream state of a resource (online / stale / offline) follows one table,
 `TRANSITIONS`, in the style of h11's `_state.py`; see there for the rule.
@@ -48,7 +55,9 @@ from dataclasses import dataclass
 from typing import Final, Generic, Literal, TypeVar
 
 from translator.core.codecs import decode_payload, parse_link_format
+from translator.core.conditions import Condition, WakeQueue, Watch, with_fields
 from translator.core.frames import (
+    BAD_REQUEST,
     LIMIT,
     NOT_FOUND,
     FrameError,
@@ -93,6 +102,21 @@ class Deliver(Generic[C]):
 
 
 @dataclass(frozen=True, slots=True)
+class Repeat(Deliver[C]):
+    """A `pmax` repeat (a notify sent again, marked ``"repeat": true``): it counts toward
+    the connection's rate budget, and the I/O shell may skip it for a connection that has
+    spent it (the client already has the value)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Call `Hub.wake()` at monotonic time `at` (replacing any earlier request); None:
+    no conditional subscription needs a timer any more."""
+
+    at: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class StartObservation:
     uri: str
 
@@ -111,7 +135,7 @@ class StartLinger:
     generation: int
 
 
-Command = Deliver[C] | StartObservation | StopObservation | StartLinger
+Command = Deliver[C] | StartObservation | StopObservation | StartLinger | Wake
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +236,8 @@ class Resource(Generic[C]):
     """A registration was sent and has had neither an answer nor a failure yet."""
     last_update: float | None = None
     """When the sensor last confirmed the current value: a notification, or a poll answer."""
+    watches: dict[C, Watch] | None = None
+    """The subscribers with a `cond`, and their state (None: none, the fast path)."""
 
 
 def _as_replay(notify: str) -> str:
@@ -273,6 +299,8 @@ class Hub(Generic[C]):
         max_observations: int = 1000,
         max_idle_bytes: int = 16 << 20,
         history: History | None = None,
+        min_pmax: float = 1.0,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         """`sensors` maps configured names to normalized URIs; `pinned` lists the URIs
         configured with `observe = true`; `max_upstream_bytes` is the limit the CoAP side
@@ -305,6 +333,14 @@ class Hub(Generic[C]):
         self._lingering_by: dict[C, dict[str, None]] = {}
         self.max_upstream_bytes = max_upstream_bytes
         self.clock = clock or time.time
+        self.min_pmax = min_pmax
+        """The shortest `cond.pmax` a client may ask for ([limits] min_pmax)."""
+        self.monotonic = monotonic or time.monotonic
+        """The time of `pmin`/`pmax` windows and of `Wake` (not the frames' `ts`)."""
+        self._wakes: WakeQueue[tuple[Resource[C], C]] = WakeQueue()
+        """When each conditional subscription wants `wake()`, keyed by the resource object
+        (not its URI, which `move` may change) and the connection."""
+        self._wake_announced: float | None = None
         self.sensor_uris: dict[str, str] = dict(sensors or {})
         self._sensor_uri_set = frozenset(self.sensor_uris.values())
         self._resources: dict[str, Resource[C]] = {}
@@ -392,9 +428,14 @@ class Hub(Generic[C]):
         self._connections.setdefault(conn, {})
 
     def subscribe(
-        self, conn: C, uri: str, frame_id: FrameId = None, since: Since | None = None
+        self, conn: C, uri: str, frame_id: FrameId = None, since: Since | None = None,
+        cond: Condition | None = None,
     ) -> list[Command[C]]:
-        """Subscribe `conn` to the (normalized, policy-checked) `uri`."""
+        """Subscribe `conn` to the (normalized, policy-checked) `uri`, with conditions
+        `cond` or none (subscribing again to the same resource replaces them)."""
+        if cond is not None and cond.pmax is not None and cond.pmax < self.min_pmax:
+            raise FrameError(BAD_REQUEST, f"'cond.pmax' must be at least {self.min_pmax:g} s "
+                             "([limits] min_pmax)", frame_id)
         subs = self._connections.setdefault(conn, {})
         resource = self._resources.get(uri)
         already = resource is not None and resource.sub in subs
@@ -414,7 +455,9 @@ class Hub(Generic[C]):
             subs[resource.sub] = resource
             resource.subscribers += (conn,)
         resource.linger_generation += 1  # a pending linger timer no longer applies
-        replay = None if since is None else self._replay(resource, since)
+        # A conditional subscription sees a filtered stream: nothing to resume without a gap,
+        # so no replay (`recovered` false); it starts again from the current value.
+        replay = None if since is None or cond is not None else self._replay(resource, since)
         commands.append(Deliver((conn,), Subscribed(
             id=frame_id, sub=resource.sub, uri=uri, epoch=self.epoch_of(resource),
             recovered=None if since is None else replay is not None,
@@ -423,6 +466,8 @@ class Hub(Generic[C]):
             # Every update after the client's `since`, each once, marked as replayed, and
             # never replaced by a newer one in a slow client's queue (no gap).
             commands.extend(Deliver((conn,), _as_replay(text)) for text in replay)
+        elif cond is not None or (resource.watches and conn in resource.watches):
+            commands.extend(self._watch(resource, conn, cond))
         elif resource.last_notify is not None:
             commands.append(Deliver((conn,), resource.last_notify, resource.sub))
         if resource.last_status is not None and resource.state != "online":
@@ -520,20 +565,24 @@ class Hub(Generic[C]):
         if conn in subscribers:
             i = subscribers.index(conn)
             resource.subscribers = subscribers[:i] + subscribers[i + 1:]
+        wake: list[Command[C]] = []
+        if resource.watches and conn in resource.watches:
+            self._unwatch(resource, conn)
+            wake = self._announce()
         if not resource.observing and not resource.subscribers and not resource.pinned \
                 and resource.name is None and resource.uri not in self._idle:
             # A withdrawn resource (see `withdraw`) that its last subscriber left.
             self._remember_idle(resource)
         if resource.subscribers or resource.pinned or not resource.observing:
-            return []
+            return wake
         if self.linger <= 0:
-            return self._stop(resource)
+            return [*wake, *self._stop(resource)]
         resource.linger_generation += 1
         self._end_linger(resource.uri)
         self._lingering[resource.uri] = conn
         if conn in self._connections:
             self._lingering_by.setdefault(conn, {})[resource.uri] = None
-        return [StartLinger(resource.uri, self.linger, resource.linger_generation)]
+        return [*wake, StartLinger(resource.uri, self.linger, resource.linger_generation)]
 
     def linger_expired(self, uri: str, generation: int) -> list[Command[C]]:
         resource = self._resources.get(uri)
@@ -684,8 +733,119 @@ class Hub(Generic[C]):
         self.updates_total += 1
         commands = self._event(resource, "answered")
         if resource.subscribers:
-            self.deliveries_total += len(resource.subscribers)
-            commands.append(Deliver(resource.subscribers, text, resource.sub))
+            if resource.watches is None:
+                self.deliveries_total += len(resource.subscribers)
+                commands.append(Deliver(resource.subscribers, text, resource.sub))
+            else:
+                commands.extend(self._conditional_update(resource, text, body))
+        return commands
+
+    # -- conditional subscriptions (translator.core.conditions) ------------------------------
+
+    def _variant(self, text: str, error: str | None, repeat: bool = False) -> str:
+        """A notify as one conditional subscription gets it: with `cond_error` when the
+        condition could not apply, with `repeat` for a `pmax` repeat."""
+        fields: dict[str, JSONValue] = {}
+        if error is not None:
+            fields["cond_error"] = error
+        if repeat:
+            fields["repeat"] = True
+        return with_fields(text, fields) if fields else text
+
+    def _watch(
+        self, resource: Resource[C], conn: C, cond: Condition | None
+    ) -> list[Command[C]]:
+        """Give `conn`'s subscription its conditions (None: remove them), and the current
+        value at once."""
+        if resource.watches and conn in resource.watches:
+            self._unwatch(resource, conn)
+        commands: list[Command[C]] = []
+        if cond is None:
+            if resource.last_notify is not None:
+                commands.append(Deliver((conn,), resource.last_notify, resource.sub))
+            return [*commands, *self._announce()]
+        watch = Watch(cond)
+        if resource.watches is None:
+            resource.watches = {}
+        resource.watches[conn] = watch
+        if resource.last_notify is not None:
+            watch.initial(self.monotonic(), resource.seq, _value_fields(resource.last_notify))
+            commands.append(Deliver(
+                (conn,), self._variant(resource.last_notify, watch.error), resource.sub
+            ))
+        self._wakes.set((resource, conn), watch.wake_at)
+        return [*commands, *self._announce()]
+
+    def _unwatch(self, resource: Resource[C], conn: C) -> None:
+        watches = resource.watches
+        if watches is not None:
+            watches.pop(conn, None)
+            if not watches:
+                resource.watches = None
+        self._wakes.remove((resource, conn))
+
+    def _announce(self) -> list[Command[C]]:
+        """A `Wake` when the earliest time any watch wants changed since the last one."""
+        at = self._wakes.next_at
+        if at == self._wake_announced:
+            return []
+        self._wake_announced = at
+        return [Wake(at)]
+
+    def _conditional_update(
+        self, resource: Resource[C], text: str, body: dict[str, JSONValue]
+    ) -> list[Command[C]]:
+        """Fan an update out to a resource some of whose subscribers have conditions: the
+        others get `text` as always; each watch says whether its subscriber gets it now.
+        Encoded once per variant (plain, or each distinct `cond_error`), not per client."""
+        watches = resource.watches
+        assert watches is not None
+        now = self.monotonic()
+        targets = [c for c in resource.subscribers if c not in watches]
+        variants: dict[str, list[C]] = {}
+        for conn, watch in watches.items():
+            if watch.update(now, resource.seq, body, text) == "send":
+                if watch.error is None:
+                    targets.append(conn)
+                else:
+                    variants.setdefault(watch.error, []).append(conn)
+            self._wakes.set((resource, conn), watch.wake_at)
+        commands: list[Command[C]] = []
+        if targets:
+            commands.append(Deliver(tuple(targets), text, resource.sub))
+        for error, conns in variants.items():
+            commands.append(Deliver(tuple(conns), self._variant(text, error), resource.sub))
+        self.deliveries_total += len(targets) + sum(len(c) for c in variants.values())
+        commands.extend(self._announce())
+        return commands
+
+    def wake(self, now: float | None = None) -> list[Command[C]]:
+        """A `Wake` time came: what conditional subscriptions held for the end of a `pmin`
+        window, and `pmax` frames that are due; then the next `Wake`."""
+        now = self.monotonic() if now is None else now
+        self._wake_announced = None  # the shell's timer fired: none is armed now
+        # Subscriptions due together that get the same frame share one text: grouped by
+        # (resource, the frame's text object, cond_error, repeat), encoded once per group.
+        groups: dict[tuple[Resource[C], int, str | None, bool], tuple[str, list[C]]] = {}
+        for resource, conn in self._wakes.due(now):
+            watch = resource.watches.get(conn) if resource.watches else None
+            if watch is None:
+                continue
+            outcome, text = watch.wake(now, resource.last_notify)
+            repeat = outcome == "repeat"
+            if repeat:
+                text = resource.last_notify
+            if text is not None and outcome != "drop":
+                key = (resource, id(text), watch.error, repeat)
+                groups.setdefault(key, (text, []))[1].append(conn)
+            self._wakes.set((resource, conn), watch.wake_at)
+        commands: list[Command[C]] = []
+        for (resource, _, error, repeat), (text, conns) in groups.items():
+            sub = resource.sub
+            self.deliveries_total += len(conns)
+            variant = self._variant(text, error, repeat)
+            commands.append((Repeat if repeat else Deliver)(tuple(conns), variant, sub))
+        commands.extend(self._announce())
         return commands
 
     def upstream_unchanged(self, uri: str, now: float | None = None) -> list[Command[C]]:
