@@ -108,17 +108,17 @@ async def conditions(bench: Any, fleet: Fleet) -> None:
         cpu = gateway.cpu() - cpu_before
         offered = (await sensor.call({"cmd": "stats"}, 10))["updates"] - offered_before
         await sensor.call({"cmd": "rate", "rate": 0}, 10)
-        rows = []
+        rates: list[tuple[str, float, float]] = []
         for name, group in clients.items():
             counts = [c.take() for c in group]
-            frames = sum(f for f, _ in counts) / len(group) / seconds
-            size = sum(b for _, b in counts) / len(group) / seconds
-            rows.append({"group": name, "cond": GROUPS[name], "frames_per_s": round(frames, 2),
-                         "bytes_per_s": round(size, 1)})
-        plain = rows[0]
-        for row in rows:
-            row["bytes_ratio"] = (round(row["bytes_per_s"] / plain["bytes_per_s"], 3)
-                                  if plain["bytes_per_s"] else None)
+            rates.append((name, sum(f for f, _ in counts) / len(group) / seconds,
+                          sum(b for _, b in counts) / len(group) / seconds))
+        plain_bytes = rates[0][2]
+        rows: list[dict[str, Any]] = [
+            {"group": name, "cond": GROUPS[name], "frames_per_s": round(frames, 2),
+             "bytes_per_s": round(size, 1),
+             "bytes_ratio": round(size / plain_bytes, 3) if plain_bytes else None}
+            for name, frames, size in rates]
         bench.runs.append({
             "scenario": "cond", "system": "gateway", "window_s": round(seconds, 2),
             "sensor_updates_per_s": round(offered / seconds, 2),
