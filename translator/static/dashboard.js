@@ -5,7 +5,9 @@
 // numeric values, and a toggle for boolean values; a form for any request. It stays usable
 // at hundreds of resources: updates only mark a row dirty, and the dirty rows' cells are
 // rewritten (only where their text changed) at most every RENDER_EVERY ms, in an animation
-// frame; each sparkline keeps at most SPARK_POINTS values.
+// frame, and only for rows on screen (the others when they scroll into view); each
+// sparkline keeps at most SPARK_POINTS values. Each row's data-* attributes (state, seq,
+// epoch, points) are kept current on or off screen, for tests and automation.
 //
 // The token, when the gateway asks for one, is kept in this tab's sessionStorage and sent by
 // the client on the WebSocket URL it opens; it never appears in the address bar.
@@ -17,6 +19,8 @@ const SPARK_POINTS = 60;    // numeric values kept per resource for its sparklin
 const SPARK_WIDTH = 112;    // the sparkline's viewBox, in CSS pixels
 const SPARK_HEIGHT = 22;
 const RENDER_EVERY = 100;   // ms: the table is redrawn at most this often
+const SPARK_EVERY = 1000;   // ms: a sparkline at most this often (a trend needs no more, and
+                            // SVG is what costs most to paint)
 const RETRY_AFTER = {       // ms before subscribing again after these refusals (then jitter)
   rate_limited: 2000,       // the connection's frame budget: it refills within a second
   limit: 30000,             // max_subscriptions or max_observations: wait for room
@@ -35,6 +39,7 @@ const ui = {
 
 const rows = new Map();     // normalized URI -> Row
 const dirty = new Set();    // rows whose cells are behind their data
+const rowOf = new WeakMap(); // <tr> -> Row
 let gw = null;              // the current GatewayClient (a new one per token)
 let renderTimer = null;
 let lastRender = 0;
@@ -150,7 +155,13 @@ class Row {
     this.points = [];           // the last SPARK_POINTS numeric values
     this.subscription = null;
     this.togglesKey = "";
+    this.sparkDrawn = -Infinity; // when its sparkline was last drawn (performance.now())
+    this.sparkBehind = false;
+    this.visible = false;       // on screen (or nearly): its cells are kept current
+    this.behind = false;        // off screen with cells behind its data
     this.build();
+    rowOf.set(this.tr, this);
+    onScreen.observe(this.tr);
   }
 
   get target() {
@@ -215,6 +226,7 @@ class Row {
     if (number !== null) {
       this.points.push(number);
       if (this.points.length > SPARK_POINTS) this.points.shift();
+      this.sparkBehind = true;
     }
   }
 
@@ -234,24 +246,36 @@ class Row {
       || (this.name ?? "").toLowerCase().includes(query);
   }
 
-  render() {
+  /** Bring the row's cells up to its data; false when its sparkline still waits for its
+   * turn (SPARK_EVERY), so that the row is rendered again. */
+  render(now) {
     const state = this.state ?? "unknown";
-    setText(this.stateBadge, this.state === "error" ? "error" : this.state ?? "—");
-    setAttribute(this.stateBadge, "data-state", state);
-    setAttribute(this.stateBadge, "title", this.reason || state);
     this.tr.dataset.state = state;
     this.tr.dataset.seq = String(this.seq);
     this.tr.dataset.epoch = this.epoch;
     this.tr.dataset.points = String(this.points.length);
+    if (!this.visible) {
+      this.behind = true;  // drawn when it scrolls into view: nobody sees it now
+      return true;
+    }
+    this.behind = false;
+    setText(this.stateBadge, this.state === "error" ? "error" : this.state ?? "—");
+    setAttribute(this.stateBadge, "data-state", state);
+    setAttribute(this.stateBadge, "title", this.reason || state);
     if (this.shown !== null) {
       setText(this.valueCell, this.shown.text);
       setAttribute(this.valueCell, "class", `value ${this.shown.kind}`.trim());
       const full = this.shown.has ? JSON.stringify(this.shown.value, null, 1) : this.shown.text;
       setAttribute(this.valueCell, "title", full.length > 2000 ? `${full.slice(0, 2000)}…` : full);
     }
-    this.renderSpark();
     this.renderToggles();
     this.renderAge(Date.now() / 1000);
+    if (this.sparkBehind && now - this.sparkDrawn >= SPARK_EVERY) {
+      this.sparkDrawn = now;
+      this.sparkBehind = false;
+      this.renderSpark();
+    }
+    return !this.sparkBehind;
   }
 
   renderAge(now) {
@@ -311,8 +335,23 @@ class Row {
 
 // --- rendering, throttled -------------------------------------------------------------------
 
+// Rows within a screen's height of the viewport count as visible, so that scrolling finds
+// them drawn already.
+const onScreen = new IntersectionObserver((entries) => {
+  for (const entry of entries) {
+    const row = rowOf.get(entry.target);
+    if (row === undefined) continue;
+    row.visible = entry.isIntersecting;
+    if (row.visible && row.behind) changed(row);
+  }
+}, { rootMargin: "100% 0px" });
+
 function changed(row) {
   dirty.add(row);
+  schedule();
+}
+
+function schedule() {
   if (renderTimer !== null) return;
   const wait = Math.max(0, lastRender + RENDER_EVERY - performance.now());
   // The timer spaces renders out; the animation frame puts each where the browser paints
@@ -323,9 +362,11 @@ function changed(row) {
 function render() {
   renderTimer = null;
   lastRender = performance.now();
-  for (const row of dirty) row.render();
-  dirty.clear();
+  for (const row of dirty) {
+    if (row.render(lastRender)) dirty.delete(row);
+  }
   renderSummary();
+  if (dirty.size > 0) schedule();
 }
 
 function renderSummary() {
@@ -345,7 +386,7 @@ function renderSummary() {
 function tick() {
   const now = Date.now() / 1000;
   for (const row of rows.values()) {
-    if (!row.tr.hidden) row.renderAge(now);
+    if (row.visible) row.renderAge(now);
   }
   if (gw?.state === "waiting") {
     const seconds = Math.max(0, Math.ceil((waitingUntil - Date.now()) / 1000));
