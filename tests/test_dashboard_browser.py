@@ -98,9 +98,13 @@ async def open_dashboard(browser: Browser, port: int, path: str = "/") -> Dashbo
 
 
 async def test_the_dashboard_shows_values_change_live(
-    browser: Browser, sensors: SimulatedSensors, make_gateway: Any
+    browser: Browser, sensors: SimulatedSensors, make_gateway: Any, closed_udp_port: int
 ) -> None:
-    gateway: Gateway = await make_gateway(gateway_config(sensors))
+    mapping = gateway_config(sensors)
+    # And a sensor that is not there: nothing listens on its port.
+    mapping["sensors"].append(
+        {"name": "gone", "uri": f"coap://127.0.0.1:{closed_udp_port}/x", "observe": True})
+    gateway: Gateway = await make_gateway(mapping)
     dash = await open_dashboard(browser, gateway.ws.port)
     await expect(dash.page.locator("#connection")).to_have_attribute("data-state", "open")
     await expect(dash.page.locator("#connection")).to_have_text("connected")
@@ -111,7 +115,7 @@ async def test_the_dashboard_shows_values_change_live(
             f"{sensors.base_uri}/{name}")
     blob = dash.page.locator(f'#rows tr[data-uri="{sensors.base_uri}/blob"]')
     await expect(blob).to_have_count(1)
-    await expect(dash.page.locator("#summary")).to_contain_text("5 resources")
+    await expect(dash.page.locator("#summary")).to_contain_text("6 resources")
 
     temperature = dash.row("temperature")
     await expect(temperature.locator(".state")).to_have_text("online")
@@ -132,6 +136,15 @@ async def test_the_dashboard_shows_values_change_live(
     await expect(dash.row("humidity").locator("td.value")).to_have_text(
         re.compile(r"^\d+(\.\d+)? %RH$"))
     await expect(dash.row("status").locator("td.value")).to_have_text(re.compile(r"^ok uptime="))
+    # States in words and in colour: the missing sensor is offline, and says why.
+    gone = dash.row("gone").locator(".state")
+    await expect(gone).to_have_text("offline")
+    await expect(gone).to_have_attribute("title", re.compile("unreachable"))
+    await expect(dash.page.locator("#summary")).to_contain_text("1 offline")
+    colours = await dash.page.evaluate("""() => [...document.querySelectorAll(
+        "#rows tr[data-name='temperature'] .state, #rows tr[data-name='gone'] .state")]
+        .map((badge) => getComputedStyle(badge).color)""")
+    assert len(colours) == 2 and colours[0] != colours[1], colours
     await dash.assert_clean()
 
 
