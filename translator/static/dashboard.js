@@ -428,6 +428,8 @@ function start() {
   const token = sessionStorage.getItem(TOKEN_KEY);
   ui.forgetToken.hidden = token === null;
   ui.tokenForm.hidden = true;
+  // The client's first "connecting" comes from its constructor, before a listener is in.
+  showConnection("connecting", "connecting…");
   const client = new GatewayClient(undefined, token === null ? {} : { token });
   gw = client;
   let failedHandshake = true;
