@@ -14,7 +14,7 @@ VENV_STAMP := $(VENV)/.python-$(notdir $(PYTHON))
 WITH       := $(if $(EXTRAS),$(comma)$(EXTRAS))
 STAMP_TAG  := $(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean screenshot
 
 $(VENV_STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (set PYTHON=...)")'
@@ -48,6 +48,16 @@ test: $(VENV)/.installed-test$(STAMP_TAG)
 lint: $(VENV)/.installed-lint
 	$(BIN)/ruff check translator tests bench
 	$(BIN)/mypy translator
+
+# docs/dashboard.png, the README's picture of the demo's dashboard (tests/screenshot.py): the
+# browser extra (Playwright) driving the system's Chromium (Debian: apt-get install chromium;
+# elsewhere GATEWAY_CHROMIUM=/path/to/chromium). About 40 seconds.
+$(VENV)/.installed-browser: $(VENV_STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[browser]'
+	@touch $@
+
+screenshot: $(VENV)/.installed-browser
+	$(BIN)/python -m tests.screenshot docs/dashboard.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

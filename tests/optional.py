@@ -2,7 +2,8 @@
 
 `make test` must pass on a machine with nothing but Python and make, so a test that needs the
 DTLS extra (DTLSSocket, built from source), a C compiler (the benchmark's C reader and
-writer) or Node.js (the JavaScript client's tests) calls :func:`need` with the reason the
+writer), Node.js (the JavaScript client's tests) or a browser (Playwright and Chromium, for
+the dashboard's tests) calls :func:`need` with the reason the
 part is missing, and is skipped with that reason. CI installs every part and sets
 ``GATEWAY_TESTS_REQUIRE=all`` (or a comma-separated list of parts): there a missing part fails
 the test instead, so nothing is skipped unseen.
@@ -25,6 +26,9 @@ PARTS: Final = {
     "node": "Node.js 20+ on PATH (the JavaScript client's tests run in it: tests/js/)",
     "libcoap": "Debian's libcoap3-bin (coap-client-notls and coap-server-notls on PATH): "
                "apt-get install libcoap3-bin",
+    "browser": "pip install 'coap-ws-gateway[browser]' (Playwright) and a Chromium: "
+               "apt-get install chromium, or GATEWAY_CHROMIUM=/path/to/chromium "
+               "(the dashboard's tests drive it: tests/test_dashboard_browser.py)",
 }
 """Each optional part, and what provides it."""
 

@@ -10,7 +10,8 @@ and carries out what it decides. It owns
 * the operator's endpoints: `/healthz`, `/readyz` and `/metrics` (`Operations` decides);
 * the answers to everything that is not a WebSocket handshake on `/ws` or on
   `/.well-known/coap` (RFC 8323) (`answer_request`):
-  the page at `/`, the JavaScript client at `/client.js` (its types at `/client.d.ts`),
+  the page at `/` (the dashboard: its script and style at `/dashboard.js` and
+  `/dashboard.css`), the JavaScript client at `/client.js` (its types at `/client.d.ts`),
   `HEAD`, 404 (an upgrade on another path says where the endpoint is), 405, and
   400/414/431/505 for heads that are not HTTP;
 * which host names the port answers to (`HostNames`): a request whose `Host` is a name the
@@ -27,8 +28,6 @@ request. After a WebSocket upgrade they are the first frames.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import http
 import ipaddress
 import re
@@ -47,6 +46,14 @@ CLIENT_FILES: Final = {
     "/client.d.ts": ("client.d.ts", "application/typescript; charset=utf-8"),
 }
 """The JavaScript client (`static/`) and its types, by path: file and Content-Type."""
+PAGE_FILES: Final = {
+    "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+    "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+"""The page's own script, style and icon (`static/`), by path: file and Content-Type. Files
+rather than inline elements, so that the page's policy names them by origin and no inline
+code runs at all."""
 
 MAX_LINE_BYTES: Final = 8192
 """Longest request or header line, CRLF included (websockets' limit too)."""
@@ -287,12 +294,12 @@ def _route(head: RequestHead, operations: Operations | None = None) -> Answer | 
         if head.has_body:
             return error_answer(http.HTTPStatus.BAD_REQUEST, "a request body is not accepted")
         return page_answer(_single(head, "Host"))
-    if path in CLIENT_FILES:
+    if path in CLIENT_FILES or path in PAGE_FILES:
         if head.method not in ("GET", "HEAD"):
             return method_not_allowed(PAGE_METHODS)
         if head.has_body:
             return error_answer(http.HTTPStatus.BAD_REQUEST, "a request body is not accepted")
-        return client_answer(path)
+        return client_answer(path) if path in CLIENT_FILES else page_file_answer(path)
     if path in WS_PATHS:
         if head.method != "GET":
             return method_not_allowed(WS_METHODS)
@@ -358,6 +365,15 @@ def client_answer(path: str) -> Answer:
     return Answer(answer.status, (*answer.headers, *extra), answer.body)
 
 
+def page_file_answer(path: str) -> Answer:
+    """The page's script, style or icon. Same-origin only (no CORS header: nothing else needs
+    them); revalidated on each load, so that an upgraded gateway never runs a stale script
+    against a newer page."""
+    name, content_type = PAGE_FILES[path]
+    answer = _answer(http.HTTPStatus.OK, content_type, static_bytes(name), PLAIN_CSP)
+    return Answer(answer.status, (*answer.headers, ("Cache-Control", "no-cache")), answer.body)
+
+
 def _answer(status: http.HTTPStatus, content_type: str, body: bytes, csp: str) -> Answer:
     headers = (
         ("Content-Type", content_type),
@@ -381,19 +397,22 @@ def security_headers(csp: str = PLAIN_CSP) -> tuple[tuple[str, str], ...]:
 
 
 def page_csp(host: str | None) -> str:
-    """The page's Content-Security-Policy: its own inline script and style (by hash, so
-    nothing injected runs), WebSocket connections to the gateway itself, nothing else.
+    """The page's Content-Security-Policy: scripts and styles from the gateway's own origin
+    only (the page has no inline script or style, so none is allowed: nothing injected
+    runs), WebSocket connections and fetches to the gateway itself, nothing else.
 
-    `'self'` covers `ws:`/`wss:` to the same host in CSP Level 3; older browsers need the
-    host spelled out, which is done when the Host header is a plain name or IPv4 address
-    (anything else could inject directives, and IPv6 literals have no CSP spelling).
+    `'self'` as a script source admits only what this port serves as JavaScript: every
+    other answer is text/plain or HTML, and with `nosniff` a browser does not run those as
+    scripts. `'self'` also covers `ws:`/`wss:` to the same host in CSP Level 3; older
+    browsers need the host spelled out, which is done when the Host header is a plain name
+    or IPv4 address (anything else could inject directives, and IPv6 literals have no CSP
+    spelling).
     """
-    scripts, styles = _inline_hashes()
     connect = "'self'"
     if host is not None and _CSP_HOST.fullmatch(host):
         connect += f" ws://{host} wss://{host}"
     return (
-        f"default-src 'none'; script-src {scripts}; style-src {styles}; "
+        "default-src 'none'; script-src 'self'; style-src 'self'; "
         f"connect-src {connect}; img-src 'self'; base-uri 'none'; form-action 'none'; "
         f"{_NOT_FRAMED}"
     )
@@ -407,20 +426,6 @@ def page_bytes() -> bytes:
 @cache
 def static_bytes(name: str) -> bytes:
     return resources.files("translator").joinpath(f"static/{name}").read_bytes()
-
-
-@cache
-def _inline_hashes() -> tuple[str, str]:
-    """CSP hash sources of the page's inline <script> and <style> elements."""
-    page = page_bytes()
-
-    def sources(element: bytes) -> str:
-        pattern = re.compile(rb"<%s>(.*?)</%s>" % (element, element), re.DOTALL)
-        digests = [hashlib.sha256(m.group(1)).digest() for m in pattern.finditer(page)]
-        found = " ".join(f"'sha256-{base64.b64encode(d).decode()}'" for d in digests)
-        return found or "'none'"
-
-    return sources(b"script"), sources(b"style")
 
 
 def _single(head: RequestHead, name: str) -> str | None:
