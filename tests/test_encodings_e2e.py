@@ -4,7 +4,9 @@ permessage-deflate and compact frames, against a real gateway and real aiocoap s
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiocoap
@@ -20,6 +22,7 @@ from translator.gateway import Gateway
 from translator.sim import SimulatedSensors, _bound_port
 
 JSON_SUBPROTOCOL = "coap-ws-gateway.v1.json"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cbor_client.py"
 CF_JSON, CF_CBOR, CF_SENML_CBOR = 50, 60, 112
 
 # A CBOR item that the JSON mapping cannot carry: a tag of no known meaning around a byte
@@ -309,3 +312,30 @@ async def test_a_compressed_slow_reader_still_gets_every_frame_in_order(
                 pongs.append(frame["id"])
     assert pongs == ids
     assert (await client.next_notify(reply["sub"]))["sub"] == reply["sub"]
+
+
+# --- the example client --------------------------------------------------------------------------
+
+
+async def test_the_cbor_client_example_follows_a_sensor(
+    sensors: SimulatedSensors, make_gateway: Any
+) -> None:
+    gateway = await make_gateway(gateway_config(sensors, compression="deflate"))
+    example = EXAMPLE
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(example), gateway.url, "temperature", "--count", "3",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(WAIT * 2):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    updates = [line for line in lines if "/temperature #" in line]
+    assert len(updates) == 3, lines
+    # The merged state keeps the fields compact frames leave out.
+    assert all("(cf 60," in line for line in updates)
