@@ -990,7 +990,11 @@ async def bandwidth(bench: Run, fleet: Fleet) -> None:
         bench.runs.append({"scenario": "bandwidth_cpu", **row})
         log(f"  {row['payload']} {row['mode']} N={row['clients']}: "
             f"{row['cpu_us_per_frame']} us/frame, {row['frames']}/{row['expected_frames']} "
-            f"frames, RSS {row['rss_per_connection']} B/connection")
+            f"frames")
+    memory = result["memory"]
+    bench.runs.append({"scenario": "bandwidth_memory", **memory})
+    log(f"  RSS per connection: plain {memory['plain_bytes_per_connection']} B, with deflate "
+        f"{memory['deflate_bytes_per_connection']} B")
 
 
 def _slow_rows(
@@ -1341,11 +1345,15 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
     if cpu_rows:
         parts.append(head("Bandwidth: gateway CPU per delivered frame, one mode at a time")
                      + table(
-            ["payload", "mode", "clients", "updates/s", "frames", "CPU us/frame", "srv CPU%",
-             "RSS B/conn"],
+            ["payload", "mode", "clients", "updates/s", "frames", "CPU us/frame", "srv CPU%"],
             [[r["payload"], r["mode"], r["clients"], r["rate"],
               f"{r['frames']}/{r['expected_frames']}", r["cpu_us_per_frame"],
-              r["server_cpu_pct"], r["rss_per_connection"]] for r in cpu_rows]))
+              r["server_cpu_pct"]] for r in cpu_rows]))
+    for r in (r for r in runs if r.get("scenario") == "bandwidth_memory"):
+        parts.append(head("Bandwidth: gateway RSS per connection") + table(
+            ["clients per group", "plain B", "with deflate B", "deflate's extra B"],
+            [[r["clients"], r["plain_bytes_per_connection"], r["deflate_bytes_per_connection"],
+              r["deflate_extra_bytes_per_connection"]]]))
     slow_runs = [r for r in runs if r.get("scenario") == "slow_readers"]
     if slow_runs:
         parts.append(head(f"Slow readers: full-speed clients ({SLOW_UPDATE_RATE:g} updates/s)")
