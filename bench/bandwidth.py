@@ -365,8 +365,9 @@ async def measure_memory(sensor: Sensor, gateway_pid: int, host: str, port: int,
             "deflate_extra_bytes_per_connection": round(compressed - plain)}
 
 
-def gateway_toml(directory: Path, sensor_port: int) -> Path:
-    path = directory / "gateway-bandwidth.toml"
+def gateway_toml(directory: Path, sensor_port: int, deflate: tuple[int, int]) -> Path:
+    """The gateway's configuration; `deflate`: its window bits and memory level."""
+    path = directory / f"gateway-bandwidth-{deflate[0]}-{deflate[1]}.toml"
     path.write_text(f"""# written by bench/bandwidth.py
 log_level = "warning"
 
@@ -375,6 +376,8 @@ host = "127.0.0.1"
 port = 0
 linger = 0.0
 compression = "deflate"
+deflate_window_bits = {deflate[0]}
+deflate_memory_level = {deflate[1]}
 
 [policy]
 allow = ["coap://127.0.0.1:{sensor_port}/*"]
@@ -465,11 +468,13 @@ async def measure_cpu(sensor: Sensor, gateway_pid: int, host: str, port: int, se
 
 
 async def run(clients: int, rate: float, window: float, updates: int,
-              cpu_payloads: tuple[str, ...], fleet: Fleet | None = None) -> dict[str, Any]:
-    """The whole scenario; the gateway is a child of `fleet` (or of a fleet of its own)."""
+              cpu_payloads: tuple[str, ...], fleet: Fleet | None = None,
+              deflate: tuple[int, int] = (12, 5)) -> dict[str, Any]:
+    """The whole scenario; the gateway is a child of `fleet` (or of a fleet of its own),
+    with `deflate` as its `deflate_window_bits` and `deflate_memory_level`."""
     if fleet is None:
         async with Fleet(Path(tempfile.mkdtemp(prefix="coap-ws-bandwidth-"))) as own:
-            return await run(clients, rate, window, updates, cpu_payloads, own)
+            return await run(clients, rate, window, updates, cpu_payloads, own, deflate)
     loop = asyncio.get_running_loop()
     transport, sensor = await loop.create_datagram_endpoint(
         Sensor, local_addr=("127.0.0.1", 0))
@@ -478,20 +483,23 @@ async def run(clients: int, rate: float, window: float, updates: int,
     try:
         gateway = await fleet.start(
             "gateway", [sys.executable, "-m", "translator", "serve", "--config",
-                        str(gateway_toml(fleet.log_dir, sensor_port))],
+                        str(gateway_toml(fleet.log_dir, sensor_port, deflate))],
             ready_pattern=r"listening on (ws://\S+)")
         url = gateway.ready["ready"]
         host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
         byte_rows = await measure_bytes(sensor, host, int(port), sensor_uri, updates,
                                         rate=20.0)
-        cpu_rows = await measure_cpu(sensor, gateway.pid, host, int(port), sensor_uri,
-                                     clients, rate, window, cpu_payloads)
+        # Memory before the CPU windows: their thousands of connections grow the heap, and
+        # memory freed when they close is reused without showing in RSS.
         memory = await measure_memory(sensor, gateway.pid, host, int(port), sensor_uri,
                                       max(1, clients // 2))
+        cpu_rows = await measure_cpu(sensor, gateway.pid, host, int(port), sensor_uri,
+                                     clients, rate, window, cpu_payloads)
         await fleet.stop(gateway)
     finally:
         transport.close()
-    return {"bytes": byte_rows, "cpu": cpu_rows, "memory": memory, "targets": TARGETS}
+    return {"deflate": {"window_bits": deflate[0], "memory_level": deflate[1]},
+            "bytes": byte_rows, "cpu": cpu_rows, "memory": memory, "targets": TARGETS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,10 +510,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=4.0)
     parser.add_argument("--updates", type=int, default=40,
                         help="updates per payload in the bytes measurement")
-    parser.add_argument("--cpu-payloads", default="cbor_number,json_1k")
+    parser.add_argument("--cpu-payloads", default="cbor_number,json_1k",
+                        help="payloads of the CPU windows, comma-separated ('' for none)")
+    parser.add_argument("--deflate", default="12:5", metavar="BITS:LEVEL",
+                        help="the gateway's deflate_window_bits and deflate_memory_level")
     args = parser.parse_args(argv)
+    bits, level = (int(part) for part in args.deflate.split(":"))
     result = asyncio.run(run(args.clients, args.rate, args.window, args.updates,
-                             tuple(args.cpu_payloads.split(","))))
+                             tuple(p for p in args.cpu_payloads.split(",") if p),
+                             deflate=(bits, level)))
     print(json.dumps(result, indent=1))
     return 0
 

@@ -179,8 +179,9 @@ class Connection:
         self.deflate = bool(ws.protocol.extensions)
         """permessage-deflate was negotiated: every frame goes through websockets'
         extension (a compressor per connection), so none can take shared framed bytes."""
-        self.compact = CompactState()
-        """The subscriptions that asked for compact notifies."""
+        self.compact: CompactState | None = None
+        """The subscriptions that asked for compact notifies (made on first use: most
+        connections never ask, and an idle connection's bytes are counted)."""
         self.plain = True
         """JSON, uncompressed, no compact subscription: `fan_out`'s shortest path."""
         self._set_plain()
@@ -219,16 +220,21 @@ class Connection:
 
     def want_compact(self, sub: str) -> None:
         """Notifies of `sub` go compact from the next complete one on (`CompactState`)."""
+        if self.compact is None:
+            self.compact = CompactState()
         self.compact.want(sub)
         self._set_plain()
 
     def forget_compact(self, sub: str) -> None:
-        self.compact.forget(sub)
-        self._set_plain()
+        if self.compact is not None:
+            self.compact.forget(sub)
+            if not self.compact:
+                self.compact = None
+            self._set_plain()
 
     def pick(self, outgoing: Outgoing, replaces: str | None) -> tuple[str | bytes, bytes]:
         """The form of `outgoing` this connection takes: its encoding, compact or not."""
-        compact = bool(self.compact) and self.compact.take(
+        compact = self.compact is not None and self.compact.take(
             replaces, outgoing.meta, backlog=bool(self.outbox.frames)
         )
         return outgoing.form(self.cbor, compact)
