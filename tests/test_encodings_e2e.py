@@ -339,3 +339,32 @@ async def test_the_cbor_client_example_follows_a_sensor(
     assert len(updates) == 3, lines
     # The merged state keeps the fields compact frames leave out.
     assert all("(cf 60," in line for line in updates)
+
+
+async def test_each_update_is_encoded_once_per_form_whatever_the_clients(
+    sensors: SimulatedSensors, device: Device, make_gateway: Any, make_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from translator.web import encodings
+
+    made: list[int] = []
+    real = encodings.cbor_map
+
+    def counting(obj: dict[str, Any], value_item: bytes | None = None) -> bytes:
+        if obj.get("type") == "notify":
+            made.append(obj["seq"])
+        return real(obj, value_item)
+
+    monkeypatch.setattr(encodings, "cbor_map", counting)
+    gateway = await make_gateway(config_with(sensors, device))
+    clients = [await cbor_client(make_client, gateway) for _ in range(4)]
+    uri = device.uri("counter")
+    for client in clients:
+        await client.call({"type": "subscribe", "uri": uri, "compact": True})
+        await client.next_notify()
+    made.clear()
+    device.resources["counter"].set(cbor2.dumps(41))
+    got = [await c.wait_for(lambda f: f["type"] == "notify" and f["value"] == 41)
+           for c in clients]
+    assert len({f["seq"] for f in got}) == 1
+    assert made == [got[0]["seq"]]  # one CBOR compact encoding for the four clients
