@@ -1,4 +1,4 @@
-"""A coap-ws-gateway client that speaks CBOR (docs/protocol.md §16), in 60 lines.
+"""A coap-ws-gateway client that speaks CBOR (docs/protocol.md §18), in 60 lines.
 
     python examples/cbor_client.py ws://127.0.0.1:8765/ws demo/temperature [--count N]
 

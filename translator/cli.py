@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "path; or a JSON object)")
     subscribe.add_argument("--compact", action="store_true",
                            help="compact notifies: after the first, only the fields that "
-                           "changed besides sub, seq, value and ts (docs/protocol.md §16)")
+                           "changed besides sub, seq, value and ts (docs/protocol.md §18)")
     _token_option(subscribe)
 
     listing = commands.add_parser("list", help="print the resources the gateway knows")

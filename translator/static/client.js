@@ -49,7 +49,7 @@ function defaultUrl() {
   return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
 }
 
-/** The notify fields a compact frame carries only when they changed (protocol.md §16). */
+/** The notify fields a compact frame carries only when they changed (protocol.md §18). */
 const HEADER_FIELDS = ["uri", "code", "cf", "max_age"];
 
 /** One subscription of the application; survives reconnects until unsubscribe(). */
