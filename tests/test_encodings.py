@@ -135,6 +135,10 @@ def test_compact_object_keeps_what_a_client_cannot_infer() -> None:
     full = {**json.loads(NOTIFY), "replay": True}
     assert list(compact_object(full, ())) == ["type", "sub", "seq", "value", "ts", "replay"]
     assert "cf" in compact_object(full, ("cf",))
+    # What conditional notifications add (a pmax repeat, a cond_error) always stays.
+    conditional = {**json.loads(NOTIFY), "repeat": True, "cond_error": "not a number"}
+    assert list(compact_object(conditional, ())) == [
+        "type", "sub", "seq", "value", "ts", "repeat", "cond_error"]
     assert compact_object(full, None) is full
 
 
