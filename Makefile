@@ -79,7 +79,7 @@ fuzz: $(VENV)/.installed-fuzz
 		$(VENV)/fuzz-corpus/frames fuzz/seeds/frames
 
 # Benchmarks against bare baselines (bench/, docs/performance.md): real processes on loopback,
-# about 10 minutes; bench-quick under one minute. Prints the table, writes
+# about 13 minutes; bench-quick under one minute. Prints the table, writes
 # bench/results/latest.json and the chart bench/results/latest.png. BENCH_ARGS: e.g. --large.
 BENCH_ARGS ?=
 

@@ -20,6 +20,9 @@ Scenarios (see docs/performance.md for the method and the latest figures):
 9. metrics: fan-out at N = 1000 with /metrics scraped (1/s, 10/s) and not; and, with the
    full memory scenario, the resume history's bytes per resource when full
    (bench/operations.py; neither is in a quick run unless asked for with --only).
+10. bandwidth: bytes per update on the wire for three payloads in each client mode (JSON,
+    compact, CBOR, permessage-deflate) against the sensor's CoAP message, and the gateway's
+    CPU per delivered frame at N = 1000 in each mode (bench/bandwidth.py).
 
 Every process (sensor, gateway, load generators, baselines) is a child on 127.0.0.1, and
 every one is stopped when the run ends, whatever way it ends. The run has a time budget;
@@ -49,6 +52,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from . import bandwidth as bandwidth_scenario
 from . import conditions, cpu_split
 from . import rd as rd_bench
 from .control import Histogram
@@ -111,7 +115,7 @@ class Settings:
     """Bursts per writer in bench.floor (three writers, one burst every 100 ms)."""
     floor_hiccups: int = 200
     scenarios: tuple[str, ...] = (
-        "fanout", "ingest", "commands", "memory", "slow", "rd", "metrics", "cond"
+        "fanout", "ingest", "commands", "memory", "slow", "rd", "metrics", "cond", "bandwidth"
     )
     rd_registrations: int = 3000
     """Endpoints registered per system in the resource directory scenario."""
@@ -124,7 +128,10 @@ class Settings:
     slow_rates: tuple[float, ...] = (50.0, 50.0, 50.0, 20.0, 20.0, 20.0)
     """Frames per second each slow reader takes: 1/4 and 1/10 of `SLOW_UPDATE_RATE`."""
     slow_fast_clients: int = 100
-    budget: float = 960.0  # the metrics and history scenarios added some 2.5 min, cond 40 s
+    bandwidth_clients: int = 1000
+    bandwidth_window: float = 4.0
+    budget: float = 1140.0  # the metrics and history scenarios added some 2.5 min, cond 40 s,
+    # bandwidth 3 min
     profile: bool = False
     chart: bool = True
 
@@ -969,6 +976,27 @@ async def slow_readers(bench: Run, fleet: Fleet) -> None:
         await fleet.stop(gateway, sensor)
 
 
+async def bandwidth(bench: Run, fleet: Fleet) -> None:
+    s = bench.settings
+    result = await bandwidth_scenario.run(
+        s.bandwidth_clients, rate=10.0, window=s.bandwidth_window, updates=40,
+        cpu_payloads=("cbor_number", "json_1k"), fleet=fleet)
+    for row in result["bytes"]:
+        bench.runs.append({"scenario": "bandwidth_bytes", **row})
+        log(f"  {row['payload']}: CoAP {row['coap_bytes']} B/update; " + ", ".join(
+            f"{mode} {row[f'{mode}_bytes']} B ({row[f'{mode}_ratio']} x)"
+            for mode in bandwidth_scenario.MODES))
+    for row in result["cpu"]:
+        bench.runs.append({"scenario": "bandwidth_cpu", **row})
+        log(f"  {row['payload']} {row['mode']} N={row['clients']}: "
+            f"{row['cpu_us_per_frame']} us/frame, {row['frames']}/{row['expected_frames']} "
+            f"frames")
+    memory = result["memory"]
+    bench.runs.append({"scenario": "bandwidth_memory", **memory})
+    log(f"  RSS per connection: plain {memory['plain_bytes_per_connection']} B, with deflate "
+        f"{memory['deflate_bytes_per_connection']} B")
+
+
 def _slow_rows(
     clients: list[dict[str, Any]],
 ) -> list[tuple[float, list[tuple[float, float]], str]]:
@@ -1175,6 +1203,11 @@ def targets(bench: Run, ratios: dict[str, Any],
     r = ratios.get("fanout N=1000 flood10x", {}).get("p99_latency")
     target("p99 latency, N=1000, sensor offering 10x capacity, vs bare broadcast", "<= 3 x", r,
            None if r is None else r <= 3)
+    for row in (r for r in runs if r.get("scenario") == "bandwidth_bytes"):
+        for mode, bound in bandwidth_scenario.TARGETS.items():
+            v = row.get(f"{mode}_ratio")
+            target(f"bytes per update, {row['payload']}, {mode} vs the CoAP notification",
+                   f"<= {bound} x", v, None if v is None else v <= bound)
     slow = slow or {}
     quarter = slow.get(f"bound on, reading {SLOW_UPDATE_RATE / 4:g}/s", {})
     v = quarter.get("p50_after_first_window_s")
@@ -1299,6 +1332,28 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
             ["runs", "p50 ms", "p99 ms", "max ms", "% over twice the median"],
             [[r.get("hiccup_count"), r.get("hiccup_p50_ms"), r.get("hiccup_p99_ms"),
               r.get("hiccup_max_ms"), r.get("hiccup_over_2x_median_pct")] for r in floors]))
+    byte_rows = [r for r in runs if r.get("scenario") == "bandwidth_bytes"]
+    if byte_rows:
+        modes = list(bandwidth_scenario.MODES)
+        parts.append(head("Bandwidth: bytes per update, CoAP notification vs WebSocket message "
+                          "with its frame header (ratio)") + table(
+            ["payload", "CoAP B", *modes],
+            [[r["payload"], r["coap_bytes"],
+              *(f"{r[f'{m}_bytes']} ({r[f'{m}_ratio']}x)" for m in modes)]
+             for r in byte_rows]))
+    cpu_rows = [r for r in runs if r.get("scenario") == "bandwidth_cpu"]
+    if cpu_rows:
+        parts.append(head("Bandwidth: gateway CPU per delivered frame, one mode at a time")
+                     + table(
+            ["payload", "mode", "clients", "updates/s", "frames", "CPU us/frame", "srv CPU%"],
+            [[r["payload"], r["mode"], r["clients"], r["rate"],
+              f"{r['frames']}/{r['expected_frames']}", r["cpu_us_per_frame"],
+              r["server_cpu_pct"]] for r in cpu_rows]))
+    for r in (r for r in runs if r.get("scenario") == "bandwidth_memory"):
+        parts.append(head("Bandwidth: gateway RSS per connection") + table(
+            ["clients per group", "plain B", "with deflate B", "deflate's extra B"],
+            [[r["clients"], r["plain_bytes_per_connection"], r["deflate_bytes_per_connection"],
+              r["deflate_extra_bytes_per_connection"]]]))
     slow_runs = [r for r in runs if r.get("scenario") == "slow_readers"]
     if slow_runs:
         parts.append(head(f"Slow readers: full-speed clients ({SLOW_UPDATE_RATE:g} updates/s)")
@@ -1478,6 +1533,8 @@ async def run_all(bench: Run, log_dir: Path) -> None:
         plan.append(("metrics cost", partial(operations.metrics_cost, bench)))
     if "cond" in s.scenarios:
         plan.append(("conditional notifications", partial(conditions.conditions, bench)))
+    if "bandwidth" in s.scenarios:
+        plan.append(("bandwidth", partial(bandwidth, bench)))
     for name, step in plan:
         log(name)
         async with Fleet(log_dir / name.replace(" ", "_").replace("=", "")) as fleet:
@@ -1551,7 +1608,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="one tiny fan-out (N = 2) for the test suite")
     parser.add_argument("--only", action="append",
                         choices=["fanout", "ingest", "commands", "memory", "slow", "rd",
-                                 "metrics", "history", "cond"],
+                                 "metrics", "history", "cond",
+                                 "bandwidth"],
                         help="run only this scenario (repeatable)")
     parser.add_argument("--out", help="directory for latest.json and latest.png "
                         "(default bench/results)")

@@ -124,6 +124,19 @@ async def test_subscribe_subcommand_prints_notify_lines(
     assert code == 0 and [f["uri"] for f in notifies] == [uri]
 
 
+async def test_subscribe_compact_prints_compact_notifies_after_the_first(
+    served: Served,
+) -> None:
+    code, out, _ = await run_cli("subscribe", served.url, "kitchen/temperature", "--count", "3",
+                                 "--compact")
+    frames = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(frames) == 3
+    assert frames[0]["cf"] == 60 and "uri" in frames[0]
+    # Seq-consecutive updates with nothing changed but the value: only what moved.
+    later = [f for f in frames[1:] if f["seq"] == frames[0]["seq"] + frames[1:].index(f) + 1]
+    assert later and all(set(f) == {"type", "sub", "seq", "value", "ts"} for f in later)
+
+
 async def test_subscribe_timeout(sensors: SimulatedSensors, served: Served) -> None:
     # Without --count, the timeout is how long to watch: exit 0.
     code, out, _ = await run_cli("subscribe", served.url, "kitchen/temperature",

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="conditional notifications for every target, e.g. "
                            "pmin=1,st=0.5,path=/0/v (pmin, pmax, gt, lt, st, band, edge, "
                            "path; or a JSON object)")
+    subscribe.add_argument("--compact", action="store_true",
+                           help="compact notifies: after the first, only the fields that "
+                           "changed besides sub, seq, value and ts (docs/protocol.md §18)")
     _token_option(subscribe)
 
     listing = commands.add_parser("list", help="print the resources the gateway knows")
@@ -403,7 +406,9 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
         ws = await _connect(args.url, _token(args))
         try:
             async with asyncio.timeout(args.timeout):
-                return await _follow(ws, args.targets, args.count, args.cond)
+                return await _follow(
+                    ws, args.targets, args.count, args.cond, args.compact
+                )
         except TimeoutError:
             if args.count is None:
                 return EXIT_OK
@@ -417,7 +422,8 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
 
 
 async def _follow(
-    ws: Any, targets: Sequence[str], count: int | None, cond: dict[str, Any] | None = None
+    ws: Any, targets: Sequence[str], count: int | None, cond: dict[str, Any] | None = None,
+    compact: bool = False,
 ) -> int:
     """Subscribe to `targets` and print what comes, until `count` notify frames, or every
     target has failed: an error frame, or `offline` with a 4.xx code (the resource is not
@@ -431,7 +437,8 @@ async def _follow(
         for number, target in enumerate(targets, 1):
             await ws.send(json.dumps({"type": "subscribe", "id": number,
                                       **_target_fields(target),
-                                      **({} if cond is None else {"cond": cond})}))
+                                      **({} if cond is None else {"cond": cond}),
+                                      **({"compact": True} if compact else {})}))
         async for message in ws:
             frame = json.loads(message)
             kind = frame.get("type")

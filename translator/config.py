@@ -158,6 +158,17 @@ class ServerConfig:
     """Connections the kernel queues for the gateway to accept (``listen()``'s backlog; the
     kernel caps it at ``net.core.somaxconn``): room for a burst of clients arriving while the
     event loop is busy. Past it, new connections wait for the kernel's SYN retries."""
+    compression: str = _setting("off", choices=("off", "deflate"))
+    """``deflate``: permessage-deflate (RFC 7692) for clients that offer it; the others get
+    plain frames. A compressed connection is written on its own, not with the bytes shared
+    by a fan-out: see docs/performance.md for what it costs in CPU and saves in bytes."""
+    deflate_context_takeover: bool = _setting(True)
+    """Compress each frame against the previous ones (small repeated frames shrink most)."""
+    deflate_window_bits: int = _setting(12, minimum=9, maximum=15)
+    """zlib window per compressed connection: 2**bits bytes each way (more: better ratio
+    on large frames, more memory per connection)."""
+    deflate_memory_level: int = _setting(5, minimum=1, maximum=9)
+    """zlib memory level of each connection's compressor: 2**(level + 9) bytes."""
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -48,7 +48,12 @@ from translator.coap.side import CoapAnswer, CoapSide, UpstreamError
 from translator.coap_ws_proxy import CoapWsGrant, CoapWsProxy
 from translator.config import ConfigError, GatewayConfig, policy_for
 from translator.core import frames
-from translator.core.codecs import UnsupportedValue, decode_payload, encode_value
+from translator.core.codecs import (
+    UnsupportedValue,
+    cbor_data_item,
+    decode_payload,
+    encode_value,
+)
 from translator.core.frames import FrameError, FrameId
 from translator.core.history import History
 from translator.core.hub import (
@@ -69,10 +74,12 @@ from translator.logs import limit_loop_exceptions
 from translator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from translator.metrics import GatewayMetrics
 from translator.registry import Registry
+from translator.web.encodings import parse_client_frame, to_cbor
 from translator.web.front import COAP_WS_PATH, WS_PATH, Answer, text_answer
 from translator.web.metrics_port import MetricsPort, host_names
 from translator.web.server import (
     Connection,
+    DeflateSettings,
     Refusal,
     SendLimits,
     ServerSettings,
@@ -222,6 +229,11 @@ class Gateway:
                 max_connections=limits.max_connections,
                 max_connections_per_ip=limits.max_connections_per_ip,
                 backlog=config.server.backlog,
+                deflate=DeflateSettings(
+                    context_takeover=config.server.deflate_context_takeover,
+                    window_bits=config.server.deflate_window_bits,
+                    memory_level=config.server.deflate_memory_level,
+                ) if config.server.compression == "deflate" else None,
             ),
             gatekeeper=self,
             operations=self,
@@ -364,7 +376,7 @@ class Gateway:
                 if self.coap_ws.peers:  # CoAP-over-WebSocket peers get CoAP messages
                     targets = self.coap_ws.take_deliveries(command)
                 # Frame once, send to many: the same bytes go to every target.
-                fan_out(targets, command.text, command.replaces)
+                fan_out(targets, command.text, command.replaces, command.meta)
             elif isinstance(command, Wake):
                 self._arm_wake(None if self._stopping else command.at)
             elif isinstance(command, StartObservation):
@@ -534,7 +546,7 @@ class Gateway:
         conn = session.conn
         try:
             try:
-                frame = frames.parse(message)
+                frame = parse_client_frame(message, conn.cbor)
             except FrameError:
                 if not session.bucket.take(UNPARSABLE_COST):
                     raise self._rate_limited(session, None) from None
@@ -566,7 +578,7 @@ class Gateway:
         ):
             frame_id: FrameId = None
             with contextlib.suppress(FrameError):
-                frame_id = frames.parse(message).id
+                frame_id = parse_client_frame(message, session.conn.cbor).id
             session.conn.send(frames.ErrorFrame(
                 frame_id, frames.LIMIT,
                 f"at most {HELD_FRAMES_MAX} frames may wait behind a host-name lookup",
@@ -615,13 +627,10 @@ class Gateway:
                     session.held = deque()
                     task.add_done_callback(lambda _: self._release(session))
                 else:
-                    self._execute(
-                        self.hub.subscribe(
-                            conn, str(decision.uri), frame.id, frame.since, frame.cond
-                        )
-                    )
+                    self._subscribe(conn, str(decision.uri), frame)
             case frames.Unsubscribe():
                 self._execute(self.hub.unsubscribe(conn, frame.sub, frame.id))
+                conn.forget_compact(frame.sub)
             case frames.Request():
                 self._start_request(session, frame)
             case frames.ListResources():
@@ -753,11 +762,18 @@ class Gateway:
         self, session: Session, decision: Decision, frame: frames.Subscribe
     ) -> None:
         await self._check_addresses(session.principal, decision, frame.id)
-        self._execute(
-            self.hub.subscribe(
-                session.conn, str(decision.uri), frame.id, frame.since, frame.cond
-            )
-        )
+        self._subscribe(session.conn, str(decision.uri), frame)
+
+    def _subscribe(self, conn: Connection, uri: str, frame: frames.Subscribe) -> None:
+        commands = self.hub.subscribe(conn, uri, frame.id, frame.since, frame.cond)
+        resource = self.hub.resource(uri)
+        if resource is not None:
+            # Before the commands run: the cached notify among them is the complete first.
+            if frame.compact:
+                conn.want_compact(resource.sub)
+            else:
+                conn.forget_compact(resource.sub)
+        self._execute(commands)
 
     @staticmethod
     async def _answering(
@@ -802,6 +818,7 @@ class Gateway:
         uri = str(decision.uri)
         started = time.monotonic()
         reply: frames.Response | frames.ErrorFrame
+        cbor_reply: bytes | None = None
         try:
             if decision.needs_resolution:
                 await self._check_addresses(session.principal, decision, frame.id)
@@ -830,11 +847,16 @@ class Gateway:
                 answer.cf, answer.payload, ts=time.time(), advertised_cf=advertised
             )
             reply = frames.Response(frame.id, answer.code, answer.cf, body)
+            if conn.cbor:
+                # A CBOR client gets a CBOR value as the sensor's own data item.
+                raw = cbor_data_item(answer.cf, answer.payload, body, advertised)
+                if raw is not None:
+                    cbor_reply = to_cbor(reply.serialize(), raw)
         outcome = (
             f"{reply.code[0]}.xx" if isinstance(reply, frames.Response) else reply.error
         )
         self.metrics_registry.request_done(frame.method, outcome, time.monotonic() - started)
-        conn.send(reply.serialize())
+        conn.send(reply.serialize() if cbor_reply is None else cbor_reply)
 
     # -- discovery and list ------------------------------------------------------------------
 

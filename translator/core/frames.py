@@ -97,6 +97,8 @@ class Subscribe:
     """Where the client's copy of the resource's stream ends, to resume from there."""
     cond: Condition | None = None
     """Conditional notification parameters (`translator.core.conditions`)."""
+    compact: bool = False
+    """Later notifies of this subscription leave out the fields that did not change."""
     type: Literal["subscribe"] = "subscribe"
 
 
@@ -231,8 +233,12 @@ class _Fields:
 
 def _parse_subscribe(f: _Fields) -> Subscribe:
     uri, name = f.target()
+    compact = f.obj.get("compact", False)
+    if not isinstance(compact, bool):
+        raise f.fail("'compact' must be a boolean")
     return Subscribe(
-        id=f.frame_id, uri=uri, name=name, since=_parse_since(f), cond=_parse_cond(f)
+        id=f.frame_id, uri=uri, name=name, since=_parse_since(f), cond=_parse_cond(f),
+        compact=compact,
     )
 
 
@@ -351,6 +357,11 @@ def parse(data: str | bytes) -> ClientFrame:
         raise FrameError(BAD_REQUEST, f"not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise FrameError(BAD_REQUEST, "a frame must be a JSON object")
+    return parse_object(obj)
+
+
+def parse_object(obj: dict[Any, JSONValue]) -> ClientFrame:
+    """Parse a decoded frame object (a JSON object, or a CBOR map) into a client frame."""
     frame_id = _read_id(obj)
     frame_type = obj.get("type")
     if not isinstance(frame_type, str):

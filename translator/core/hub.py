@@ -54,7 +54,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Generic, Literal, TypeVar
 
-from translator.core.codecs import decode_payload, parse_link_format
+from translator.core.codecs import cbor_data_item, decode_payload, parse_link_format
 from translator.core.conditions import Condition, WakeQueue, Watch, with_fields
 from translator.core.frames import (
     BAD_REQUEST,
@@ -91,6 +91,23 @@ frames and the CoAP side's freshness both take it from here)."""
 
 
 @dataclass(frozen=True, slots=True)
+class NotifyMeta:
+    """What the web side needs besides a notify's JSON text to write it in other forms
+    (CBOR, compact; see `web.encodings`), computed once per update."""
+
+    seq: int
+    cbor_value: bytes | None = None
+    """The value's CBOR data item exactly as the sensor sent it (cf 60 or 112), if any."""
+    changed: tuple[str, ...] | None = None
+    """The fields of `HEADER_FIELDS` that differ from the resource's previous notify; None
+    when there is no previous one to compare with (a compact frame is then complete)."""
+
+
+HEADER_FIELDS: Final = ("uri", "code", "cf", "max_age")
+"""The notify fields a compact frame carries only when they changed."""
+
+
+@dataclass(frozen=True, slots=True)
 class Deliver(Generic[C]):
     """Queue `text` on each of these connections (the same string for all of them)."""
 
@@ -99,6 +116,8 @@ class Deliver(Generic[C]):
     replaces: str | None = None
     """For a `notify`: its `sub`. A connection that still has an unsent notify with the same
     key may drop that one for this newer one (the slow-consumer policy); None: never drop."""
+    meta: NotifyMeta | None = None
+    """For a notify of the live stream: what its other forms need."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +240,10 @@ class Resource(Generic[C]):
     """The latest notify frame's text, for late joiners; `list_entries` reads the value
     fields back from it rather than keeping them a second time as objects."""
     last_ts: float | None = None
+    last_cbor: bytes | None = None
+    """The CBOR data item of the latest notify's value, as the sensor sent it (if CBOR)."""
+    last_header: tuple[str, int | None, int] | None = None
+    """The latest notify's code, cf and max_age: what the next compact frame is diffed with."""
     state: State | None = None
     state_reason: str | None = None
     state_code: str | None = None
@@ -469,7 +492,9 @@ class Hub(Generic[C]):
         elif cond is not None or (resource.watches and conn in resource.watches):
             commands.extend(self._watch(resource, conn, cond))
         elif resource.last_notify is not None:
-            commands.append(Deliver((conn,), resource.last_notify, resource.sub))
+            commands.append(Deliver(
+                (conn,), resource.last_notify, resource.sub, self._cached_meta(resource)
+            ))
         if resource.last_status is not None and resource.state != "online":
             commands.append(Deliver((conn,), resource.last_status))
         if not resource.observing:
@@ -611,7 +636,7 @@ class Hub(Generic[C]):
         """Keep an unwatched resource within the idle bounds, forgetting the oldest ones."""
         size = IDLE_OVERHEAD + len(resource.uri) + (
             sys.getsizeof(resource.last_notify) if resource.last_notify is not None else 0
-        )
+        ) + (sys.getsizeof(resource.last_cbor) if resource.last_cbor is not None else 0)
         self._idle[resource.uri] = size
         self.idle_bytes += size
         while self._idle and (
@@ -647,9 +672,11 @@ class Hub(Generic[C]):
         """The sensor answered on an observation: the answer to a registration, a
         notification or a changed poll answer. `observe` says, for the answer to a
         registration, whether it carried Observe (None: this answer does not say)."""
+        advertised = self.advertised_cf(uri)
         return self._update(
             uri, code, cf, max_age, observe, now,
-            lambda ts: decode_payload(cf, payload, ts=ts, advertised_cf=self.advertised_cf(uri)),
+            lambda ts: decode_payload(cf, payload, ts=ts, advertised_cf=advertised),
+            lambda body: cbor_data_item(cf, payload, body, advertised),
         )
 
     def upstream_too_large(
@@ -698,9 +725,11 @@ class Hub(Generic[C]):
         observe: bool | None,
         now: float | None,
         body_at: Callable[[float], dict[str, JSONValue]],
+        cbor_of: Callable[[dict[str, JSONValue]], bytes | None] | None = None,
     ) -> list[Command[C]]:
         """An answer on an observation: a 2.xx one is the next update (seq + 1), its notify
-        fields from `body_at(receive time)`; any other code is a failure."""
+        fields from `body_at(receive time)`, the value's CBOR data item (for clients that
+        speak CBOR) from `cbor_of(fields)`; any other code is a failure."""
         resource = self._resources.get(uri)
         if resource is None or not resource.observing:
             return []  # a late answer after the observation was stopped
@@ -715,6 +744,7 @@ class Hub(Generic[C]):
         resource.seq += 1
         resource.notifications += 1
         body = body_at(ts)
+        max_age = DEFAULT_MAX_AGE if max_age is None else max_age
         text = Notify(
             sub=resource.sub,
             uri=uri,
@@ -723,8 +753,19 @@ class Hub(Generic[C]):
             cf=cf,
             body=body,
             ts=ts,
-            max_age=DEFAULT_MAX_AGE if max_age is None else max_age,
+            max_age=max_age,
         ).serialize()
+        header = (code, cf, max_age)
+        previous = resource.last_header
+        meta = NotifyMeta(
+            resource.seq,
+            cbor_of(body) if cbor_of is not None else None,
+            None if previous is None else tuple(
+                name for name, old, new in zip(HEADER_FIELDS[1:], previous, header, strict=True)
+                if old != new
+            ),
+        )
+        resource.last_header, resource.last_cbor = header, meta.cbor_value
         if resource.last_notify is not None:
             # The history keeps the frames before the newest one, which is `last_notify`
             # (kept anyway for late joiners): a resource with one update costs it nothing.
@@ -735,12 +776,18 @@ class Hub(Generic[C]):
         if resource.subscribers:
             if resource.watches is None:
                 self.deliveries_total += len(resource.subscribers)
-                commands.append(Deliver(resource.subscribers, text, resource.sub))
+                commands.append(Deliver(resource.subscribers, text, resource.sub, meta))
             else:
-                commands.extend(self._conditional_update(resource, text, body))
+                commands.extend(self._conditional_update(resource, text, body, meta))
         return commands
 
     # -- conditional subscriptions (translator.core.conditions) ------------------------------
+
+    @staticmethod
+    def _cached_meta(resource: Resource[C]) -> NotifyMeta:
+        """The meta of the resource's newest notify sent on its own (a late joiner's first
+        frame, a held or repeated one): complete in compact form (`changed` None)."""
+        return NotifyMeta(resource.seq, resource.last_cbor)
 
     def _variant(self, text: str, error: str | None, repeat: bool = False) -> str:
         """A notify as one conditional subscription gets it: with `cond_error` when the
@@ -762,7 +809,9 @@ class Hub(Generic[C]):
         commands: list[Command[C]] = []
         if cond is None:
             if resource.last_notify is not None:
-                commands.append(Deliver((conn,), resource.last_notify, resource.sub))
+                commands.append(Deliver(
+                    (conn,), resource.last_notify, resource.sub, self._cached_meta(resource)
+                ))
             return [*commands, *self._announce()]
         watch = Watch(cond)
         if resource.watches is None:
@@ -771,7 +820,8 @@ class Hub(Generic[C]):
         if resource.last_notify is not None:
             watch.initial(self.monotonic(), resource.seq, _value_fields(resource.last_notify))
             commands.append(Deliver(
-                (conn,), self._variant(resource.last_notify, watch.error), resource.sub
+                (conn,), self._variant(resource.last_notify, watch.error), resource.sub,
+                self._cached_meta(resource),
             ))
         self._wakes.set((resource, conn), watch.wake_at)
         return [*commands, *self._announce()]
@@ -793,7 +843,7 @@ class Hub(Generic[C]):
         return [Wake(at)]
 
     def _conditional_update(
-        self, resource: Resource[C], text: str, body: dict[str, JSONValue]
+        self, resource: Resource[C], text: str, body: dict[str, JSONValue], meta: NotifyMeta
     ) -> list[Command[C]]:
         """Fan an update out to a resource some of whose subscribers have conditions: the
         others get `text` as always; each watch says whether its subscriber gets it now.
@@ -812,9 +862,11 @@ class Hub(Generic[C]):
             self._wakes.set((resource, conn), watch.wake_at)
         commands: list[Command[C]] = []
         if targets:
-            commands.append(Deliver(tuple(targets), text, resource.sub))
+            commands.append(Deliver(tuple(targets), text, resource.sub, meta))
         for error, conns in variants.items():
-            commands.append(Deliver(tuple(conns), self._variant(text, error), resource.sub))
+            commands.append(
+                Deliver(tuple(conns), self._variant(text, error), resource.sub, meta)
+            )
         self.deliveries_total += len(targets) + sum(len(c) for c in variants.values())
         commands.extend(self._announce())
         return commands
@@ -844,7 +896,12 @@ class Hub(Generic[C]):
             sub = resource.sub
             self.deliveries_total += len(conns)
             variant = self._variant(text, error, repeat)
-            commands.append((Repeat if repeat else Deliver)(tuple(conns), variant, sub))
+            # The newest frame (held for a pmin window's end, or repeated) has the sensor's
+            # CBOR item; an older one is sent as its text says.
+            meta = self._cached_meta(resource) if text is resource.last_notify else None
+            commands.append(
+                (Repeat if repeat else Deliver)(tuple(conns), variant, sub, meta)
+            )
         commands.extend(self._announce())
         return commands
 

@@ -91,7 +91,8 @@ class Outbox:
     def push(self, text: str | bytes, key: str | None, now: float) -> str | None:
         """Queue a frame; returns None, or the overflow reason when the client is too slow.
 
-        `key` marks a droppable notify (its subscription); None is never dropped.
+        `key` marks a droppable notify (its subscription); None is never dropped. `text`
+        is a text frame's text, or a binary frame's bytes.
         """
         if key is not None:
             older = self._latest.get(key)
@@ -101,7 +102,7 @@ class Outbox:
                 self.replaced += 1
                 older.text = None  # left in place; pop() skips it
                 self._dead += 1
-        size = utf8_size(text)
+        size = utf8_size(text) if isinstance(text, str) else len(text)
         entry = _Entry(text, key, size)
         if self._queue is None:
             self._queue = collections.deque()

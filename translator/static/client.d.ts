@@ -143,11 +143,18 @@ export interface SubscribeCallbacks {
 export interface SubscribeOptions extends SubscribeCallbacks {
   /** Conditional notifications, sent again with the subscribe after each reconnect. */
   cond?: Condition;
+  /** Ask for compact notifies (docs/protocol.md §18): after the first, the gateway leaves out
+   * `uri`, `code`, `cf` and `max_age` while they do not change. onNotify still gets complete
+   * frames (the client fills them in); only the wire carries fewer bytes. Sent again with
+   * the subscribe after each reconnect. */
+  compact?: boolean;
 }
 
 export interface Subscription {
   /** The name or URI given to subscribe(). */
   readonly target: string;
+  /** Whether it asked for compact notifies. */
+  readonly compact: boolean;
   /** The gateway's sub and normalized URI, once subscribed. */
   readonly sub: string | null;
   readonly uri: string | null;

@@ -49,6 +49,9 @@ function defaultUrl() {
   return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
 }
 
+/** The notify fields a compact frame carries only when they changed (protocol.md §18). */
+const HEADER_FIELDS = ["uri", "code", "cf", "max_age"];
+
 /** One subscription of the application; survives reconnects until unsubscribe(). */
 class Subscription {
   constructor(client, nameOrUri, callbacks) {
@@ -58,6 +61,8 @@ class Subscription {
     // Conditional notifications (pmin, pmax, gt, lt, st, band, edge, path): sent with every
     // subscribe, the first one and each after a reconnect.
     this.cond = callbacks.cond ?? null;
+    this.compact = callbacks.compact === true;
+    this._header = {};   // compact: the last uri, code, cf and max_age the gateway sent
     this.sub = null;     // the gateway's `sub`, once subscribed
     this.uri = null;     // the normalized URI, once subscribed
     this.epoch = null;   // the stream the seqs below belong to
@@ -117,10 +122,17 @@ class Subscription {
       // A `pmax` repeat (`repeat: true`) is the last frame again, on purpose: delivered.
       if (typeof frame.seq === "number" && frame.seq <= this.seq && frame.repeat !== true) return;
       if (typeof frame.seq === "number") this.seq = frame.seq;
-      this._call("onNotify", frame);
+      this._call("onNotify", this.compact ? this._complete(frame) : frame);
     } else if (frame.type === "status") {
       this._call("onStatus", frame);
     }
+  }
+
+  /** A compact notify with the fields it left out (they did not change), so that onNotify
+   * always gets a complete frame: the bytes are saved on the wire, not in the application. */
+  _complete(frame) {
+    for (const key of HEADER_FIELDS) if (key in frame) this._header[key] = frame[key];
+    return { ...this._header, ...frame };
   }
 
   _call(name, argument) {
@@ -175,8 +187,9 @@ export class GatewayClient {
   /** Subscribe to a sensor by name, or to a coap:// URI. Options: the callbacks
    * onNotify(frame), onStatus(frame), onResync({previous, epoch, frame}), onError(frame),
    * and `cond`, conditional notification parameters ({pmin, pmax, gt, lt, st, band, edge,
-   * path}; docs/protocol.md). The gateway keeps one condition per resource and connection:
-   * subscriptions of one client to the same resource share the last one sent. */
+   * path}; docs/protocol.md), and `compact: true` (the gateway leaves unchanged fields out;
+   * onNotify still gets them all). The gateway keeps one condition per resource and
+   * connection: subscriptions of one client to the same resource share the last one sent. */
   subscribe(nameOrUri, callbacks = {}) {
     target(nameOrUri);
     if (callbacks.cond !== undefined && (typeof callbacks.cond !== "object" || callbacks.cond === null
@@ -349,6 +362,7 @@ export class GatewayClient {
 
   _sendSubscribe(subscription) {
     const frame = { type: "subscribe", ...target(subscription.target) };
+    if (subscription.compact) frame.compact = true;
     if (subscription.epoch !== null) frame.since = { epoch: subscription.epoch, seq: subscription.seq };
     if (subscription.cond !== null) frame.cond = subscription.cond;
     const id = `c${++this._nextId}`;

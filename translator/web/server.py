@@ -35,7 +35,6 @@ import os
 import select
 import socket
 import ssl
-import struct
 import time
 import weakref
 from collections import deque
@@ -47,16 +46,27 @@ from typing import Any, Final, Protocol
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, NegotiationError
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 from websockets.typing import Subprotocol
 
 from translator import compat
 from translator.compat import check_websockets
+from translator.core.hub import NotifyMeta
 from translator.core.outbox import OVERFLOW_BYTES, Outbox
 from translator.core.ratelimit import ConnectionLimiter
 from translator.redaction import install_redaction
 from translator.web import front as http_front
+from translator.web.encodings import (
+    CompactState,
+    Outgoing,
+    UnsupportedSubprotocol,
+    choose_subprotocol,
+    is_cbor,
+    to_cbor,
+    ws_frame,
+)
 from translator.web.front import (
     COAP_WS_PATH,
     WS_PATH,
@@ -135,12 +145,16 @@ class Connection:
         "_transport",
         "_writer",
         "_writing",
+        "cbor",
         "closing",
+        "compact",
         "deaf",
+        "deflate",
         "finished",
         "grant",
         "id",
         "outbox",
+        "plain",
         "ws",
     )
 
@@ -160,8 +174,19 @@ class Connection:
         self._on_slow = on_slow
         self._loop = asyncio.get_running_loop()
         self._transport = ws.transport
-        self._fd = _plain_socket_fd(ws.transport)
-        """The socket `fan_out` may write to directly, or -1 (TLS, or no socket)."""
+        self.cbor = is_cbor(ws.subprotocol)
+        """The client speaks CBOR (`web.encodings`): every frame is a CBOR map, binary."""
+        self.deflate = bool(ws.protocol.extensions)
+        """permessage-deflate was negotiated: every frame goes through websockets'
+        extension (a compressor per connection), so none can take shared framed bytes."""
+        self.compact: CompactState | None = None
+        """The subscriptions that asked for compact notifies (made on first use: most
+        connections never ask, and an idle connection's bytes are counted)."""
+        self.plain = True
+        """JSON, uncompressed, no compact subscription: `fan_out`'s shortest path."""
+        self._set_plain()
+        self._fd = -1 if self.deflate else _plain_socket_fd(ws.transport)
+        """The socket `fan_out` may write to directly, or -1 (TLS, compressed, no socket)."""
         if limits.max_inflight_bytes:
             _bound_unsent(ws.transport, limits.max_inflight_bytes)
         self._writer: asyncio.Task[None] | None = None
@@ -190,22 +215,52 @@ class Connection:
         """The connection, as fields of a log record (`--log-format json`)."""
         return {"conn": self.id, "remote": self.remote}
 
+    def _set_plain(self) -> None:
+        self.plain = not (self.cbor or self.deflate or self.compact)
+
+    def want_compact(self, sub: str) -> None:
+        """Notifies of `sub` go compact from the next complete one on (`CompactState`)."""
+        if self.compact is None:
+            self.compact = CompactState()
+        self.compact.want(sub)
+        self._set_plain()
+
+    def forget_compact(self, sub: str) -> None:
+        if self.compact is not None:
+            self.compact.forget(sub)
+            if not self.compact:
+                self.compact = None
+            self._set_plain()
+
+    def pick(self, outgoing: Outgoing, replaces: str | None) -> tuple[str | bytes, bytes]:
+        """The form of `outgoing` this connection takes: its encoding, compact or not."""
+        compact = self.compact is not None and self.compact.take(
+            replaces, outgoing.meta, backlog=bool(self.outbox.frames)
+        )
+        return outgoing.form(self.cbor, compact)
+
     def send(
         self, text: str | bytes, replaces: str | None = None, frame: bytes | None = None
     ) -> None:
-        """Send a text frame (a binary one for bytes) now if the socket takes it, else queue
-        it; never blocks.
+        """Send a frame now if the socket takes it, else queue it; never blocks.
 
-        `frame` is `text` already framed by `text_frame()`, shared by every recipient of a
-        fan-out. `replaces` (a subscription id) lets this frame replace an unsent one with
-        the same key. A client too slow for the outbox's bounds is closed (slow consumer).
+        `text` is a gateway frame's JSON text, which a CBOR connection gets as CBOR, or a
+        message already in the connection's encoding (bytes: a binary frame). `frame` is
+        `text` already framed by `ws_frame()`, shared by every recipient of a fan-out.
+        `replaces` (a subscription id) lets this frame replace an unsent one with the same
+        key. A client too slow for the outbox's bounds is closed (slow consumer).
         """
         if self.closing:
             return
+        if self.cbor and isinstance(text, str):
+            text, frame = to_cbor(text), None
         if not self.outbox.frames and not self._writing and self._writable():
             # The hot path: nothing waits before this frame and the transport is below its
             # high-water mark, so write the shared bytes straight away, with no task switch.
-            self._transport.write(frame if frame is not None else data_frame(text))
+            if self.deflate:
+                self._send_compressed(text)
+            else:
+                self._transport.write(frame if frame is not None else ws_frame(text))
             return
         outbox = self.outbox
         overflow = outbox.push(text, replaces, self._loop.time())
@@ -219,6 +274,20 @@ class Connection:
             return
         if self._writer is None:
             self._writer = asyncio.create_task(self._write(), name=f"ws writer #{self.id}")
+
+    def _send_compressed(self, message: str | bytes) -> None:
+        """Write one message through websockets' protocol, whose permessage-deflate
+        extension keeps this connection's compressor (what `ws.send()` does, without its
+        task switch; `_writable` checked what its send context checks)."""
+        protocol = self.ws.protocol
+        if isinstance(message, str):
+            protocol.send_text(message.encode())
+        else:
+            protocol.send_binary(message)
+        transport = self._transport
+        for data in protocol.data_to_send():
+            if data:
+                transport.write(data)
 
     def check_backlog(self) -> None:
         """Close the client as a slow consumer at once, and stop reading from it, when more
@@ -298,7 +367,7 @@ class Connection:
                         await ws.drain()
                     finally:
                         self._writing = False
-                text = outbox.pop()
+                text: str | bytes | None = outbox.pop()
                 if text is None:
                     break
                 self._writing = True
@@ -394,6 +463,29 @@ class ServerSettings:
     max_connections_per_ip: int = 256
     backlog: int = 100
     """Connections the kernel queues until they are accepted (``listen()``)."""
+    deflate: DeflateSettings | None = None
+    """permessage-deflate for clients that offer it; None: every client gets plain frames."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeflateSettings:
+    """permessage-deflate (RFC 7692) parameters: what each compressed connection costs in
+    memory (zlib: 2**(window_bits + 2) + 2**(memory_level + 9) bytes to compress, about
+    2**window_bits + 7 KiB to decompress) and how well small repeated frames shrink."""
+
+    context_takeover: bool = True
+    """Keep the window between messages: a notify then compresses against the previous ones
+    (the whole gain for small repeated frames)."""
+    window_bits: int = 12
+    memory_level: int = 5
+
+    def factory(self) -> ServerPerMessageDeflateFactory:
+        return ServerPerMessageDeflateFactory(
+            server_no_context_takeover=not self.context_takeover,
+            server_max_window_bits=self.window_bits,
+            client_max_window_bits=self.window_bits,
+            compress_settings={"memLevel": self.memory_level},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,9 +552,10 @@ class WebSocketServer:
             process_response=_process_response,
             select_subprotocol=_select_subprotocol,
             max_size=settings.max_frame_bytes,
-            # permessage-deflate costs more CPU per frame than it saves on loopback-sized
-            # JSON, and halves fan-out throughput.
+            # permessage-deflate only when configured (`[server] compression`): a compressed
+            # connection leaves the shared-bytes fan-out (docs/performance.md).
             compression=None,
+            extensions=[settings.deflate.factory()] if settings.deflate else None,
             close_timeout=CLOSE_TIMEOUT,
             create_connection=_ServerConnection.serving(
                 self._host_names(), self.operations, self.sockets
@@ -912,12 +1005,18 @@ def _select_subprotocol(
     ws: ServerConnection, offered: Sequence[Subprotocol]
 ) -> Subprotocol | None:
     """`/.well-known/coap` speaks the subprotocol ``coap`` (RFC 8323 §4.1: a client MUST
-    offer it; one that does not is refused with 400); `/ws` none."""
-    if ws.request is None or ws.request.path.partition("?")[0] != COAP_WS_PATH:
-        return None
-    if "coap" not in offered:
-        raise NegotiationError(f"{COAP_WS_PATH} needs the WebSocket subprotocol 'coap'")
-    return Subprotocol("coap")
+    offer it; one that does not is refused with 400). `/ws` speaks the encoding the client
+    asked for (`web.encodings`: JSON when it names none); a client that offers only other
+    subprotocols is refused with 400 naming the supported ones."""
+    if ws.request is not None and ws.request.path.partition("?")[0] == COAP_WS_PATH:
+        if "coap" not in offered:
+            raise NegotiationError(f"{COAP_WS_PATH} needs the WebSocket subprotocol 'coap'")
+        return Subprotocol("coap")
+    try:
+        chosen = choose_subprotocol(offered)
+    except UnsupportedSubprotocol as exc:
+        raise NegotiationError(str(exc)) from None
+    return None if chosen is None else Subprotocol(chosen)
 
 
 def _forget_handshake_headers(ws: ServerConnection) -> None:
@@ -934,8 +1033,13 @@ def _forget_handshake_headers(ws: ServerConnection) -> None:
             message.headers.clear()
 
 
-def fan_out(targets: Iterable[Connection], text: str, replaces: str | None = None) -> None:
-    """Send one text frame to many connections: framed once, the same bytes for each.
+def fan_out(
+    targets: Iterable[Connection],
+    text: str,
+    replaces: str | None = None,
+    meta: NotifyMeta | None = None,
+) -> None:
+    """Send one frame to many connections: framed once per form, the same bytes for each.
 
     The hot path of a notification. A connection with nothing queued ahead of the frame, an
     empty transport buffer and a plain TCP socket gets the bytes by one `os.write` on its
@@ -947,11 +1051,21 @@ def fan_out(targets: Iterable[Connection], text: str, replaces: str | None = Non
     error goes to the transport, which meets it again and closes the connection as it
     always does. Every other connection gets `Connection.send` (queue, slow-consumer
     policy, TLS).
+
+    A connection that is not `plain` takes its own form of the frame (`Connection.pick`:
+    CBOR, compact), made once per update for all who take it (`Outgoing`); a compressed
+    one goes through its compressor (`Connection.send`).
     """
     frame = text_frame(text)
-    size = len(frame)
     write = os.write
+    outgoing: Outgoing | None = None
     for conn in targets:
+        message: str | bytes = text
+        framed = frame
+        if not conn.plain:
+            if outgoing is None:
+                outgoing = Outgoing(text, meta)
+            message, framed = conn.pick(outgoing, replaces)
         # The conditions of `Connection.send`'s hot path (`_writable`), inlined because a
         # method call per client is measurable here, plus an empty transport buffer: bytes
         # already buffered must go out before these ones.
@@ -967,19 +1081,19 @@ def fan_out(targets: Iterable[Connection], text: str, replaces: str | None = Non
             and ws.send_in_progress is None
         ):
             try:
-                sent = write(fd, frame)
+                sent = write(fd, framed)
             except (BlockingIOError, InterruptedError):
                 # Not a byte taken: whether it waits in the transport or in the outbox (where
                 # a newer notify replaces it) is `send`'s decision.
-                conn.send(text, replaces, frame)
+                conn.send(message, replaces, framed)
                 continue
             except OSError:
-                transport.write(frame)
+                transport.write(framed)
                 continue
-            if sent != size:
-                transport.write(frame[sent:])
+            if sent != len(framed):
+                transport.write(framed[sent:])
             continue
-        conn.send(text, replaces, frame)
+        conn.send(message, replaces, framed)
 
 
 def _bound_unsent(transport: asyncio.Transport, limit: int) -> None:
@@ -1025,19 +1139,8 @@ def text_frame(text: str) -> bytes:
 
 def data_frame(data: str | bytes) -> bytes:
     """A complete, unmasked, unfragmented WebSocket frame: text for a str, binary for bytes
-    (CoAP messages on the RFC 8323 endpoint)."""
-    if isinstance(data, str):
-        opcode, payload = 0x81, data.encode()
-    else:
-        opcode, payload = 0x82, data
-    length = len(payload)
-    if length < 126:
-        header = bytes((opcode, length))
-    elif length < 1 << 16:
-        header = struct.pack("!BBH", opcode, 126, length)
-    else:
-        header = struct.pack("!BBQ", opcode, 127, length)
-    return header + payload
+    (CBOR frames, CoAP messages on the RFC 8323 endpoint); see `encodings.ws_frame`."""
+    return ws_frame(data)
 
 
 def _is_ip_literal(host: str) -> bool:
