@@ -101,7 +101,7 @@ def test_the_types_name_every_method_of_the_client() -> None:
     types = static_bytes("client.d.ts").decode()
     klass = source[source.index("export class GatewayClient"):]
     public = set(re.findall(r"^  ([a-z]\w*)\(", klass, re.MULTILINE)) - {"constructor"}
-    assert public == {"onState", "subscribe", "request", "list", "close"}
+    assert public == {"onState", "subscribe", "request", "list", "watch", "close"}
     for name in public:
         assert re.search(rf"^  {name}\(", types, re.MULTILINE), name
 

@@ -357,3 +357,33 @@ async def test_the_table_stays_usable_with_200_resources(browser: Browser) -> No
             await dash.assert_clean()
         finally:
             await gateway.stop()
+
+
+async def test_a_sensor_that_registers_appears_at_once_and_leaves_when_it_deregisters(
+    browser: Browser, make_gateway: Any
+) -> None:
+    """The page follows the catalogue (gw.watch): rows come and go with the directory."""
+    gateway: Gateway = await make_gateway({
+        "server": {"host": "127.0.0.1", "port": 0, "linger": 0},
+        "coap": {"listen": ["127.0.0.1:0"]},
+        "rd": {"allow_from": ["127.0.0.1"], "endpoints": ["node-*"]},
+    })
+    assert gateway.registry.server is not None
+    host, port = gateway.registry.server.addresses[0]
+    dash = await open_dashboard(browser, gateway.ws.port)
+    await expect(dash.page.locator("#connection")).to_have_text("connected")
+    await expect(dash.page.locator("#rows tr")).to_have_count(0)
+    async with SimulatedSensors("127.0.0.1", 0, interval=0.05, seed=3) as sensors:
+        registerer = sensors.register_at(f"coap://{host}:{port}", "node-7", lt=120)
+        try:
+            temperature = dash.row("node-7/temperature")
+            await expect(temperature).to_have_count(1)  # no reload: the watch brought it
+            await expect(temperature.locator("td.uri")).to_have_text(
+                f"{sensors.base_uri}/temperature")
+            await expect(temperature).to_have_attribute("data-state", "online")
+            await dash.seq_changes("node-7/temperature", 0)
+        finally:
+            await registerer.shutdown()
+        await expect(dash.row("node-7/temperature")).to_have_count(0)
+        await expect(dash.page.locator("#rows tr")).to_have_count(0)
+    await dash.assert_clean()

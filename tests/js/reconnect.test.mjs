@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { after, test } from "node:test";
 import {
-  assertContiguous, closeControl, command, connect, env, follow, loadClient, within,
+  assertContiguous, closeControl, command, connect, env, follow, Inbox, loadClient, within,
 } from "./helpers.mjs";
 
 const { GatewayClient } = await loadClient();
@@ -141,4 +141,31 @@ test("a conditional subscription subscribes with its cond again after a reconnec
   const again = await notifies.next((f, all) => all.length > from && f.repeat === true,
     "a repeat after the reconnect");
   assert.equal(again.seq, repeat.seq);
+});
+
+test("watch gets the catalogue's snapshot, and a new one after a reconnect; stop() ends it", async (t) => {
+  const { client, states } = connect(t, GatewayClient, env.relayUrl);
+  const frames = new Inbox();
+  const watch = client.watch((frame) => frames.push(frame));
+  const first = await frames.next((f) => f.snapshot === true, "the first snapshot");
+  assert.equal(first.type, "catalog");
+  const names = first.added.map((entry) => entry.name);
+  for (const name of ["temperature", "humidity", "status", "led"]) assert.ok(names.includes(name), names);
+  await command({ do: "cut" });
+  await opened(states, 2);
+  const again = await frames.next((f, all) => all.length >= 2 && f.snapshot === true,
+    "a snapshot after the reconnect");
+  assert.notEqual(again.id, first.id);
+  assert.deepEqual(again.added.map((entry) => entry.name).sort(), [...names].sort());
+  // A second watcher gets a snapshot of its own (the client asks again), the first one too.
+  const other = new Inbox();
+  client.watch((frame) => other.push(frame));
+  await other.next((f) => f.snapshot === true, "the second watcher's snapshot");
+  await frames.next((f, all) => all.length >= 3 && f.snapshot === true, "the first watcher's");
+  watch.stop();
+  const seen = frames.items.length;
+  await command({ do: "cut" });
+  await opened(states, 3);
+  await other.next((f, all) => all.length >= 2 && f.snapshot === true, "the second watcher again");
+  assert.equal(frames.items.length, seen);
 });

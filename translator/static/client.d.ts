@@ -96,6 +96,36 @@ export interface Resource extends Payload {
   ts?: number;
 }
 
+/** An entry of a `catalog` frame (protocol.md §4). */
+export interface CatalogEntry {
+  name: string;
+  uri: string;
+  ep: string | null;
+  source: string;
+  d?: string | null;
+  rt?: string | null;
+  if?: string | null;
+  cf?: number | null;
+  observable?: boolean | null;
+  /** In `removed`: why it left. */
+  reason?: string;
+}
+
+/** What the gateway sends after a `watch`: a snapshot, then each change of the catalogue. */
+export interface CatalogFrame {
+  type: "catalog";
+  id: string;
+  snapshot: boolean;
+  added: CatalogEntry[];
+  removed: CatalogEntry[];
+  changed: CatalogEntry[];
+}
+
+/** The handle watch() returns. */
+export interface Watch {
+  stop(): void;
+}
+
 /** Codes of the gateway (`bad_request`, `not_found`, `forbidden`, `timeout`,
  * `upstream_error`, `unsupported`, `limit`, `rate_limited`, `internal_error`) and of the
  * client: `disconnected` (the connection dropped while the request was in flight; it is not
@@ -210,5 +240,8 @@ export class GatewayClient {
   subscribe(nameOrUri: string, options?: SubscribeOptions): Subscription;
   request(method: Method, nameOrUri: string, options?: RequestOptions): Promise<ResponseFrame>;
   list(): Promise<Resource[]>;
+  /** Follow the catalogue: a snapshot first, then each change; a new snapshot after a
+   * reconnect. */
+  watch(onCatalog: (frame: CatalogFrame) => void): Watch;
   close(): void;
 }

@@ -167,6 +167,8 @@ export class GatewayClient {
     this._listeners = new Set();
     if (typeof options.onState === "function") this._listeners.add(options.onState);
     this._subscriptions = new Set();
+    this._watchers = new Set();
+    this._watchId = null;  // the id of the `watch` whose catalog frames go to _watchers
     this._pending = new Map();  // id -> {resolve, reject, timer, sent, frame, subscription}
     this._nextId = 0;
     this._attempt = 0;
@@ -213,6 +215,26 @@ export class GatewayClient {
     return this._call(frame, seconds * 1000 + this.options.requestMargin);
   }
 
+  /** Follow the catalogue (protocol.md §3 watch, §4 catalog): `onCatalog(frame)` gets a
+   * snapshot first (`snapshot: true`, the whole catalogue in `added`), then each change
+   * (a sensor registered, left or moved); after a reconnect, a new snapshot. Returns a
+   * handle whose stop() ends the calls. */
+  watch(onCatalog) {
+    if (typeof onCatalog !== "function") throw new TypeError("watch(onCatalog) needs a function");
+    const watcher = {
+      onCatalog,
+      stop: () => {
+        this._watchers.delete(watcher);
+        // No frame ends a watch: with nobody left, its frames are just not passed on.
+        if (this._watchers.size === 0) this._watchId = null;
+      },
+    };
+    this._watchers.add(watcher);
+    // A new watch starts with a snapshot for everyone: the new watcher needs one.
+    if (this.state === "open") this._sendWatch();
+    return watcher;
+  }
+
   /** The gateway's resources (the `resources` array of the `resources` frame). */
   list() {
     // A list may wait for discovery (5 s per host) before it is answered.
@@ -249,6 +271,7 @@ export class GatewayClient {
       // Subscriptions first, then requests that waited for the connection: the gateway
       // answers subscribes in order, before anything a request brings.
       for (const subscription of this._subscriptions) this._sendSubscribe(subscription);
+      if (this._watchers.size > 0) this._sendWatch();
       for (const entry of this._pending.values()) {
         if (!entry.sent) this._transmit(entry);
       }
@@ -299,6 +322,7 @@ export class GatewayClient {
       try { ws.close(); } catch { /* already closing */ }
     }
     for (const subscription of this._subscriptions) subscription._live = false;
+    this._watchId = null;
     for (const [id, entry] of this._pending) {
       if (entry.subscription || entry.internal) this._pending.delete(id);
       else if (entry.sent) this._fail(entry, error);
@@ -370,6 +394,13 @@ export class GatewayClient {
     this._ws.send(JSON.stringify({ ...frame, id }));
   }
 
+  _sendWatch() {
+    // The gateway answers with catalog frames carrying this id for as long as the
+    // connection lasts (another watch replaces it); refusals come as an error with it.
+    this._watchId = `c${++this._nextId}`;
+    this._ws.send(JSON.stringify({ type: "watch", id: this._watchId }));
+  }
+
   _dropSubscription(subscription) {
     this._subscriptions.delete(subscription);
     subscription._live = false;
@@ -390,6 +421,20 @@ export class GatewayClient {
     if (frame.type === "notify" || frame.type === "status") {
       for (const subscription of [...this._subscriptions]) {
         if (subscription.sub === frame.sub) subscription._frame(frame);
+      }
+      return;
+    }
+    if (this._watchId !== null && frame.id === this._watchId) {
+      if (frame.type === "catalog") {
+        for (const watcher of [...this._watchers]) {
+          try {
+            watcher.onCatalog(frame);
+          } catch (error) {
+            queueMicrotask(() => { throw error; });
+          }
+        }
+      } else if (frame.type === "error") {
+        this._report(frame);
       }
       return;
     }

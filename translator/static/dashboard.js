@@ -1,7 +1,8 @@
 // coap-ws-gateway's dashboard: the page at `/` (index.html, dashboard.css), built on the
 // gateway's own client (/client.js), which reconnects and resubscribes by itself.
 //
-// A live table of every resource `list` returns: state, last value, its age, a sparkline of
+// A live table of every resource `list` returns, and of each that registers later at the
+// gateway's Resource Directory (gw.watch): state, last value, its age, a sparkline of
 // numeric values, and a toggle for boolean values; a form for any request. It stays usable
 // at hundreds of resources: updates only mark a row dirty, and the dirty rows' cells are
 // rewritten (only where their text changed) at most every RENDER_EVERY ms, in an animation
@@ -146,6 +147,7 @@ class Row {
   constructor(entry) {
     this.uri = entry.uri;
     this.name = entry.name ?? null;
+    this.ep = entry.ep ?? null;  // the RFC 9176 endpoint of a resource that registered itself
     this.state = null;          // online, stale, offline; "error" when not subscribed
     this.reason = "";
     this.shown = null;          // describe() of the latest value
@@ -187,6 +189,7 @@ class Row {
     }
     const uri = element("td", "uri", this.uri);
     uri.title = this.uri;
+    this.uriCell = uri;
     this.stateBadge = element("span", "state", "—");
     const state = element("td");
     state.append(this.stateBadge);
@@ -432,6 +435,7 @@ function start() {
   showConnection("connecting", "connecting…");
   const client = new GatewayClient(undefined, token === null ? {} : { token });
   gw = client;
+  client.watch((frame) => catalog(client, frame));
   let failedHandshake = true;
   client.onState((state, info) => {
     if (client !== gw) return;
@@ -503,20 +507,84 @@ async function list(client) {
   }
   if (client !== gw) return;
   let added = false;
-  for (const entry of resources) {
-    if (entry.uri.endsWith("/.well-known/core")) continue;  // discovery, not a reading
-    let row = rows.get(entry.uri);
-    if (row === undefined) {
-      row = new Row(entry);
-      rows.set(entry.uri, row);
-      added = true;
-    }
-    row.listed(entry);
-    if (row.subscription === null) subscribe(row, client);
-    changed(row);
-  }
+  for (const entry of resources) added = adopt(client, entry) || added;
   if (added) placeRows();
   if (rows.size === 0) setText(ui.empty, "The gateway lists no resources for this token.");
+  renderSummary();
+}
+
+/** A `resources` or `catalog` entry: its row (made and subscribed when new); whether it is
+ * new. */
+function adopt(client, entry) {
+  if (entry.uri.endsWith("/.well-known/core")) return false;  // discovery, not a reading
+  let row = rows.get(entry.uri);
+  const added = row === undefined;
+  if (added) {
+    row = new Row(entry);
+    rows.set(entry.uri, row);
+  }
+  row.listed(entry);
+  if (row.subscription === null) subscribe(row, client);
+  changed(row);
+  return added;
+}
+
+function rowNamed(name) {
+  for (const row of rows.values()) {
+    if (row.name !== null && row.name === name) return row;
+  }
+  return undefined;
+}
+
+function drop(row) {
+  row.subscription?.unsubscribe();
+  row.subscription = null;
+  rows.delete(row.uri);
+  dirty.delete(row);
+  onScreen.unobserve(row.tr);
+  row.tr.remove();
+}
+
+/** The catalogue's changes (gw.watch): a sensor that registers at the gateway's directory
+ * gets a row at once, one that leaves loses it, one that moves keeps its row (and its
+ * subscription, which the gateway moves) under the new URI. A snapshot (the first frame,
+ * and again after each reconnect) also drops the rows of registered resources that left
+ * while the page was away. */
+function catalog(client, frame) {
+  if (client !== gw) return;
+  let placed = false;
+  if (frame.snapshot) {
+    const present = new Set(frame.added.map((entry) => entry.name));
+    for (const row of [...rows.values()]) {
+      if (row.ep !== null && !present.has(row.name)) {
+        drop(row);
+        placed = true;
+      }
+    }
+  }
+  for (const entry of frame.added) placed = adopt(client, entry) || placed;
+  for (const entry of frame.changed) {
+    const row = rowNamed(entry.name);
+    if (row === undefined) {
+      placed = adopt(client, entry) || placed;
+    } else if (row.uri !== entry.uri) {
+      rows.delete(row.uri);
+      row.uri = entry.uri;
+      rows.set(row.uri, row);
+      row.tr.dataset.uri = row.uri;
+      setText(row.uriCell, row.uri);
+      row.uriCell.title = row.uri;
+      changed(row);
+    }
+  }
+  for (const entry of frame.removed) {
+    const row = rowNamed(entry.name) ?? rows.get(entry.uri);
+    if (row !== undefined) {
+      drop(row);
+      placed = true;
+    }
+  }
+  if (placed) placeRows();
   renderSummary();
 }
 
