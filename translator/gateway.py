@@ -19,9 +19,9 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from websockets.datastructures import Headers
 
@@ -63,6 +63,9 @@ from translator.web.server import (
     WebSocketServer,
     fan_out,
 )
+
+if TYPE_CHECKING:
+    from translator.cluster.node import ClusterNode
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,11 @@ class Gateway:
         self._no_dtls = dtls_missing()
         """Why a client's ``coaps://`` URI cannot be served (the DTLS extra is optional)."""
         self.policy = policy_for(config)
+        sub_for: Callable[[str], str] | None = None
+        if config.cluster.enabled:
+            from translator.cluster.names import cluster_sub
+
+            sub_for = cluster_sub
         self.hub: Hub[Connection] = Hub(
             linger=config.server.linger,
             max_subscriptions=config.limits.max_subscriptions,
@@ -154,6 +162,7 @@ class Gateway:
             max_observations=config.limits.max_observations,
             max_idle_bytes=config.limits.max_idle_bytes,
             history=History(size=config.history.size, max_bytes=config.history.max_bytes),
+            sub_for=sub_for,
         )
         self.coap = CoapSide(
             self,
@@ -197,6 +206,22 @@ class Gateway:
         self._stopping = False
         self._started = False
         self.metrics_registry = GatewayMetrics(self)
+        # Where observations go and the CoAP side's answers are numbered: this gateway's own
+        # hub, or in a cluster the node that shares them over NATS (translator/cluster/).
+        self._watch = self.coap.start_observation
+        self._unwatch = self.coap.stop_observation
+        self._upstream_hub: Hub[Any] = self.hub
+        self._upstream_execute: Callable[[list[Command[Any]]], None] = self._execute
+        self.cluster: ClusterNode | None = None
+        if config.cluster.enabled:
+            from translator.cluster.node import ClusterNode
+
+            self.cluster = ClusterNode(
+                config, local=self.hub, deliver=self._execute, upstream=self.coap
+            )
+            self._watch, self._unwatch = self.cluster.watch, self.cluster.unwatch
+            self._upstream_hub = self.cluster.owner_hub
+            self._upstream_execute = self.cluster.execute_owned
 
     @property
     def url(self) -> str:
@@ -216,6 +241,8 @@ class Gateway:
         if self.policy.allows_everything:
             log.warning("policy allows every CoAP destination ('*'): for development only")
         await self.coap.start()
+        if self.cluster is not None:
+            await self.cluster.start()
         await self.ws.start()
         self._started = True
         self._execute(self.hub.startup())
@@ -246,6 +273,8 @@ class Gateway:
         pending = [*self._tasks, *(t for s in self._sessions.values() for t in s.tasks)]
         if pending:
             await asyncio.wait(pending, timeout=2)
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.coap.shutdown()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -265,10 +294,10 @@ class Gateway:
                 fan_out(command.targets, command.text, command.replaces)
             elif isinstance(command, StartObservation):
                 self._cancel_linger(command.uri)
-                self.coap.start_observation(command.uri)
+                self._watch(command.uri)
             elif isinstance(command, StopObservation):
                 self._cancel_linger(command.uri)
-                self.coap.stop_observation(command.uri)
+                self._unwatch(command.uri)
             elif isinstance(command, StartLinger):
                 self._cancel_linger(command.uri)
                 self._lingers[command.uri] = asyncio.get_running_loop().call_later(
@@ -287,10 +316,10 @@ class Gateway:
     # -- the CoAP side's events (ObservationListener) ----------------------------------------
 
     def registering(self, uri: str) -> None:
-        self._execute(self.hub.upstream_registering(uri))
+        self._upstream_execute(self._upstream_hub.upstream_registering(uri))
 
     def answer(self, uri: str, answer: CoapAnswer) -> None:
-        hub, code, cf = self.hub, answer.code, answer.cf
+        hub, code, cf = self._upstream_hub, answer.code, answer.cf
         age, observe = answer.max_age, answer.observable
         if answer.broken is not None:
             commands = hub.upstream_unusable(
@@ -304,16 +333,16 @@ class Gateway:
             commands = hub.upstream_response(
                 uri, code=code, cf=cf, payload=answer.payload, max_age=age, observe=observe
             )
-        self._execute(commands)
+        self._upstream_execute(commands)
 
     def unchanged(self, uri: str) -> None:
-        self._execute(self.hub.upstream_unchanged(uri))
+        self._upstream_execute(self._upstream_hub.upstream_unchanged(uri))
 
     def stale(self, uri: str, reason: str) -> None:
-        self._execute(self.hub.upstream_stale(uri, reason))
+        self._upstream_execute(self._upstream_hub.upstream_stale(uri, reason))
 
     def failed(self, uri: str, reason: str) -> None:
-        self._execute(self.hub.upstream_failed(uri, reason))
+        self._upstream_execute(self._upstream_hub.upstream_failed(uri, reason))
 
     # -- the WebSocket side's events (MessageHandler) ----------------------------------------
 
@@ -341,6 +370,9 @@ class Gateway:
 
     def ready(self) -> bool:
         return self._started and not self._stopping
+
+    def degraded(self) -> str | None:
+        return None if self.cluster is None else self.cluster.problem
 
     def metrics(self, authorization: str | None) -> Answer:
         """Prometheus metrics; with tokens configured, for a token with the `metrics` scope

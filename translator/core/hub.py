@@ -21,6 +21,8 @@ linger timer fired) and returns *commands* for the I/O layers to carry out:
                                        block-wise transfer)
     upstream_unchanged (a poll)        [Deliver(status online)]
     upstream_stale / upstream_failed   Deliver(status stale / offline) when it changed
+    relay (a frame another hub made:   Deliver(the same text) when it is news
+    a cluster's owner of the resource)
 
 The upstream state of a resource (online / stale / offline) follows one table,
 `TRANSITIONS`, in the style of h11's `_state.py`; see there for the rule.
@@ -271,10 +273,13 @@ class Hub(Generic[C]):
         max_observations: int = 1000,
         max_idle_bytes: int = 16 << 20,
         history: History | None = None,
+        sub_for: Callable[[str], str] | None = None,
     ) -> None:
         """`sensors` maps configured names to normalized URIs; `pinned` lists the URIs
         configured with `observe = true`; `max_upstream_bytes` is the limit the CoAP side
-        applies to representations (named in the notify of one that exceeded it)."""
+        applies to representations (named in the notify of one that exceeded it). `sub_for`
+        names a resource's `sub` from its URI (a cluster's nodes must agree on it); by
+        default subs are numbered in the order resources become known."""
         import time
 
         self.linger = linger
@@ -305,6 +310,7 @@ class Hub(Generic[C]):
         self._sensor_uri_set = frozenset(self.sensor_uris.values())
         self._resources: dict[str, Resource[C]] = {}
         self._sub_ids = itertools.count(1)
+        self._sub_for = sub_for
         # Resources nobody watches, oldest first, with what each costs in memory: kept so
         # that `sub` and `seq` stay stable for a client that comes back, but only up to
         # `max_idle_resources` of them and `max_idle_bytes` in all (their cached values can
@@ -327,7 +333,8 @@ class Hub(Generic[C]):
     def _resource(self, uri: str) -> Resource[C]:
         resource = self._resources.get(uri)
         if resource is None:
-            resource = Resource(uri=uri, sub=f"s{next(self._sub_ids)}")
+            sub = self._sub_for(uri) if self._sub_for else f"s{next(self._sub_ids)}"
+            resource = Resource(uri=uri, sub=sub)
             self._resources[uri] = resource
         return resource
 
@@ -726,6 +733,66 @@ class Hub(Generic[C]):
         if not resource.subscribers:
             return []
         return [Deliver(resource.subscribers, text)]
+
+    # -- frames made by another hub (a cluster's owner of the resource) ----------------------
+
+    def relay(self, uri: str, text: str) -> list[Command[C]]:
+        """A notify or status frame another hub made for `uri` (the node that owns it in a
+        cluster): take it as this hub's own, as if it had come from the sensor here, and
+        deliver the same text. A notify no newer than the one held is dropped (a copy, or
+        one overtaken), so that each `seq` reaches a subscriber once."""
+        resource = self._resources.get(uri)
+        if resource is None or not resource.observing:
+            return []
+        frame = json.loads(text)
+        if frame.get("type") == "notify":
+            seq = frame["seq"]
+            if not self._take_notify(resource, seq, text, frame.get("ts")):
+                return []
+            resource.notifications += 1
+            self.updates_total += 1
+            if resource.state != "online":
+                resource.state, resource.state_reason, resource.state_code = "online", None, None
+                resource.last_status = None
+            if not resource.subscribers:
+                return []
+            self.deliveries_total += len(resource.subscribers)
+            return [Deliver(resource.subscribers, text, resource.sub)]
+        state: State = frame["state"]
+        reason, code = frame.get("reason"), frame.get("code")
+        if (state, reason, code) == (
+            resource.state, resource.state_reason, resource.state_code
+        ):
+            return []  # nothing clients do not know (a copy)
+        resource.state, resource.state_reason, resource.state_code = state, reason, code
+        resource.last_status = None if state == "online" else text
+        return [Deliver(resource.subscribers, text)] if resource.subscribers else []
+
+    def seed(self, uri: str, text: str) -> None:
+        """Continue `uri`'s numbering from a notify frame another hub made (the latest one a
+        cluster kept): the next update here gets the next `seq`. Nothing is delivered."""
+        frame = json.loads(text)
+        self._take_notify(self._resource(uri), frame["seq"], text, frame.get("ts"))
+
+    def rebase(self, uri: str) -> None:
+        """Forget `uri`'s numbering, so that the next relayed notify is taken whatever its
+        `seq`: this node numbered the resource by itself while cut off from its cluster, and
+        goes back to the cluster's numbering."""
+        resource = self._resources.get(uri)
+        if resource is not None:
+            resource.seq, resource.last_notify = 0, None
+            self.history.forget(uri)
+
+    def _take_notify(
+        self, resource: Resource[C], seq: int, text: str, ts: float | None
+    ) -> bool:
+        if seq <= resource.seq and resource.last_notify is not None:
+            return False
+        if resource.last_notify is not None:
+            self.history.record(resource.uri, resource.seq, resource.last_notify)
+        resource.seq, resource.last_notify, resource.last_ts = seq, text, ts
+        resource.last_update = ts
+        return True
 
     # -- discovery and listing ---------------------------------------------------------------
 

@@ -1,0 +1,347 @@
+"""Several gateways as one cluster over a real NATS server (translator/cluster/).
+
+Each gateway here is a real `Gateway` with its own NATS connection, CoAP endpoint and
+WebSocket server; what one node knows reaches another only through NATS. The test that kills
+a node runs it as a process of its own (SIGKILL leaves no chance to clean up). The sensor is
+the simulated one: its registration and observer counts say what the constrained network
+sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from tests.conftest import WAIT, Client, gateway_config
+from tests.natsserver import NatsServer, running_nats_server
+from translator.cluster.names import resource_key
+from translator.gateway import Gateway
+from translator.sim import SimulatedSensors
+
+LEASE_TTL = 2.0
+"""Short, so that failovers happen within a test's patience."""
+HANDOVER = 4 * LEASE_TTL + WAIT
+"""Seconds a takeover may take here: the lease's TTL, the check period, one registration,
+and the loaded machine's delays."""
+TEMPERATURE = "/temperature"
+
+
+def cluster_mapping(
+    sensors: SimulatedSensors, url: str, node: str, **cluster: Any
+) -> dict[str, Any]:
+    mapping = gateway_config(sensors)
+    mapping["cluster"] = {
+        "nats": [url], "node": node, "lease_ttl": LEASE_TTL, "interest_ttl": LEASE_TTL,
+        **cluster,
+    }
+    return mapping
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    yield from running_nats_server(tmp_path)
+
+
+@pytest_asyncio.fixture
+async def make_node(
+    sensors: SimulatedSensors, make_gateway: Callable[[dict[str, Any]], Any]
+) -> Callable[..., Any]:
+    async def make(server: NatsServer, node: str, *, wait_joined: bool = True) -> Gateway:
+        gateway: Gateway = await make_gateway(cluster_mapping(sensors, server.url, node))
+        assert gateway.cluster is not None
+        if wait_joined:
+            async with asyncio.timeout(WAIT):
+                await gateway.cluster.joined.wait()
+        return gateway
+
+    return make
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a condition of state the test cannot await (counts at the sensor, NATS)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        await asyncio.sleep(0.05)
+
+
+async def notifies(client: Client, count: int, timeout: float = WAIT) -> list[dict[str, Any]]:
+    return [await client.next_notify(timeout=timeout) for _ in range(count)]
+
+
+def readyz(gateway: Gateway) -> str:
+    url = f"http://127.0.0.1:{gateway.ws.port}/readyz"
+    with urllib.request.urlopen(url, timeout=WAIT) as answer:
+        text: str = answer.read().decode()
+    return text
+
+
+# -------------------------------------------------------------------------------------------
+
+
+async def test_three_nodes_deliver_identical_frames_from_one_registration(
+    nats_server: NatsServer, sensors: SimulatedSensors, make_node: Any, make_client: Any
+) -> None:
+    nodes = [await make_node(nats_server, f"n{i}") for i in range(3)]
+    clients: list[Client] = [await make_client(node.url) for node in nodes]
+    subscribed = [await c.subscribe(name="temperature") for c in clients]
+    # The same resource is the same `sub` and epoch everywhere: a client may resume on any node.
+    assert len({(s["sub"], s["epoch"]) for s in subscribed}) == 1, subscribed
+
+    frames = [await notifies(c, 15) for c in clients]
+    by_seq = [{f["seq"]: f for f in got} for got in frames]
+    common = set(by_seq[0]) & set(by_seq[1]) & set(by_seq[2])
+    assert len(common) >= 5, [sorted(b) for b in by_seq]
+    for seq in common:
+        assert by_seq[0][seq] == by_seq[1][seq] == by_seq[2][seq]
+    for got in frames:
+        seqs = [f["seq"] for f in got]
+        assert seqs == sorted(set(seqs)), seqs  # each once, in order
+
+    assert sensors.registrations(TEMPERATURE) == 1
+    assert sensors.observer_count(TEMPERATURE) == 1
+    owners = [n for n in nodes if n.cluster is not None and n.cluster.owned]
+    assert len(owners) == 1
+
+
+async def test_late_subscriber_on_another_node_gets_the_latest_value_at_once(
+    nats_server: NatsServer, sensors: SimulatedSensors, make_node: Any, make_client: Any
+) -> None:
+    first, second = [await make_node(nats_server, f"n{i}") for i in range(2)]
+    early = await make_client(first.url)
+    await early.subscribe(name="led")  # changes only when told to
+    value = await early.next_notify()
+    late = await make_client(second.url)
+    await late.subscribe(name="led")
+    got = await late.next_notify(timeout=WAIT)
+    assert got == value
+    assert sensors.registrations("/led") == 1
+
+
+async def test_last_unsubscribe_anywhere_ends_the_observation_at_the_sensor(
+    nats_server: NatsServer, sensors: SimulatedSensors, make_node: Any, make_client: Any
+) -> None:
+    nodes = [await make_node(nats_server, f"n{i}") for i in range(3)]
+    clients: list[Client] = [await make_client(node.url) for node in nodes]
+    subs = [await c.subscribe(name="temperature") for c in clients]
+    for c in clients:
+        await c.next_notify()
+    # Unsubscribe on the owner first: the others still watch, the observation stays.
+    owner = next(i for i, n in enumerate(nodes) if n.cluster and n.cluster.owned)
+    order = [owner, *(i for i in range(3) if i != owner)]
+    for i in order[:-1]:
+        reply = await clients[i].call({"type": "unsubscribe", "sub": subs[i]["sub"]})
+        assert reply["type"] == "unsubscribed"
+    last = clients[order[-1]]
+    before = (await last.next_notify())["seq"]
+    assert (await last.next_notify())["seq"] > before
+    assert sensors.observer_count(TEMPERATURE) == 1
+    reply = await last.call({"type": "unsubscribe", "sub": subs[order[-1]]["sub"]})
+    assert reply["type"] == "unsubscribed"
+    await sensors.wait_observers(TEMPERATURE, 0, timeout=HANDOVER)
+    await wait_until(lambda: not any(n.cluster and n.cluster.owned for n in nodes),
+                     HANDOVER, "every lease given up")
+
+
+async def test_owner_leaving_hands_over_with_seq_continuing(
+    nats_server: NatsServer, sensors: SimulatedSensors, make_node: Any, make_client: Any
+) -> None:
+    nodes = [await make_node(nats_server, f"n{i}") for i in range(2)]
+    clients: list[Client] = [await make_client(node.url) for node in nodes]
+    for c in clients:
+        await c.subscribe(name="temperature")
+        await c.next_notify()
+    owner_index = next(i for i, n in enumerate(nodes) if n.cluster and n.cluster.owned)
+    survivor = clients[1 - owner_index]
+    last_seq = (await survivor.next_notify())["seq"]
+    await nodes[owner_index].stop()
+    # The survivor registers again (its own registration), and numbering goes on.
+    await wait_until(lambda: sensors.registrations(TEMPERATURE) == 2, HANDOVER, "takeover")
+    after = await survivor.next_notify(timeout=HANDOVER)
+    assert after["seq"] > last_seq
+    await sensors.wait_observers(TEMPERATURE, 1, timeout=HANDOVER)
+
+
+async def test_a_node_cut_off_from_nats_serves_what_it_observes_and_rejoins(
+    nats_server: NatsServer, sensors: SimulatedSensors, make_node: Any, make_client: Any
+) -> None:
+    nats_server.stop()
+    node = await make_node(nats_server, "alone", wait_joined=False)
+    client = await make_client(node.url)
+    await client.subscribe(name="temperature")
+    got = await notifies(client, 3)  # observed by itself, NATS or not
+    assert [f["seq"] for f in got] == sorted({f["seq"] for f in got})
+    assert node.cluster is not None and node.cluster.problem is not None
+    assert "degraded" in await asyncio.to_thread(readyz, node)
+
+    nats_server.start()
+    async with asyncio.timeout(HANDOVER):
+        await node.cluster.joined.wait()
+    assert await asyncio.to_thread(readyz, node) == "ready\n"
+    # It holds the lease now: one observation at the sensor, and values still come.
+    await wait_until(lambda: node.cluster is not None and TEMPERATURE in " ".join(
+        node.cluster.owned), HANDOVER, "lease taken")
+    await notifies(client, 3)
+    assert sensors.observer_count(TEMPERATURE) == 1
+
+
+async def test_nats_restarted_mid_stream(
+    nats_server: NatsServer, sensors: SimulatedSensors, make_node: Any, make_client: Any
+) -> None:
+    nodes = [await make_node(nats_server, f"n{i}") for i in range(2)]
+    clients: list[Client] = [await make_client(node.url) for node in nodes]
+    for c in clients:
+        await c.subscribe(name="temperature")
+        await c.next_notify()
+    nats_server.restart()
+    for node in nodes:
+        assert node.cluster is not None
+        async with asyncio.timeout(HANDOVER):
+            await node.cluster.joined.wait()
+    # Both keep receiving, in order, and the sensor ends up with one observation again.
+    await sensors.wait_observers(TEMPERATURE, 1, timeout=HANDOVER)
+    for c in clients:
+        got = await notifies(c, 5, timeout=HANDOVER)
+        seqs = [f["seq"] for f in got]
+        assert seqs == sorted(set(seqs)), seqs
+
+
+async def test_churn_across_nodes_leaves_no_leases_interest_or_subscriptions(
+    nats_server: NatsServer, sensors: SimulatedSensors, make_node: Any, make_client: Any
+) -> None:
+    import nats
+
+    nodes = [await make_node(nats_server, f"n{i}") for i in range(3)]
+    clients: list[Client] = [await make_client(node.url) for node in nodes]
+    cycles, deadline = 0, time.monotonic() + 20
+    while cycles < 500 and time.monotonic() < deadline:
+        c = clients[cycles % 3]
+        sub = await c.subscribe(name=("temperature", "humidity")[cycles % 2])
+        reply = await c.call({"type": "unsubscribe", "sub": sub["sub"]})
+        assert reply["type"] == "unsubscribed"
+        cycles += 1
+    assert cycles >= 30, cycles
+    await sensors.wait_observers(TEMPERATURE, 0, timeout=HANDOVER)
+    await sensors.wait_observers("/humidity", 0, timeout=HANDOVER)
+    for node in nodes:
+        assert node.cluster is not None
+        await wait_until(lambda n=node: not n.cluster._joined and not n.cluster.owned,  # type: ignore[misc]
+                         HANDOVER, "the node let go")
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        for bucket in ("coapws_leases", "coapws_interest"):
+            kv = await js.key_value(bucket)
+            with pytest.raises(nats.js.errors.NoKeysError):
+                print(bucket, await kv.keys())
+    finally:
+        await nc.close()
+
+
+# -- separate processes ----------------------------------------------------------------------
+
+
+class NodeProcess:
+    """`coap-ws-gateway serve` as a cluster node in a process of its own."""
+
+    def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
+        self.process = process
+        self.url = url
+
+
+@pytest_asyncio.fixture
+async def spawn_node(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    started: list[asyncio.subprocess.Process] = []
+
+    async def spawn(sensors: SimulatedSensors, server: NatsServer, node: str) -> NodeProcess:
+        config = tmp_path / f"{node}.toml"
+        base = sensors.base_uri
+        config.write_text(
+            '[server]\nhost = "127.0.0.1"\nport = 0\nlinger = 0\n'
+            f'[[sensors]]\nname = "temperature"\nuri = "{base}/temperature"\n'
+            f'[policy]\nallow = ["{base}/*"]\n'
+            f'[cluster]\nnats = ["{server.url}"]\nnode = "{node}"\n'
+            f"lease_ttl = {LEASE_TTL}\ninterest_ttl = {LEASE_TTL}\n"
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "translator", "serve", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        started.append(process)
+        assert process.stdout is not None
+        async with asyncio.timeout(WAIT * 2):
+            while True:
+                line = (await process.stdout.readline()).decode()
+                if not line:
+                    raise AssertionError(f"node {node} exited before listening")
+                if line.startswith("listening on "):
+                    return NodeProcess(process, line.split()[-1])
+
+    try:
+        yield spawn
+    finally:
+        for process in started:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+async def lease_holder(server: NatsServer, uri: str) -> str:
+    """The node that holds `uri`'s lease, read from NATS as an operator would."""
+    import nats
+
+    nc = await nats.connect(server.url)
+    try:
+        kv = await nc.jetstream().key_value("coapws_leases")
+        entry = await kv.get(resource_key(uri))
+        assert entry.value is not None
+        return entry.value.decode()
+    finally:
+        await nc.close()
+
+
+async def test_sigkill_of_the_owner_hands_over_within_the_lease_ttl(
+    nats_server: NatsServer, sensors: SimulatedSensors, spawn_node: Any, make_client: Any
+) -> None:
+    nodes = [await spawn_node(sensors, nats_server, f"p{i}") for i in range(3)]
+    clients: list[Client] = [await make_client(n.url) for n in nodes]
+    for c in clients:
+        await c.subscribe(name="temperature")
+        await c.next_notify(timeout=HANDOVER)
+    assert sensors.registrations(TEMPERATURE) == 1
+    owner = await lease_holder(nats_server, f"{sensors.base_uri}{TEMPERATURE}")
+    victim = int(owner.removeprefix("p"))
+    survivors = [c for i, c in enumerate(clients) if i != victim]
+    last = [(await c.next_notify())["seq"] for c in survivors]
+
+    nodes[victim].process.send_signal(signal.SIGKILL)
+    await nodes[victim].process.wait()
+    killed_at = time.monotonic()
+    # Every survivor sees the resource go stale, then online again from the new owner,
+    # with `seq` going on from where it was: no client action.
+    for c in survivors:
+        status = await c.wait_for(lambda f: f["type"] == "status", timeout=HANDOVER)
+        assert status["state"] == "stale", status
+        online = await c.wait_for(lambda f: f["type"] == "status", timeout=HANDOVER)
+        assert online["state"] == "online", [
+            (f["type"], f.get("seq"), f.get("state"), f.get("reason")) for f in c.seen[-12:]
+        ]
+    got = [await c.next_notify(timeout=HANDOVER) for c in survivors]
+    handover = time.monotonic() - killed_at
+    assert all(g["seq"] > s for g, s in zip(got, last, strict=True)), (got, last)
+    assert got[0] == got[1] or got[0]["seq"] != got[1]["seq"]
+    # Exactly one more registration: the new owner's.
+    assert sensors.registrations(TEMPERATURE) == 2
+    assert handover < LEASE_TTL + WAIT, handover
