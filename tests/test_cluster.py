@@ -249,6 +249,104 @@ async def test_churn_across_nodes_leaves_no_leases_interest_or_subscriptions(
         await nc.close()
 
 
+class TcpCut:
+    """A TCP relay between one node and NATS that the test can cut and restore: a partition
+    of that node alone (the others keep their connections)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+        await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers |= {writer, up_writer}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+
+async def test_a_partitioned_owner_keeps_its_clients_and_gives_way_on_return(
+    nats_server: NatsServer, sensors: SimulatedSensors, make_gateway: Any, make_client: Any
+) -> None:
+    relay = TcpCut(nats_server.port)
+    await relay.open()
+    cut_off: Gateway = await make_gateway(cluster_mapping(sensors, relay.url, "cut"))
+    other: Gateway = await make_gateway(cluster_mapping(sensors, nats_server.url, "other"))
+    for node in (cut_off, other):
+        assert node.cluster is not None
+        async with asyncio.timeout(WAIT):
+            await node.cluster.joined.wait()
+    near, far = await make_client(cut_off.url), await make_client(other.url)
+    await near.subscribe(name="temperature")  # first: the cut-off node owns it
+    await near.next_notify()
+    await wait_until(lambda: bool(cut_off.cluster and cut_off.cluster.owned), WAIT, "owner")
+    await far.subscribe(name="temperature")
+    last = (await far.next_notify())["seq"]
+
+    await relay.cut()
+    # The rest of the cluster takes over (stale, then online from the new owner)...
+    status = await far.wait_for(lambda f: f["type"] == "status", timeout=HANDOVER)
+    assert status["state"] == "stale", status
+    got = await far.next_notify(timeout=HANDOVER)
+    assert got["seq"] > last
+    assert other.cluster is not None and other.cluster.owned
+    # ...while the cut-off node keeps serving its own clients what it observes itself.
+    await notifies(near, 3, timeout=HANDOVER)
+    assert cut_off.cluster is not None and cut_off.cluster.problem is not None
+    assert "degraded" in await asyncio.to_thread(readyz, cut_off)
+
+    await relay.open()
+    async with asyncio.timeout(HANDOVER):
+        await cut_off.cluster.joined.wait()
+    # Back: it gives the resource up to the node that holds the lease, and its clients get
+    # the cluster's frames again; the sensor ends with one observation.
+    await wait_until(lambda: cut_off.cluster is not None and not cut_off.cluster.owned,
+                     HANDOVER, "the returning node gave way")
+    await sensors.wait_observers(TEMPERATURE, 1, timeout=HANDOVER)
+    rejoined = time.time()
+
+    async def fresh(client: Client) -> dict[int, dict[str, Any]]:
+        got: dict[int, dict[str, Any]] = {}
+        while len(got) < 4:
+            frame = await client.next_notify(timeout=HANDOVER)
+            if frame["ts"] > rejoined:
+                got[frame["seq"]] = frame
+        return got
+
+    near_frames, far_frames = await fresh(near), await fresh(far)
+    shared = set(near_frames) & set(far_frames)
+    assert shared, (sorted(near_frames), sorted(far_frames))
+    for seq in shared:
+        assert near_frames[seq] == far_frames[seq]
+
+
 # -- separate processes ----------------------------------------------------------------------
 
 
