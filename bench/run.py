@@ -12,6 +12,8 @@ Scenarios (see docs/performance.md for the method and the latest figures):
 4. memory: RSS per idle connection and per observed resource;
 5. admission: 1000 new clients connect and subscribe while fan-out at N = 1000 saturates;
 6. baselines for each: a bare websockets broadcast server, a bare aiocoap client;
+8. cluster (bench/cluster.py): 2000 clients on one resource on one gateway, then split over
+   two nodes of a cluster on NATS; the NATS hop's latency; failover time after a SIGKILL;
 7. slow readers: clients behind a slow link (1/4 and 1/10 of 200 updates/s) beside 100
    full-speed ones, with the bound on what waits in the kernel (`max_inflight_bytes`) on and
    off: the age of the values the slow ones get, the full-speed ones' latency.
@@ -104,7 +106,7 @@ class Settings:
     floor_bursts: int = 50
     """Bursts per writer in bench.floor (three writers, one burst every 100 ms)."""
     floor_hiccups: int = 200
-    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow")
+    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow", "cluster")
     slow_seconds: float = 60.0
     """The slow readers' measurement, per gateway (bound on, bound off)."""
     slow_window: float = 10.0
@@ -1413,6 +1415,10 @@ async def run_all(bench: Run, log_dir: Path) -> None:
                          partial(memory_resources, bench, system=system)))
     if "slow" in s.scenarios:
         plan.append(("slow readers", partial(slow_readers, bench)))
+    if "cluster" in s.scenarios:
+        from .cluster import cluster
+
+        plan.append(("cluster", partial(cluster, bench)))
     for name, step in plan:
         log(name)
         async with Fleet(log_dir / name.replace(" ", "_").replace("=", "")) as fleet:
@@ -1485,7 +1491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny fan-out (N = 2) for the test suite")
     parser.add_argument("--only", action="append",
-                        choices=["fanout", "ingest", "commands", "memory", "slow"],
+                        choices=["fanout", "ingest", "commands", "memory", "slow", "cluster"],
                         help="run only this scenario (repeatable)")
     parser.add_argument("--out", help="directory for latest.json and latest.png "
                         "(default bench/results)")
