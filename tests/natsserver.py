@@ -21,6 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,8 @@ class NatsServer:
         self.ports_dir = workdir / "ports"
         self.log = workdir / "nats-server.log"
         self.port = -1
+        self.monitor_port = -1
+        """Its HTTP monitoring port (/subsz, /connz): what the server itself counts."""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,6 +83,7 @@ class NatsServer:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port),
+                 "-m", str(self.monitor_port),
                  "-sd", str(self.store), "--ports_file_dir", str(self.ports_dir)],
                 stdout=log, stderr=subprocess.STDOUT,
             )
@@ -95,12 +99,21 @@ class NatsServer:
                 except ValueError:
                     ports = None  # written but not yet complete
                 if ports:
-                    # "nats": ["nats://127.0.0.1:PORT"]
+                    # "nats": ["nats://127.0.0.1:PORT"], "monitoring": ["http://..."]
                     self.port = int(ports["nats"][0].rsplit(":", 1)[1])
+                    self.monitor_port = int(ports["monitoring"][0].rsplit(":", 1)[1])
                     return
             time.sleep(0.02)  # polling a file the server writes: there is no event to wait on
         self.kill()
         raise RuntimeError(f"nats-server did not listen within {START_TIMEOUT:g} s")
+
+    def client_subscriptions(self) -> dict[str, int]:
+        """Subscriptions the server holds for each client connection, by connection name
+        (JetStream's own, such as those of ephemeral consumers, are not counted)."""
+        url = f"http://127.0.0.1:{self.monitor_port}/connz?subs=1"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            connections = json.loads(answer.read())["connections"]
+        return {c.get("name", str(c["cid"])): c.get("subscriptions", 0) for c in connections}
 
     def stop(self) -> None:
         """Shut down cleanly (SIGTERM), waiting for it to exit."""

@@ -113,6 +113,38 @@ async def test_three_nodes_deliver_identical_frames_from_one_registration(
     assert sensors.observer_count(TEMPERATURE) == 1
     owners = [n for n in nodes if n.cluster is not None and n.cluster.owned]
     assert len(owners) == 1
+    # The operator's metrics say who registered: the owner, once.
+    expositions = [n.metrics_registry.exposition().decode() for n in nodes]
+    assert sum("coap_ws_gateway_registrations_total 1.0" in e for e in expositions) == 1
+    assert sum("coap_ws_gateway_cluster_owned 1.0" in e for e in expositions) == 1
+    assert all("coap_ws_gateway_cluster_degraded 0.0" in e for e in expositions)
+
+
+async def test_foreign_junk_on_a_resource_subject_is_dropped_and_nothing_breaks(
+    nats_server: NatsServer, sensors: SimulatedSensors, make_node: Any, make_client: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import nats
+
+    nodes = [await make_node(nats_server, f"n{i}") for i in range(2)]
+    clients: list[Client] = [await make_client(node.url) for node in nodes]
+    for c in clients:
+        await c.subscribe(name="temperature")
+        await c.next_notify()
+    uri = f"{sensors.base_uri}{TEMPERATURE}"
+    nc = await nats.connect(nats_server.url)
+    try:
+        for junk in (b"not json", b"[1]", b'{"type":"notify"}', b'{"type":"status"}',
+                     b'{"type":"notify","seq":"x"}', b"\xff\xfe"):
+            await nc.publish(f"coapws.r.{resource_key(uri)}", junk)
+        await nc.flush()
+    finally:
+        await nc.close()
+    for c in clients:
+        before = (await c.next_notify())["seq"]
+        assert (await c.next_notify())["seq"] > before
+    assert "dropped a malformed frame" in caplog.text
+    assert sensors.registrations(TEMPERATURE) == 1
 
 
 async def test_late_subscriber_on_another_node_gets_the_latest_value_at_once(
@@ -224,6 +256,7 @@ async def test_churn_across_nodes_leaves_no_leases_interest_or_subscriptions(
 
     nodes = [await make_node(nats_server, f"n{i}") for i in range(3)]
     clients: list[Client] = [await make_client(node.url) for node in nodes]
+    baseline = await asyncio.to_thread(nats_server.client_subscriptions)
     cycles, deadline = 0, time.monotonic() + 20
     while cycles < 500 and time.monotonic() < deadline:
         c = clients[cycles % 3]
@@ -238,13 +271,16 @@ async def test_churn_across_nodes_leaves_no_leases_interest_or_subscriptions(
         assert node.cluster is not None
         await wait_until(lambda n=node: not n.cluster._joined and not n.cluster.owned,  # type: ignore[misc]
                          HANDOVER, "the node let go")
+    # NATS itself holds no subscription more than before the churn.
+    await wait_until(lambda: nats_server.client_subscriptions() == baseline, HANDOVER,
+                     f"the nodes' subscriptions back to {baseline}")
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
         for bucket in ("coapws_leases", "coapws_interest"):
             kv = await js.key_value(bucket)
             with pytest.raises(nats.js.errors.NoKeysError):
-                print(bucket, await kv.keys())
+                await kv.keys()
     finally:
         await nc.close()
 

@@ -205,7 +205,6 @@ class Gateway:
         self._discovery: asyncio.Task[None] | None = None
         self._stopping = False
         self._started = False
-        self.metrics_registry = GatewayMetrics(self)
         # Where observations go and the CoAP side's answers are numbered: this gateway's own
         # hub, or in a cluster the node that shares them over NATS (translator/cluster/).
         self._watch = self.coap.start_observation
@@ -222,10 +221,17 @@ class Gateway:
             self._watch, self._unwatch = self.cluster.watch, self.cluster.unwatch
             self._upstream_hub = self.cluster.owner_hub
             self._upstream_execute = self.cluster.execute_owned
+        self.metrics_registry = GatewayMetrics(self)
 
     @property
     def url(self) -> str:
         return self.ws.url
+
+    @property
+    def upstream_hub(self) -> Hub[Any]:
+        """The hub the CoAP side's answers go to: this gateway's own, or in a cluster the
+        one of what this node observes for every node."""
+        return self._upstream_hub
 
     @property
     def authenticating(self) -> bool:

@@ -74,9 +74,17 @@ class GatewayCollector(Collector):
         yield _counter("updates", "Updates accepted from sensors (each a notify)",
                        hub.updates_total)
         yield _counter("deliveries", "Notify frames handed to subscribers", hub.deliveries_total)
-        yield _counter("registrations", "Upstream registrations sent", hub.registrations_total)
+        # In a cluster, the hub of what this node observes for every node counts these.
+        upstream = gateway.upstream_hub
+        yield _counter("registrations", "Upstream registrations sent",
+                       upstream.registrations_total)
         yield _counter("upstream_failures", "Upstream failures (no answer, RST, ICMP, "
-                       "4.xx/5.xx)", hub.failures_total)
+                       "4.xx/5.xx)", upstream.failures_total)
+        if gateway.cluster is not None:
+            yield _gauge("cluster_owned", "Resources this node observes for the cluster",
+                         len(gateway.cluster.owned))
+            yield _gauge("cluster_degraded", "1 while cut off from NATS (observing alone)",
+                         int(gateway.cluster.problem is not None))
         yield _counter("slow_consumer_closes", "Connections closed as slow consumers",
                        gateway.ws.slow_consumers_closed)
         coalesced = sum(conn.outbox.replaced for conn in gateway.ws.connections)

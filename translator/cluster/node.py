@@ -283,7 +283,7 @@ class ClusterNode:
     def _relay(self, uri: str, text: str) -> None:
         try:
             commands = self.local.relay(uri, text)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # Only a foreign publisher on our subjects can send what the owner hub never
             # makes: drop it, say so (rate limited).
             self._errors.write("cluster.bad-frame", logging.WARNING,
@@ -331,6 +331,11 @@ class ClusterNode:
                                    type(exc).__name__, exc)
                 self._went_down()
                 await self._reconcile_down()
+            except Exception as exc:  # the loop must outlive any surprise: it is the cluster
+                if self._errors.write("cluster.internal", logging.ERROR,
+                                      "cluster: internal error, the loop goes on: %s: %s",
+                                      type(exc).__name__, exc):
+                    log.debug("cluster: where", exc_info=True)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._period):
