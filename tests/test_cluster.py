@@ -228,6 +228,19 @@ async def test_a_node_cut_off_from_nats_serves_what_it_observes_and_rejoins(
     assert sensors.observer_count(TEMPERATURE) == 1
 
 
+async def test_a_cut_off_node_ends_what_its_clients_no_longer_watch(
+    nats_server: NatsServer, sensors: SimulatedSensors, make_node: Any, make_client: Any
+) -> None:
+    nats_server.stop()
+    node = await make_node(nats_server, "alone", wait_joined=False)
+    client = await make_client(node.url)
+    sub = await client.subscribe(name="temperature")
+    await client.next_notify(timeout=HANDOVER)
+    reply = await client.call({"type": "unsubscribe", "sub": sub["sub"]})
+    assert reply["type"] == "unsubscribed"
+    await sensors.wait_observers(TEMPERATURE, 0, timeout=HANDOVER)
+
+
 async def test_nats_restarted_mid_stream(
     nats_server: NatsServer, sensors: SimulatedSensors, make_node: Any, make_client: Any
 ) -> None:

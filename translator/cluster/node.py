@@ -467,6 +467,12 @@ class ClusterNode:
             self._degraded = True
             log.warning("cluster: NATS unreachable: node %s serves what it observes itself "
                         "until it is back", self.node)
+        # What no client of this node watches any more ends here: held without a lease, or
+        # with one that has surely expired by now (another node observes it, if anyone).
+        lease_gone = time.monotonic() - self._down_since >= self.config.lease_ttl
+        for ownership in list(self._owned.values()):
+            if ownership.uri not in self._watches and (ownership.revision is None or lease_gone):
+                self._disown(ownership.uri)
         for uri, watch in self._watches.items():
             if uri not in self._owned:
                 self._stale(uri, "the cluster is unreachable: this node observes it itself")
