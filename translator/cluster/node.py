@@ -244,7 +244,9 @@ class ClusterNode:
         assert self._leases is not None and self._interest is not None
         for ownership in owned:
             if ownership.revision is not None:
-                await self._leases.delete(ownership.key, last=ownership.revision)
+                # Another node's by now: not ours to delete.
+                with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                    await self._leases.delete(ownership.key, last=ownership.revision)
         for watch in self._joined.values():
             await self._interest.delete(Names.interest_key(watch.key, self.node))
 
