@@ -120,3 +120,17 @@ def test_cluster_configuration_and_flags() -> None:
     with pytest.raises(ConfigError) as info:
         apply_overrides(config_from_mapping({}), nats=["bogus"])
     assert "--nats" in str(info.value)
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--nats", "bogus"], "--nats"),
+    (["--nats", "nats://127.0.0.1:1", "--node", "a.b"], "--node"),
+])
+def test_serve_refuses_bad_cluster_flags_with_exit_2(
+    flags: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from translator.cli import main
+
+    assert main(["serve", "--port", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
