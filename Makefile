@@ -14,7 +14,7 @@ VENV_STAMP := $(VENV)/.python-$(notdir $(PYTHON))
 WITH       := $(if $(EXTRAS),$(comma)$(EXTRAS))
 STAMP_TAG  := $(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean screenshot
 
 $(VENV_STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (set PYTHON=...)")'
@@ -57,6 +57,16 @@ lint: $(VENV)/.installed-lint
 	$(BIN)/ruff check translator tests bench
 	$(BIN)/mypy translator
 
+# docs/dashboard.png, the README's picture of the demo's dashboard (tests/screenshot.py): the
+# browser extra (Playwright) driving the system's Chromium (Debian: apt-get install chromium;
+# elsewhere GATEWAY_CHROMIUM=/path/to/chromium). About 40 seconds.
+$(VENV)/.installed-browser: $(VENV_STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[browser]'
+	@touch $@
+
+screenshot: $(VENV)/.installed-browser
+	$(BIN)/python -m tests.screenshot docs/dashboard.png
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
@@ -77,7 +87,7 @@ fuzz: $(VENV)/.installed-fuzz
 		$(VENV)/fuzz-corpus/frames fuzz/seeds/frames
 
 # Benchmarks against bare baselines (bench/, docs/performance.md): real processes on loopback,
-# about 8 minutes; bench-quick under one minute. Prints the table, writes
+# about 13 minutes; bench-quick under one minute. Prints the table, writes
 # bench/results/latest.json and the chart bench/results/latest.png. BENCH_ARGS: e.g. --large.
 BENCH_ARGS ?=
 

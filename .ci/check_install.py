@@ -89,12 +89,16 @@ def check_demo(url: str, python: Path) -> None:
         body = response.read()
         if response.status != 200 or b"<html" not in body.lower():
             raise CheckFailed(f"{page}: status {response.status}, no HTML page")
-    # The JavaScript client and its types are package data too: a wheel without them 404s.
+    # The JavaScript client, its types and the dashboard's files are package data too: a
+    # wheel without them 404s.
     for name, marker in (("client.js", b"export class GatewayClient"),
-                         ("client.d.ts", b"export class GatewayClient")):
+                         ("client.d.ts", b"export class GatewayClient"),
+                         ("dashboard.js", b'from "/client.js"'),
+                         ("dashboard.css", b".resources"),
+                         ("favicon.svg", b"<svg")):
         with urllib.request.urlopen(page + name, timeout=10) as response:
             if response.status != 200 or marker not in response.read():
-                raise CheckFailed(f"{page}{name}: status {response.status}, not the client")
+                raise CheckFailed(f"{page}{name}: status {response.status}, not the file")
     done = subprocess.run(
         [str(python), "-m", "translator", "subscribe", url, "demo/temperature", "--count", "2"],
         capture_output=True, text=True, timeout=60, check=False,

@@ -12,11 +12,17 @@ Scenarios (see docs/performance.md for the method and the latest figures):
 4. memory: RSS per idle connection and per observed resource;
 5. admission: 1000 new clients connect and subscribe while fan-out at N = 1000 saturates;
 6. baselines for each: a bare websockets broadcast server, a bare aiocoap client;
-8. cluster (bench/cluster.py): 2000 clients on one resource on one gateway, then split over
-   two nodes of a cluster on NATS; the NATS hop's latency; failover time after a SIGKILL;
 7. slow readers: clients behind a slow link (1/4 and 1/10 of 200 updates/s) beside 100
    full-speed ones, with the bound on what waits in the kernel (`max_inflight_bytes`) on and
-   off: the age of the values the slow ones get, the full-speed ones' latency.
+   off: the age of the values the slow ones get, the full-speed ones' latency;
+8. resource directory (bench/rd.py): registrations and updates per second and RSS per
+   registration of the gateway's RFC 9176 directory, against aiocoap's `aiocoap-rd`.
+9. metrics: fan-out at N = 1000 with /metrics scraped (1/s, 10/s) and not; and, with the
+   full memory scenario, the resume history's bytes per resource when full
+   (bench/operations.py; neither is in a quick run unless asked for with --only).
+10. bandwidth: bytes per update on the wire for three payloads in each client mode (JSON,
+    compact, CBOR, permessage-deflate) against the sensor's CoAP message, and the gateway's
+    CPU per delivered frame at N = 1000 in each mode (bench/bandwidth.py).
 
 Every process (sensor, gateway, load generators, baselines) is a child on 127.0.0.1, and
 every one is stopped when the run ends, whatever way it ends. The run has a time budget;
@@ -46,7 +52,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from . import cpu_split
+from . import bandwidth as bandwidth_scenario
+from . import conditions, cpu_split
+from . import rd as rd_bench
 from .control import Histogram
 from .procs import (
     ROOT,
@@ -106,7 +114,12 @@ class Settings:
     floor_bursts: int = 50
     """Bursts per writer in bench.floor (three writers, one burst every 100 ms)."""
     floor_hiccups: int = 200
-    scenarios: tuple[str, ...] = ("fanout", "ingest", "commands", "memory", "slow", "cluster")
+    scenarios: tuple[str, ...] = (
+        "fanout", "ingest", "commands", "memory", "slow", "rd", "metrics", "cond", "bandwidth",
+        "cluster",
+    )
+    rd_registrations: int = 3000
+    """Endpoints registered per system in the resource directory scenario."""
     slow_seconds: float = 60.0
     """The slow readers' measurement, per gateway (bound on, bound off)."""
     slow_window: float = 10.0
@@ -116,7 +129,10 @@ class Settings:
     slow_rates: tuple[float, ...] = (50.0, 50.0, 50.0, 20.0, 20.0, 20.0)
     """Frames per second each slow reader takes: 1/4 and 1/10 of `SLOW_UPDATE_RATE`."""
     slow_fast_clients: int = 100
-    budget: float = 660.0
+    bandwidth_clients: int = 1000
+    bandwidth_window: float = 4.0
+    budget: float = 1260.0  # the metrics and history scenarios added some 2.5 min, cond 40 s,
+    # bandwidth 3 min, cluster 2 min
     profile: bool = False
     chart: bool = True
 
@@ -134,7 +150,8 @@ class Settings:
                     ingest_window=1.0, settle=0.3, command_seconds=0.4,
                     idle_connections=(1000,), observed_resources=(1000,), admission_clients=0,
                     floor_bursts=15, floor_hiccups=60, budget=90.0,
-                    scenarios=("fanout", "ingest", "commands", "memory"))
+                    scenarios=("fanout", "ingest", "commands", "memory", "rd"),
+                    rd_registrations=500)
         else:
             s = cls()
         if args.large:
@@ -170,9 +187,13 @@ def gateway_config(sensor_base: str, directory: Path, inflight: int | None = Non
     """The gateway's configuration; `inflight`: its `max_inflight_bytes` (None: default)."""
     path = directory / f"gateway-{inflight}.toml"
     extra = "" if inflight is None else f"max_inflight_bytes = {inflight}\n"
+    # BENCH_RECEIVE_BUFFER=bytes: the CoAP socket's [coap] receive_buffer (its drops under
+    # the flood phases are measured against it; 0 = the kernel's default).
+    receive_buffer = os.environ.get("BENCH_RECEIVE_BUFFER")
+    coap = "" if receive_buffer is None else f"[coap]\nreceive_buffer = {int(receive_buffer)}\n"
     path.write_text(f"""# written by bench/run.py
 log_level = "warning"
-
+{coap}
 [server]
 host = "127.0.0.1"
 port = 0
@@ -891,7 +912,9 @@ async def memory_resources(bench: Run, fleet: Fleet, system: str) -> None:
         }
         if system == "gateway":
             # The resume history is part of each resource's cost: counted apart, from the
-            # gateway's own metrics (it holds one notify per resource here: each got one).
+            # gateway's own metrics. Each resource got one notify here, which is its cached
+            # latest value, not history: this reads about 0. A full history's cost is
+            # measured by `bench.operations.memory_history`.
             history = await gateway_metric(url, "coap_ws_gateway_history_bytes")
             if history is not None:
                 result["history_kib_per_resource"] = round(history / 1024 / done, 2)
@@ -954,6 +977,27 @@ async def slow_readers(bench: Run, fleet: Fleet) -> None:
         await fleet.stop(gateway, sensor)
 
 
+async def bandwidth(bench: Run, fleet: Fleet) -> None:
+    s = bench.settings
+    result = await bandwidth_scenario.run(
+        s.bandwidth_clients, rate=10.0, window=s.bandwidth_window, updates=40,
+        cpu_payloads=("cbor_number", "json_1k"), fleet=fleet)
+    for row in result["bytes"]:
+        bench.runs.append({"scenario": "bandwidth_bytes", **row})
+        log(f"  {row['payload']}: CoAP {row['coap_bytes']} B/update; " + ", ".join(
+            f"{mode} {row[f'{mode}_bytes']} B ({row[f'{mode}_ratio']} x)"
+            for mode in bandwidth_scenario.MODES))
+    for row in result["cpu"]:
+        bench.runs.append({"scenario": "bandwidth_cpu", **row})
+        log(f"  {row['payload']} {row['mode']} N={row['clients']}: "
+            f"{row['cpu_us_per_frame']} us/frame, {row['frames']}/{row['expected_frames']} "
+            f"frames")
+    memory = result["memory"]
+    bench.runs.append({"scenario": "bandwidth_memory", **memory})
+    log(f"  RSS per connection: plain {memory['plain_bytes_per_connection']} B, with deflate "
+        f"{memory['deflate_bytes_per_connection']} B")
+
+
 def _slow_rows(
     clients: list[dict[str, Any]],
 ) -> list[tuple[float, list[tuple[float, float]], str]]:
@@ -994,6 +1038,10 @@ def slow_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- the summary: ratios and targets -----------------------------------------------------------
+
+
+async def resource_directory(bench: Run, fleet: Fleet, system: str) -> None:
+    bench.runs.append(await rd_bench.measure(fleet, system, bench.settings.rd_registrations))
 
 
 def _find(runs: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
@@ -1093,13 +1141,25 @@ def summarize(bench: Run) -> dict[str, Any]:
         if gw and bare:
             ratios[f"memory per observed resource at {count}"] = _ratio(
                 gw["kib_per_resource"], bare["kib_per_resource"])
+    gw = _find(runs, scenario="rd", system="gateway")
+    bare = _find(runs, scenario="rd", system="aiocoap_rd")
+    if gw and bare:
+        ratios["resource directory"] = {
+            "registrations_per_s": _ratio(gw["registrations_per_s"], bare["registrations_per_s"]),
+            "updates_per_s": _ratio(gw["updates_per_s"], bare["updates_per_s"]),
+            "bytes_per_registration": _ratio(gw["bytes_per_registration"],
+                                             bare["bytes_per_registration"]),
+        }
     means = [m for n in s.fanout_ns
              for phase in ("10hz", "saturated", "overload2x", "flood10x", "admission")
              for system in ("gateway", "bare_ws")
              if (m := fanout_mean(runs, system, n, phase)) is not None]
     slow = slow_summary(runs)
+    from . import operations  # it imports this module
+
+    ratios.update(operations.summary(runs))
     return {"fanout_means": means, "ratios": ratios, "slow_readers": slow,
-            "targets": targets(bench, ratios, slow)}
+            "targets": targets(bench, ratios, slow) + operations.targets(ratios)}
 
 
 def targets(bench: Run, ratios: dict[str, Any],
@@ -1144,6 +1204,11 @@ def targets(bench: Run, ratios: dict[str, Any],
     r = ratios.get("fanout N=1000 flood10x", {}).get("p99_latency")
     target("p99 latency, N=1000, sensor offering 10x capacity, vs bare broadcast", "<= 3 x", r,
            None if r is None else r <= 3)
+    for row in (r for r in runs if r.get("scenario") == "bandwidth_bytes"):
+        for mode, bound in bandwidth_scenario.TARGETS.items():
+            v = row.get(f"{mode}_ratio")
+            target(f"bytes per update, {row['payload']}, {mode} vs the CoAP notification",
+                   f"<= {bound} x", v, None if v is None else v <= bound)
     slow = slow or {}
     quarter = slow.get(f"bound on, reading {SLOW_UPDATE_RATE / 4:g}/s", {})
     v = quarter.get("p50_after_first_window_s")
@@ -1268,6 +1333,28 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
             ["runs", "p50 ms", "p99 ms", "max ms", "% over twice the median"],
             [[r.get("hiccup_count"), r.get("hiccup_p50_ms"), r.get("hiccup_p99_ms"),
               r.get("hiccup_max_ms"), r.get("hiccup_over_2x_median_pct")] for r in floors]))
+    byte_rows = [r for r in runs if r.get("scenario") == "bandwidth_bytes"]
+    if byte_rows:
+        modes = list(bandwidth_scenario.MODES)
+        parts.append(head("Bandwidth: bytes per update, CoAP notification vs WebSocket message "
+                          "with its frame header (ratio)") + table(
+            ["payload", "CoAP B", *modes],
+            [[r["payload"], r["coap_bytes"],
+              *(f"{r[f'{m}_bytes']} ({r[f'{m}_ratio']}x)" for m in modes)]
+             for r in byte_rows]))
+    cpu_rows = [r for r in runs if r.get("scenario") == "bandwidth_cpu"]
+    if cpu_rows:
+        parts.append(head("Bandwidth: gateway CPU per delivered frame, one mode at a time")
+                     + table(
+            ["payload", "mode", "clients", "updates/s", "frames", "CPU us/frame", "srv CPU%"],
+            [[r["payload"], r["mode"], r["clients"], r["rate"],
+              f"{r['frames']}/{r['expected_frames']}", r["cpu_us_per_frame"],
+              r["server_cpu_pct"]] for r in cpu_rows]))
+    for r in (r for r in runs if r.get("scenario") == "bandwidth_memory"):
+        parts.append(head("Bandwidth: gateway RSS per connection") + table(
+            ["clients per group", "plain B", "with deflate B", "deflate's extra B"],
+            [[r["clients"], r["plain_bytes_per_connection"], r["deflate_bytes_per_connection"],
+              r["deflate_extra_bytes_per_connection"]]]))
     slow_runs = [r for r in runs if r.get("scenario") == "slow_readers"]
     if slow_runs:
         parts.append(head(f"Slow readers: full-speed clients ({SLOW_UPDATE_RATE:g} updates/s)")
@@ -1290,6 +1377,14 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
                           "per window") + table(
             ["bound", "reads/s", "clients", "mean seq step", "p50/p99 s per window", "closed"],
             rows))
+    cond_rows = conditions.cond_rows(runs)
+    if cond_rows:
+        cond_run = [r for r in runs if r.get("scenario") == "cond"][-1]
+        parts.append(head(
+            f"Conditional notifications: one {conditions.SENSOR_RATE:g} Hz resource, "
+            f"{cond_run['clients_per_group']} clients per group, gateway CPU "
+            f"{cond_run['gateway_cpu_s_per_s'] * 100:.1f} % of a core for all of them")
+            + table(conditions.COND_HEADERS, cond_rows))
     ing = [r for r in runs if r.get("scenario") == "ingest_best"]
     if ing:
         parts.append(head("Ingest (1000 observed resources)") + table(
@@ -1311,6 +1406,17 @@ def report(result: dict[str, Any], markdown: bool = False) -> str:
               r.get("kib_per_connection", r.get("kib_per_resource")),
               r.get("kib_per_connection_with_first", r.get("kib_per_resource_with_first"))]
              for r in mem]))
+    directory = [r for r in runs if r.get("scenario") == "rd"]
+    if directory:
+        parts.append(head("Resource directory (4 links per registration)") + table(
+            ["system", "registrations", "registrations/s", "updates/s", "bytes/registration",
+             "srv CPU ms/registration"],
+            [[r["system"], r["registered"], r["registrations_per_s"], r["updates_per_s"],
+              r["bytes_per_registration"], r.get("cpu_ms_per_registration")]
+             for r in directory]))
+    from . import operations  # it imports this module
+
+    parts += operations.report_parts(runs, table, head)
     ratios = result["summary"]["ratios"]
     if ratios:
         rows = []
@@ -1415,6 +1521,21 @@ async def run_all(bench: Run, log_dir: Path) -> None:
                          partial(memory_resources, bench, system=system)))
     if "slow" in s.scenarios:
         plan.append(("slow readers", partial(slow_readers, bench)))
+    if "rd" in s.scenarios:
+        for system in ("gateway", "aiocoap_rd"):
+            plan.append((f"resource directory {system}",
+                         partial(resource_directory, bench, system=system)))
+    from . import operations  # it imports this module
+
+    # Not in a quick run (under a minute) unless asked for: `--quick --only history`.
+    if "history" in s.scenarios or ("memory" in s.scenarios and s.mode == "full"):
+        plan.append(("history memory", partial(operations.memory_history, bench)))
+    if "metrics" in s.scenarios:
+        plan.append(("metrics cost", partial(operations.metrics_cost, bench)))
+    if "cond" in s.scenarios:
+        plan.append(("conditional notifications", partial(conditions.conditions, bench)))
+    if "bandwidth" in s.scenarios:
+        plan.append(("bandwidth", partial(bandwidth, bench)))
     if "cluster" in s.scenarios:
         from .cluster import cluster
 
@@ -1491,7 +1612,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny fan-out (N = 2) for the test suite")
     parser.add_argument("--only", action="append",
-                        choices=["fanout", "ingest", "commands", "memory", "slow", "cluster"],
+                        choices=["fanout", "ingest", "commands", "memory", "slow", "rd",
+                                 "metrics", "history", "cond",
+                                 "bandwidth", "cluster"],
                         help="run only this scenario (repeatable)")
     parser.add_argument("--out", help="directory for latest.json and latest.png "
                         "(default bench/results)")

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import jsonschema
 import pytest
 import pytest_asyncio
@@ -70,7 +71,7 @@ def asyncapi_validator(schema_name: str) -> jsonschema.Draft7Validator:
 GATEWAY_FRAME_SCHEMAS = {
     "subscribed": "Subscribed", "unsubscribed": "Unsubscribed", "response": "Response",
     "resources": "Resources", "pong": "Pong", "notify": "Notify", "status": "Status",
-    "error": "Error",
+    "error": "Error", "catalog": "Catalog",
 }
 """Gateway frame type -> its schema. The hook picks the schema by `type` rather than
 validating against the `GatewayFrame` union: the same verdict (each branch has its own
@@ -95,23 +96,53 @@ def check_gateway_frame(frame: Any) -> None:
         )
 
 
+CBOR_SUBPROTOCOL = "coap-ws-gateway.v1.cbor"
+
+
+def json_mappable(item: Any) -> Any:
+    """A CBOR-decoded frame as the schema can check it: byte strings, tags and integers
+    beyond JSON's range stand in as the strings of their repr (`value` admits any type)."""
+    if isinstance(item, dict):
+        return {key: json_mappable(value) for key, value in item.items()}
+    if isinstance(item, list):
+        return [json_mappable(value) for value in item]
+    if isinstance(item, bytes | cbor2.CBORTag):
+        return repr(item)
+    return item
+
+
 class Client:
-    """A test WebSocket client that reads JSON frames and waits for matching ones."""
+    """A test WebSocket client that reads frames (JSON, or CBOR on a connection opened with
+    the CBOR subprotocol) and waits for matching ones."""
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
+        self.cbor = ws.subprotocol == CBOR_SUBPROTOCOL
         self._next_id = 0
         self.seen: list[dict[str, Any]] = []
+        self.wire_sizes: list[int] = []
+        """The size of each message received (after decompression), in order."""
 
-    async def send(self, frame: dict[str, Any] | str) -> None:
-        await self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        if isinstance(frame, str | bytes):
+            await self.ws.send(frame)
+        else:
+            await self.ws.send(cbor2.dumps(frame) if self.cbor else json.dumps(frame))
 
     async def recv(self, timeout: float = WAIT) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
-            frame: dict[str, Any] = json.loads(await self.ws.recv())
+            message = await self.ws.recv()
+        self.wire_sizes.append(len(message))
+        frame: dict[str, Any]
+        if self.cbor:
+            assert isinstance(message, bytes), f"a text frame on a CBOR connection: {message!r}"
+            frame = cbor2.loads(message)
+        else:
+            assert isinstance(message, str), f"a binary frame on a JSON connection: {message!r}"
+            frame = json.loads(message)
         # Every frame an end-to-end test receives is checked against the protocol's
         # machine-readable description, so that docs/asyncapi.yaml cannot drift from the code.
-        check_gateway_frame(frame)
+        check_gateway_frame(json_mappable(frame) if self.cbor else frame)
         self.seen.append(frame)
         return frame
 
@@ -197,8 +228,9 @@ async def gateway(sensors: SimulatedSensors, make_gateway: Any) -> Gateway:
 async def make_client() -> AsyncIterator[Callable[[str], Any]]:
     clients: list[Client] = []
 
-    async def make(url: str) -> Client:
-        ws = await connect(url, compression=None, open_timeout=WAIT)
+    async def make(url: str, **options: Any) -> Client:
+        """`options` go to websockets' connect(): `subprotocols`, `compression`, ..."""
+        ws = await connect(url, **{"compression": None, "open_timeout": WAIT, **options})
         client = Client(ws)
         clients.append(client)
         return client

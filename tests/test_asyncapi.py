@@ -23,7 +23,7 @@ from .conftest import GATEWAY_FRAME_SCHEMAS, asyncapi_document, asyncapi_validat
 
 PROTOCOL_MD = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
-CLIENT_TYPES = {"subscribe", "unsubscribe", "request", "list", "ping"}
+CLIENT_TYPES = {"subscribe", "unsubscribe", "request", "list", "ping", "watch"}
 GATEWAY_TYPES = set(GATEWAY_FRAME_SCHEMAS)
 
 

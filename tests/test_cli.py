@@ -124,6 +124,19 @@ async def test_subscribe_subcommand_prints_notify_lines(
     assert code == 0 and [f["uri"] for f in notifies] == [uri]
 
 
+async def test_subscribe_compact_prints_compact_notifies_after_the_first(
+    served: Served,
+) -> None:
+    code, out, _ = await run_cli("subscribe", served.url, "kitchen/temperature", "--count", "3",
+                                 "--compact")
+    frames = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(frames) == 3
+    assert frames[0]["cf"] == 60 and "uri" in frames[0]
+    # Seq-consecutive updates with nothing changed but the value: only what moved.
+    later = [f for f in frames[1:] if f["seq"] == frames[0]["seq"] + frames[1:].index(f) + 1]
+    assert later and all(set(f) == {"type", "sub", "seq", "value", "ts"} for f in later)
+
+
 async def test_subscribe_timeout(sensors: SimulatedSensors, served: Served) -> None:
     # Without --count, the timeout is how long to watch: exit 0.
     code, out, _ = await run_cli("subscribe", served.url, "kitchen/temperature",
@@ -202,6 +215,7 @@ def closed_tcp_port() -> int:
         ("[server]\nprot = 1\n", "server.prot"),
         ('[[sensors]]\nname = "a"\nuri = "http://x/y"\n', "sensors[0].uri"),
         ("[server\n", "TOML"),
+        ('[coap]\nlisten = ["127.0.0.1:0"]\n', "rd.allow_from"),  # an RD open to anyone
     ],
 )
 def test_invalid_config_is_exit_2_naming_the_key(
@@ -374,3 +388,29 @@ async def test_serve_logs_json_lines_with_the_connection_as_fields(
     assert lines and all({"ts", "level", "logger", "message"} <= set(line) for line in lines)
     connected = [line for line in lines if line["message"].endswith(" connected")]
     assert connected and isinstance(connected[0]["conn"], int) and connected[0]["remote"]
+
+
+async def test_subscribe_cond_is_sent_with_every_target(
+    sensors: SimulatedSensors, served: Served
+) -> None:
+    # The sensor changes every 50 ms by far less than 1000: only the current value comes.
+    code, out, err = await run_cli("subscribe", served.url, "kitchen/temperature",
+                                   "--cond", "st=1000,pmin=0.2", "--count", "2",
+                                   "--timeout", "1.5")
+    notifies = [f for f in map(json.loads, out.splitlines()) if f["type"] == "notify"]
+    assert code == 1 and len(notifies) == 1 and "fewer than 2" in err
+
+
+def test_cond_option_forms_and_mistakes(capsys: pytest.CaptureFixture[str]) -> None:
+    parse = build_parser().parse_args
+    args = parse(["subscribe", "ws://h/ws", "t", "--cond", "pmin=1,st=0.5,path=/0/v,band,gt=3"])
+    assert args.cond == {"pmin": 1, "st": 0.5, "path": "/0/v", "band": True, "gt": 3}
+    args = parse(["subscribe", "ws://h/ws", "t", "--cond", '{"edge": false}'])
+    assert args.cond == {"edge": False}
+    for bad, named in (("pmin=0", "'pmin'"), ("st=x", "st needs a number"),
+                       ("edge=maybe", "edge is true or false"), ("nope=1", "'nope'"),
+                       ("band", "'band'"), ("path=v", "'path'")):
+        with pytest.raises(SystemExit) as exited:
+            parse(["subscribe", "ws://h/ws", "t", "--cond", bad])
+        assert exited.value.code == 2
+        assert named in capsys.readouterr().err, bad

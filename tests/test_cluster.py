@@ -19,14 +19,21 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiocoap
+import aiocoap.resource as resource
+import cbor2
 import pytest
 import pytest_asyncio
+from websockets.asyncio.client import connect
 
-from tests.conftest import WAIT, Client, gateway_config
+from tests.conftest import CBOR_SUBPROTOCOL, WAIT, Client, gateway_config
 from tests.natsserver import NatsServer, running_nats_server
+from tests.test_coap_ws import CSM_BYTES, GET, CoapClient, proxy
+from tests.test_encodings_e2e import CF_CBOR, CF_JSON, EXOTIC, Device, Settable
 from translator.cluster.names import resource_key
+from translator.core.coap_ws import CONTENT_FORMAT, CSM, OBSERVE, dotted, uint
 from translator.gateway import Gateway
-from translator.sim import SimulatedSensors
+from translator.sim import SimulatedSensors, _bound_port
 
 LEASE_TTL = 2.0
 """Short, so that failovers happen within a test's patience."""
@@ -56,8 +63,15 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 async def make_node(
     sensors: SimulatedSensors, make_gateway: Callable[[dict[str, Any]], Any]
 ) -> Callable[..., Any]:
-    async def make(server: NatsServer, node: str, *, wait_joined: bool = True) -> Gateway:
-        gateway: Gateway = await make_gateway(cluster_mapping(sensors, server.url, node))
+    async def make(
+        server: NatsServer, node: str, *, wait_joined: bool = True, allow: tuple[str, ...] = (),
+        limits: dict[str, Any] | None = None,
+    ) -> Gateway:
+        mapping = cluster_mapping(sensors, server.url, node)
+        mapping["policy"]["allow"].extend(allow)
+        if limits:
+            mapping.setdefault("limits", {}).update(limits)
+        gateway: Gateway = await make_gateway(mapping)
         assert gateway.cluster is not None
         if wait_joined:
             async with asyncio.timeout(WAIT):
@@ -267,7 +281,9 @@ async def test_churn_across_nodes_leaves_no_leases_interest_or_subscriptions(
 ) -> None:
     import nats
 
-    nodes = [await make_node(nats_server, f"n{i}") for i in range(3)]
+    # Without the per-connection rate limit (50/s): on a quiet machine the churn is faster,
+    # and what is tested here is what NATS holds afterwards, not the limit.
+    nodes = [await make_node(nats_server, f"n{i}", limits={"rate": 0}) for i in range(3)]
     clients: list[Client] = [await make_client(node.url) for node in nodes]
     baseline = await asyncio.to_thread(nats_server.client_subscriptions)
     cycles, deadline = 0, time.monotonic() + 20
@@ -492,3 +508,142 @@ async def test_sigkill_of_the_owner_hands_over_within_the_lease_ttl(
     # Exactly one more registration: the new owner's.
     assert sensors.registrations(TEMPERATURE) == 2
     assert handover < LEASE_TTL + WAIT, handover
+
+
+# -- every kind of client on a node that does not own the resource ------------------------
+# (the owner's frames cross NATS with the sensor's bytes: translator/cluster/wire.py)
+
+
+@pytest_asyncio.fixture
+async def device() -> AsyncIterator[Device]:
+    resources = {"exotic": Settable(EXOTIC, CF_CBOR), "counter": Settable(cbor2.dumps(0), CF_CBOR)}
+    site = resource.Site()
+    for path, res in resources.items():
+        site.add_resource([path], res)
+    context = await aiocoap.Context.create_server_context(
+        site, bind=("127.0.0.1", 0), transports=["udp6"]
+    )
+    try:
+        yield Device(_bound_port(context), resources)
+    finally:
+        await context.shutdown()
+
+
+async def owner_and_other(
+    make_node: Callable[..., Any], nats_server: NatsServer, device: Device,
+    make_client: Callable[..., Any], *paths: str,
+) -> Gateway:
+    """Two nodes; a plain client on the first watches `paths`, so that the first owns them."""
+    allow = (f"coap://127.0.0.1:{device.port}/*",)
+    first = await make_node(nats_server, "n0", allow=allow)
+    other = await make_node(nats_server, "n1", allow=allow)
+    watcher: Client = await make_client(first.url)
+    for path in paths:
+        sub = (await watcher.subscribe(uri=device.uri(path)))["sub"]
+        await watcher.next_notify(sub)
+    assert first.cluster is not None and other.cluster is not None
+    for path in paths:
+        assert device.uri(path) in first.cluster.owned
+    return other
+
+
+async def test_cbor_and_compact_clients_on_a_non_owner_get_the_sensors_item_and_diffs(
+    nats_server: NatsServer, device: Device, make_node: Any, make_client: Any
+) -> None:
+    other = await owner_and_other(
+        make_node, nats_server, device, make_client, "exotic", "counter"
+    )
+    cbor: Client = await make_client(other.url, subprotocols=[CBOR_SUBPROTOCOL])
+    assert cbor.cbor
+    # The latest value at once (from the stream), then an update (a live relay): both with
+    # the sensor's CBOR item (a tag, bignums and bytes the JSON mapping cannot carry).
+    await cbor.subscribe(uri=device.uri("exotic"))
+    got = await cbor.next_notify()
+    assert got["value"] == cbor2.loads(EXOTIC)
+    assert isinstance(got["value"][0], cbor2.CBORTag) and got["value"][1] == 2**70
+    device.resources["exotic"].set(EXOTIC)
+    later = await cbor.wait_for(lambda f: f["type"] == "notify" and f["seq"] > got["seq"])
+    assert later["value"] == cbor2.loads(EXOTIC)
+
+    # Compact, in CBOR, on the node that does not own the resource.
+    full: Client = await make_client(other.url, subprotocols=[CBOR_SUBPROTOCOL])
+    reply = await cbor.call({"type": "subscribe", "uri": device.uri("counter"),
+                             "compact": True})
+    await full.subscribe(uri=device.uri("counter"))
+    sub = reply["sub"]
+    first_counter = await cbor.next_notify(sub)
+    assert {"uri", "code", "cf", "max_age"} <= set(first_counter)  # complete
+    await full.next_notify(sub)
+    counter = device.resources["counter"]
+    counter.set(cbor2.dumps(1))
+    second = await cbor.wait_for(
+        lambda f: f["type"] == "notify" and f["sub"] == sub and f["seq"] > first_counter["seq"])
+    assert set(second) == {"type", "sub", "seq", "value", "ts"} and second["value"] == 1
+    reference = await full.wait_for(
+        lambda f: f["type"] == "notify" and f["seq"] == second["seq"])
+    assert {k: reference[k] for k in second} == second
+    counter.set(b"2", CF_JSON)  # a change of content-format is said
+    third = await cbor.wait_for(
+        lambda f: f["type"] == "notify" and f["sub"] == sub and f["seq"] > second["seq"])
+    assert third["cf"] == CF_JSON and third["value"] == 2 and "uri" not in third
+    assert other.cluster is not None and not other.cluster.owned
+
+
+async def test_a_conditional_subscription_on_a_non_owner_gets_what_its_condition_lets_through(
+    nats_server: NatsServer, device: Device, make_node: Any, make_client: Any
+) -> None:
+    other = await owner_and_other(
+        make_node, nats_server, device, make_client, "counter"
+    )
+    uri = device.uri("counter")
+    plain: Client = await make_client(other.url)
+    conditional: Client = await make_client(other.url)
+    await plain.subscribe(uri=uri)
+    assert (await plain.next_notify())["value"] == 0
+    reply = await conditional.call({"type": "subscribe", "uri": uri, "cond": {"st": 2}})
+    assert (await conditional.next_notify(reply["sub"]))["value"] == 0
+    counter = device.resources["counter"]
+    sent = [1, 3, 4, 10]
+    for value in sent:
+        counter.set(cbor2.dumps(value))
+        await plain.wait_for(lambda f, v=value: f["type"] == "notify" and f["value"] == v)
+    got = []
+    while not got or got[-1] != 10:
+        got.append((await conditional.next_notify(reply["sub"]))["value"])
+    assert got == [3, 10]  # changes of at least 2 since the last one sent
+    assert other.cluster is not None and uri not in other.cluster.owned
+
+
+async def coap_client(gateway: Gateway) -> CoapClient:
+    ws = await connect(gateway.coap_ws_url, subprotocols=["coap"],  # type: ignore[list-item]
+                       open_timeout=WAIT)
+    client = CoapClient(ws)
+    assert (await client.recv()).code == CSM
+    await client.send(CSM_BYTES)
+    return client
+
+
+async def test_an_rfc_8323_observer_on_a_non_owner_gets_the_sensors_bytes(
+    nats_server: NatsServer, sensors: SimulatedSensors, device: Device, make_node: Any,
+    make_client: Any,
+) -> None:
+    other = await owner_and_other(
+        make_node, nats_server, device, make_client, "exotic"
+    )
+    uri = device.uri("exotic")
+    coap = await coap_client(other)
+    try:
+        token = coap.token()
+        answer = await coap.request(GET, (OBSERVE, b""), proxy(uri), token=token)
+        assert dotted(answer.code) == "2.05" and answer.first(OBSERVE) is not None
+        assert answer.first(CONTENT_FORMAT) == uint(CF_CBOR)
+        assert answer.payload == EXOTIC  # the sensor's bytes, from the owner over NATS
+        seqs = [int.from_bytes(answer.first(OBSERVE) or b"", "big")]
+        changed = EXOTIC[:-4] + cbor2.dumps(b"new")
+        device.resources["exotic"].set(changed)
+        note = await coap.wait_for(lambda m: m.token == token)
+        seqs.append(int.from_bytes(note.first(OBSERVE) or b"", "big"))
+        assert note.payload == changed and seqs[1] > seqs[0]
+    finally:
+        await coap.ws.close()
+    assert other.cluster is not None and uri not in other.cluster.owned

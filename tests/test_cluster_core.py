@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import re
 
+import cbor2
 import pytest
 
 from translator.cluster.names import Names, cluster_sub, default_node_name, resource_key
+from translator.cluster.wire import Published, decode
 from translator.config import ConfigError, apply_overrides, config_from_mapping
+from translator.core.conditions import Condition
 from translator.core.history import History
-from translator.core.hub import Deliver, Hub, StartObservation
+from translator.core.hub import Deliver, Hub, NotifyMeta, StartObservation, StopObservation
 
 TEMP = "coap://127.0.0.1/temperature"
 SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -53,7 +56,7 @@ def test_a_relayed_notify_is_delivered_as_the_owner_made_it_once() -> None:
     assert json.loads(notify)["seq"] == 1
     assert published(node.relay(TEMP, status_online)) == [status_online]
     commands = node.relay(TEMP, notify)
-    assert commands == [Deliver(("client",), notify, cluster_sub(TEMP))]
+    assert commands == [Deliver(("client",), notify, cluster_sub(TEMP), NotifyMeta(1))]
     assert commands[0].text is notify  # the same text: encoded once, by the owner
     assert node.relay(TEMP, notify) == []  # a copy (NATS echo, the stream's last) is no news
     assert node.relay(TEMP, status_online) == []
@@ -100,6 +103,74 @@ def test_a_relayed_status_changes_the_state_late_joiners_see() -> None:
     stale = published(owner.upstream_stale(TEMP, "Max-Age passed"))
     assert published(node.relay(TEMP, stale[0])) == stale
     assert stale[0] in published(node.subscribe("late", TEMP))
+
+
+def test_relayed_notifies_carry_what_cbor_and_compact_clients_need() -> None:
+    """The owner's CBOR data item crosses NATS as the sensor's bytes (`wire`), and the
+    node says what changed since the update before, as the owner would."""
+    owner, node = owner_and_node()
+    item = cbor2.dumps({"t": 21.5, "big": 2**70, "raw": b"\x00\x01"})
+
+    def through_nats(**answer: object) -> tuple[str, bytes | None]:
+        (notify,) = [c for c in owner.upstream_response(TEMP, code="2.05", **answer)  # type: ignore[arg-type]
+                     if isinstance(c, Deliver) and c.meta is not None]
+        assert notify.meta is not None
+        message = Published(notify.text, item, notify.meta.cbor_value is not None).encode()
+        got = decode(message)
+        assert got.text == notify.text
+        return got.text, got.cbor_value
+
+    metas = []
+    for max_age in (60, 60, 30):
+        text, cbor_value = through_nats(cf=60, payload=item, max_age=max_age)
+        assert cbor_value == item
+        (deliver,) = node.relay(TEMP, text, cbor_value)
+        assert isinstance(deliver, Deliver) and deliver.text is text
+        metas.append(deliver.meta)
+    assert metas == [NotifyMeta(1, item, None), NotifyMeta(2, item, ()),
+                     NotifyMeta(3, item, ("max_age",))]
+    # A gap (seq 4 never reached this node): nothing to diff with, the frame goes complete.
+    through_nats(cf=60, payload=item)
+    text, cbor_value = through_nats(cf=60, payload=item)
+    (deliver,) = node.relay(TEMP, text, cbor_value)
+    assert isinstance(deliver, Deliver) and deliver.meta == NotifyMeta(5, item, None)
+    # A late joiner's cached notify keeps the item.
+    late = [c for c in node.subscribe("late", TEMP) if isinstance(c, Deliver) and c.meta]
+    assert late[0].meta == NotifyMeta(5, item)
+    # A frame alone (a status, or what earlier versions published) decodes as before.
+    assert decode(b'{"type":"status"}') == Published('{"type":"status"}')
+    for junk in (b"{}\n", b"{}\n\x80", b"\xff\n\x00"):
+        with pytest.raises(ValueError):
+            decode(junk)
+
+
+def test_a_conditional_subscription_judges_relayed_notifies() -> None:
+    owner, node = owner_and_node()
+    node.subscribe("cond", TEMP, cond=Condition(st=1.0))
+    got: dict[str, list[float]] = {"client": [], "cond": []}
+    for value in (20.0, 20.5, 21.2, 21.4, 23.0):
+        text = published(owner.upstream_response(TEMP, code="2.05", cf=50,
+                                                 payload=json.dumps(value).encode()))[-1]
+        for command in node.relay(TEMP, text):
+            if isinstance(command, Deliver) and '"notify"' in command.text:
+                for target in command.targets:
+                    got[target].append(json.loads(command.text)["value"])
+    assert got["client"] == [20.0, 20.5, 21.2, 21.4, 23.0]
+    assert got["cond"] == [20.0, 21.2, 23.0]  # st = 1: a change of at least 1 since the last
+
+
+def test_an_rd_move_in_a_cluster_says_offline_rather_than_going_silent() -> None:
+    """A cluster numbers by URI: the subscription cannot follow the endpoint elsewhere."""
+    node: Hub[str] = Hub(linger=0, sub_for=cluster_sub)
+    node.subscribe("client", TEMP)
+    commands = node.move(TEMP, "coap://127.0.0.2/temperature")
+    assert StopObservation(TEMP) in commands
+    (status,) = published(commands)
+    assert json.loads(status)["state"] == "offline" and "subscribe again" in status
+    single: Hub[str] = Hub(linger=0)
+    single.subscribe("client", TEMP)
+    assert StartObservation("coap://127.0.0.2/temperature") in single.move(
+        TEMP, "coap://127.0.0.2/temperature")
 
 
 def test_cluster_configuration_and_flags() -> None:

@@ -623,3 +623,10 @@ def test_a_key_in_the_wrong_table_says_where_it_belongs(
     with pytest.raises(ConfigError) as refused:
         config_from_mapping(mapping)
     assert refused.value.key == key and hint in refused.value.message
+
+
+def test_min_pmax_is_a_positive_number_of_seconds() -> None:
+    assert config_from_mapping({}).limits.min_pmax == 1.0
+    assert config_from_mapping({"limits": {"min_pmax": 0.2}}).limits.min_pmax == 0.2
+    for bad in (0, -1, "1", 86_401):
+        assert error_for({"limits": {"min_pmax": bad}}).key == "limits.min_pmax", bad

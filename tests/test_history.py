@@ -176,7 +176,12 @@ async def test_a_client_resumes_across_a_reconnect_without_gap_or_duplicate(
     assert reply["recovered"] is True
     sensors.set_temperature(40.0)
     live = await back.wait_for(lambda f: f["type"] == "notify" and f["value"] == 40.0)
-    replayed = [f for f in back.seen if f["type"] == "notify" and f.get("replay")]
-    assert [f["value"] for f in replayed][-3:] == [30.5, 31.5, 32.5]
-    every = seen + [f["seq"] for f in replayed] + [live["seq"]]
+    notifies = [f for f in back.seen if f["type"] == "notify"]
+    replayed = [f for f in notifies if f.get("replay")]
+    # The simulated sensor also updates by itself now and then: such an update may land
+    # among these (replayed or live), so the test checks order and continuity, not a count.
+    values = [f["value"] for f in replayed]
+    assert [v for v in values if v in (30.5, 31.5, 32.5)] == [30.5, 31.5, 32.5]
+    assert notifies[:len(replayed)] == replayed  # the replay comes first
+    every = seen + [f["seq"] for f in notifies[:notifies.index(live) + 1]]
     assert every == list(range(every[0], every[0] + len(every)))  # no gap, no duplicate

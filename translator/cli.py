@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
 import contextlib
 import json
@@ -24,7 +25,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from translator.config import (
     ConfigError,
@@ -33,6 +34,7 @@ from translator.config import (
     config_from_mapping,
     load_config,
 )
+from translator.core.conditions import ConditionError, parse_condition
 
 TOKEN_ENV = "COAP_WS_GATEWAY_TOKEN"
 
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one readable line per record (default), or one JSON object")
     serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve wss://")
     serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="also serve /metrics on this address ([metrics] listen)")
     serve.add_argument("--no-auth", action="store_true",
                        help="run without authentication even off loopback ([auth] mode = none)")
     serve.add_argument("--nats", action="append", default=[], metavar="URL",
@@ -80,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8765, help="WebSocket port (default 8765)")
     demo.add_argument("--coap-port", type=int, default=0,
                       help="UDP port of the simulated sensors (default: any free port)")
+    demo.add_argument("--rd", action="store_true",
+                      help="the sensors register themselves at the gateway's Resource "
+                      "Directory (RFC 9176) instead of being configured")
+    demo.add_argument("--rd-port", type=int, default=0,
+                      help="the directory's CoAP port with --rd (default 0: the OS picks)")
     demo.add_argument("--log-level", default="warning",
                       choices=["debug", "info", "warning", "error"])
     demo.add_argument("--log-format", default="text", choices=["text", "json"])
@@ -99,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="stop after N notify frames in total")
     subscribe.add_argument("--timeout", type=float, metavar="S",
                            help="stop after S seconds (exit 1 if --count was not reached)")
+    subscribe.add_argument("--cond", metavar="K=V,...", type=_cond_option,
+                           help="conditional notifications for every target, e.g. "
+                           "pmin=1,st=0.5,path=/0/v (pmin, pmax, gt, lt, st, band, edge, "
+                           "path; or a JSON object)")
+    subscribe.add_argument("--compact", action="store_true",
+                           help="compact notifies: after the first, only the fields that "
+                           "changed besides sub, seq, value and ts (docs/protocol.md §18)")
     _token_option(subscribe)
 
     listing = commands.add_parser("list", help="print the resources the gateway knows")
@@ -120,6 +136,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_COND_NUMBERS: Final = ("pmin", "pmax", "gt", "lt", "st")
+_COND_BOOLEANS: Final = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _cond_option(text: str) -> dict[str, Any]:
+    """`--cond`: ``pmin=1,st=0.5,path=/v`` (``band`` alone means band=true) or a JSON
+    object; checked here by the gateway's own rules, so a mistake is exit 2, not a frame."""
+    cond: dict[str, Any] = {}
+    if text.lstrip().startswith("{"):
+        try:
+            cond = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {exc}") from None
+    else:
+        for item in filter(None, text.split(",")):
+            key, has_value, value = item.partition("=")
+            key = key.strip()
+            if key in _COND_NUMBERS:
+                try:
+                    number = float(value)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(f"{key} needs a number, not {value!r}"
+                                                     ) from None
+                cond[key] = int(number) if number.is_integer() and "." not in value else number
+            elif key in ("band", "edge"):
+                flag = _COND_BOOLEANS.get(value.strip().lower()) if has_value else True
+                if flag is None:
+                    raise argparse.ArgumentTypeError(f"{key} is true or false, not {value!r}")
+                cond[key] = flag
+            else:
+                cond[key] = value  # path, and unknown names for the check below to name
+    try:
+        parse_condition(cond)
+    except ConditionError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("'cond.", "'")) from None
+    return cond
+
+
 def _token_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", metavar="TOKEN",
                         help=f"the gateway's access token (default: ${TOKEN_ENV})")
@@ -138,7 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _setup_logging(level: str, log_format: str = "text") -> None:
+    from .logs import limit_every_record
+
     handler = logging.StreamHandler(sys.stderr)
+    # Nothing repeated floods the log: a line repeated at anyone's will (a failed accept, a
+    # sensor's garbage, a client's) costs a few lines and "...and N more" per 10 s. What
+    # was counted when the process ends is said then (before logging's own exit hook).
+    atexit.register(limit_every_record(handler).close)
     if log_format == "json":
         from .logs import JsonFormatter
 
@@ -186,6 +246,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         no_auth=args.no_auth,
+        metrics_listen=args.metrics_listen,
         nats=args.nats,
         node=args.node,
     )
@@ -230,13 +291,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "demo/status": f"{base}/status",
             "demo/led": f"{base}/led",
         }
+        listen = f"[{args.host}]:{args.rd_port}" if ":" in args.host else \
+            f"{args.host}:{args.rd_port}"
         config = config_from_mapping({
             "server": {"host": args.host, "port": args.port},
-            "sensors": [
-                {"name": name, "uri": uri, "observe": name != "demo/status"}
-                for name, uri in names.items()
-            ],
             "policy": {"allow": [f"{base}/*"]},
+            **({
+                # The sensors register as endpoint "demo": named demo/temperature etc.,
+                # as the configured ones are without --rd.
+                "coap": {"listen": [listen]},
+                "rd": {"allow_from": [args.host], "endpoints": ["demo"]},
+            } if args.rd else {
+                "sensors": [
+                    {"name": name, "uri": uri, "observe": name != "demo/status"}
+                    for name, uri in names.items()
+                ],
+            }),
         })
         gateway = Gateway(config)
         try:
@@ -244,6 +314,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         except OSError as exc:
             await sensors.stop()
             raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+        registerer: Any = None
+        if args.rd:
+            assert gateway.registry.server is not None
+            rd_host, rd_port = gateway.registry.server.addresses[0]
+            rd_uri = f"coap://[{rd_host}]:{rd_port}" if ":" in rd_host else \
+                f"coap://{rd_host}:{rd_port}"
+            registerer = sensors.register_at(rd_uri, "demo", lt=DEMO_LIFETIME)
+            print(f"resource directory on {rd_uri}; the sensors register as 'demo'",
+                  flush=True)
         url = gateway.url
         page = url.removesuffix("/ws").replace("ws", "http", 1) + "/"
         print(f"simulated sensors on {base}", flush=True)
@@ -258,12 +337,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
               flush=True)
 
         async def stop() -> None:
+            if registerer is not None:
+                await registerer.shutdown()
             await gateway.stop()
             await sensors.stop()
 
         return stop
 
     return _run_until_signal(start)
+
+
+DEMO_LIFETIME: Final = 120
+"""`lt` of the demo sensors' registration with --rd (renewed every 90 s by aiocoap's client)."""
 
 
 def _cmd_sensors(args: argparse.Namespace) -> int:
@@ -327,7 +412,9 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
         ws = await _connect(args.url, _token(args))
         try:
             async with asyncio.timeout(args.timeout):
-                return await _follow(ws, args.targets, args.count)
+                return await _follow(
+                    ws, args.targets, args.count, args.cond, args.compact
+                )
         except TimeoutError:
             if args.count is None:
                 return EXIT_OK
@@ -340,7 +427,10 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
     return _run_client(run)
 
 
-async def _follow(ws: Any, targets: Sequence[str], count: int | None) -> int:
+async def _follow(
+    ws: Any, targets: Sequence[str], count: int | None, cond: dict[str, Any] | None = None,
+    compact: bool = False,
+) -> int:
     """Subscribe to `targets` and print what comes, until `count` notify frames, or every
     target has failed: an error frame, or `offline` with a 4.xx code (the resource is not
     there, or the gateway may not have it; retrying will not change that)."""
@@ -352,7 +442,9 @@ async def _follow(ws: Any, targets: Sequence[str], count: int | None) -> int:
     try:
         for number, target in enumerate(targets, 1):
             await ws.send(json.dumps({"type": "subscribe", "id": number,
-                                      **_target_fields(target)}))
+                                      **_target_fields(target),
+                                      **({} if cond is None else {"cond": cond}),
+                                      **({"compact": True} if compact else {})}))
         async for message in ws:
             frame = json.loads(message)
             kind = frame.get("type")

@@ -42,6 +42,12 @@ The uses, and why nothing public does the job:
   never ends in aiocoap; `watch_dtls_handshakes` gives up one that takes too long.
 - ``TransportOSCORE._tasks`` / ``_wire``: a cancelled OSCORE observation goes on underneath;
   `end_oscore_observations_with_interest` ends its wire observation too.
+- asyncio's ``BaseSelectorEventLoop._accept_connection`` (not aiocoap's, but private all the
+  same): when accept() fails for want of descriptors, asyncio pauses the listener for a
+  second, but goes on calling accept() up to `backlog` times in the same pass, reporting each
+  failure with a traceback and scheduling a resume for each; at the open-files limit that
+  was 300 000 tracebacks a minute. `accept_backoff` makes the first failure end the pass, so
+  a pause is one failed accept(), one report (through the log limiter), one resume.
 - ``FilesystemSecurityContext.lockfile`` / ``_destroy``: a context that fails to load keeps
   its directory locked, and one in use is released only by the garbage collector;
   `oscore_context_class` and `release_oscore_context` release them when the gateway says.
@@ -54,14 +60,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
+import inspect
 import logging
 import os
 import socket
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiocoap import defaults as coap_defaults
 from aiocoap import error as coap_error
@@ -71,19 +79,23 @@ from aiocoap.tokenmanager import TokenManager
 __all__ = [
     "REQUIREMENTS",
     "WEBSOCKETS_REQUIREMENTS",
+    "AcceptGate",
     "CompatError",
     "UdpStack",
+    "accept_backoff",
     "block1_request",
     "check_aiocoap",
     "check_websockets",
     "deregister",
     "dtls_interfaces",
     "end_oscore_observations_with_interest",
+    "gate_accepts",
     "oscore_context_class",
     "oscore_transports",
     "release_oscore_context",
     "stop_interest",
     "udp_stacks",
+    "ungate_accepts",
     "watch_dtls_handshakes",
 ]
 
@@ -558,3 +570,96 @@ def release_oscore_context(item: Any) -> None:
     destroy = getattr(item, "_destroy", None)
     if callable(destroy) and getattr(item, "lockfile", None) is not None:
         destroy()
+
+
+ACCEPT_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""The accept() failures on which asyncio pauses the listener (asyncio/selector_events.py)."""
+ACCEPT_PARAMETERS: Final = ("self", "protocol_factory", "sock")
+"""The first parameters of ``BaseSelectorEventLoop._accept_connection`` (3.11 to 3.13)."""
+
+
+class AcceptGate(Protocol):
+    def no_room(self) -> str | None:
+        """Why no connection may be accepted now (None: one may)."""
+
+    def accepted(self) -> None:
+        """One was: it holds a descriptor from now on."""
+
+
+_accept_gates: dict[int, AcceptGate] = {}
+"""Listening sockets (by descriptor) whose accepting waits for room (`gate_accepts`)."""
+
+
+def gate_accepts(fd: int, gate: AcceptGate) -> None:
+    """Before each accept() on listening socket `fd`, ask `gate.no_room()`: a reason pauses
+    accepting as a failed accept() would (`accept_backoff`), so that the process stops
+    taking connections before it runs out of descriptors, not after. `gate.accepted()` is
+    told of each connection as accept() returns it: asyncio creates its protocol a loop
+    turn or two later, after the rest of the pass (up to `backlog` connections)."""
+    _accept_gates[fd] = gate
+
+
+def ungate_accepts(fd: int) -> None:
+    _accept_gates.pop(fd, None)
+
+
+class _AcceptOnce:
+    """A listening socket as asyncio's accept pass sees it: once an accept() has failed for
+    want of resources (or its gate said there is no room), the rest of the pass finds
+    nothing to accept (BlockingIOError ends it). Everything else is the socket's."""
+
+    __slots__ = ("exhausted", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.exhausted = False
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.exhausted:
+            raise BlockingIOError(errno.EAGAIN, "accepting paused")
+        gate = _accept_gates.get(self.sock.fileno())
+        why = gate.no_room() if gate is not None else None
+        if why is not None:
+            # asyncio's own pause: reader removed, retried in a second, reported once.
+            self.exhausted = True
+            raise OSError(errno.EMFILE, why)
+        try:
+            connection = self.sock.accept()
+        except OSError as exc:
+            if exc.errno in ACCEPT_EXHAUSTED:
+                self.exhausted = True
+            raise
+        if gate is not None:
+            gate.accepted()
+        return connection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def accept_backoff(loop: asyncio.AbstractEventLoop) -> bool:
+    """Make one failed accept() end asyncio's accept pass on `loop` (see the module
+    docstring); asyncio then pauses that listener for a second, once. True when installed;
+    False for an event loop that is not asyncio's selector loop (uvloop: its own accept).
+    Raises CompatError when a selector loop lacks the method this wraps."""
+    from asyncio import selector_events
+
+    if not isinstance(loop, selector_events.BaseSelectorEventLoop):
+        return False
+    original = getattr(type(loop), "_accept_connection", None)
+    if original is None or tuple(inspect.signature(original).parameters)[:3] != ACCEPT_PARAMETERS:
+        raise CompatError(
+            "asyncio: BaseSelectorEventLoop has no _accept_connection(protocol_factory, sock, "
+            "...), which the gateway wraps so that accepting at the open-files limit pauses "
+            "instead of logging a traceback per attempt (tested with Python 3.11 to 3.13)"
+        )
+    if getattr(loop, "_accept_connection", None).__name__ == "accept_once":  # type: ignore[union-attr]
+        return True
+
+    def accept_once(protocol_factory: Any, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        # asyncio hands the socket it was given to its resume timer: unwrap it each time.
+        real = sock.sock if isinstance(sock, _AcceptOnce) else sock
+        return original(loop, protocol_factory, _AcceptOnce(real), *args, **kwargs)
+
+    loop._accept_connection = accept_once  # type: ignore[attr-defined]
+    return True

@@ -14,6 +14,7 @@ Every error is a :class:`ConfigError` naming the offending key, e.g.
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import math
 import tomllib
 import types
@@ -32,12 +33,16 @@ if TYPE_CHECKING:
 __all__ = [
     "LOG_LEVELS",
     "AuthConfig",
+    "CoapConfig",
     "ConfigError",
     "CredentialConfig",
+    "DiscoveryConfig",
     "GatewayConfig",
     "HistoryConfig",
     "LimitsConfig",
+    "MetricsConfig",
     "PolicyConfig",
+    "RdConfig",
     "SensorConfig",
     "ServerConfig",
     "SupervisionConfig",
@@ -149,6 +154,21 @@ class ServerConfig:
     """PEM certificate (chain) file: with ``tls_key``, serve ``wss://``."""
     tls_key: str | None = _setting(None)
     """PEM private key file for ``tls_cert``."""
+    backlog: int = _setting(1024, minimum=1, maximum=65535)
+    """Connections the kernel queues for the gateway to accept (``listen()``'s backlog; the
+    kernel caps it at ``net.core.somaxconn``): room for a burst of clients arriving while the
+    event loop is busy. Past it, new connections wait for the kernel's SYN retries."""
+    compression: str = _setting("off", choices=("off", "deflate"))
+    """``deflate``: permessage-deflate (RFC 7692) for clients that offer it; the others get
+    plain frames. A compressed connection is written on its own, not with the bytes shared
+    by a fan-out: see docs/performance.md for what it costs in CPU and saves in bytes."""
+    deflate_context_takeover: bool = _setting(True)
+    """Compress each frame against the previous ones (small repeated frames shrink most)."""
+    deflate_window_bits: int = _setting(12, minimum=9, maximum=15)
+    """zlib window per compressed connection: 2**bits bytes each way (more: better ratio
+    on large frames, more memory per connection)."""
+    deflate_memory_level: int = _setting(5, minimum=1, maximum=9)
+    """zlib memory level of each connection's compressor: 2**(level + 9) bytes."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -233,7 +253,9 @@ class LimitsConfig:
     burst: int = _setting(100, minimum=1, maximum=MILLION)
     """Token bucket size for ``rate``."""
     max_connections: int = _setting(10_000, minimum=1, maximum=MILLION)
-    """Open WebSocket connections in all; more get HTTP 503 at the handshake."""
+    """Open WebSocket connections in all; more get HTTP 503 at the handshake. The open-files
+    limit may allow fewer (translator/budget.py): then the lower number is enforced, and
+    the start-up log says so."""
     max_connections_per_ip: int = _setting(256, minimum=1, maximum=MILLION)
     """Open WebSocket connections from one client address; more get HTTP 503."""
     handshake_timeout: float = _setting(10.0, above=0, maximum=HOUR)
@@ -249,6 +271,10 @@ class LimitsConfig:
     """Upstream observations the gateway keeps at once, lingering ones and pinned sensors
     included; a subscription that needs one more ends the oldest lingering one, or gets
     ``limit``."""
+    min_pmax: float = _setting(1.0, above=0, maximum=DAY)
+    """Shortest ``cond.pmax`` a subscription may ask for (seconds): a repeat every pmax per
+    subscription is a frame the gateway makes up, so a client cannot turn it into a frame
+    generator."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -296,6 +322,120 @@ class HistoryConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"[::]:5683"``, ``"127.0.0.1:0"`` -> (host, port); ValueError for anything else."""
+    import ipaddress
+
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
+        raise ValueError(f"expected HOST:PORT (an IPv6 address in brackets), got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets: {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    if int(port_text) > 65535:
+        raise ValueError(f"port {port_text} is out of range")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class CoapConfig:
+    """``[coap]``: the gateway's CoAP socket toward the sensors, and its own CoAP server
+    endpoint (for the Resource Directory)."""
+
+    receive_buffer: int = _setting(1 << 20, minimum=0, maximum=GIB, zero="keeps the kernel's")
+    """Bytes asked for the UDP socket's receive buffer (``SO_RCVBUF``), where datagrams wait
+    while the gateway is busy; a full buffer drops what arrives. Linux doubles the value
+    and caps it at ``net.core.rmem_max``; the effective size is logged at start. 0 keeps
+    the kernel's default (``net.core.rmem_default``)."""
+
+    listen: tuple[str, ...] = _setting(())
+    """``HOST:PORT`` addresses (``[::]:5683``; port 0 lets the OS pick); empty: no CoAP
+    server, no directory."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        for index, text in enumerate(self.listen):
+            try:
+                parse_listen(text)
+            except ValueError as error:
+                raise ConfigError(f"listen[{index}]", str(error)) from None
+
+
+NAME_FIELDS: Final = ("ep", "d", "path")
+"""The placeholders of ``[rd] name_template``."""
+
+
+@dataclass(frozen=True)
+class RdConfig:
+    """``[rd]``: who may register at the gateway's Resource Directory, and how much."""
+
+    allow_from: tuple[str, ...] = _setting(())
+    """Address prefixes registrations may come from (``10.0.0.0/8``, ``::1``). Required
+    when ``[coap] listen`` is set: a directory open to anyone is a way in."""
+    endpoints: tuple[str, ...] = _setting(("*",))
+    """Endpoint-name patterns (``*``, ``?``, ``[...]``) a registration's ``ep`` must match."""
+    name_template: str = _setting("{ep}/{path}", nonempty=True)
+    """The catalogue name of a registered resource: ``{ep}``, ``{d}`` and ``{path}`` (the
+    link's path without its leading ``/``)."""
+    max_registrations: int = _setting(1000, minimum=1, maximum=MILLION)
+    max_links: int = _setting(64, minimum=1, maximum=10_000)
+    """Links per registration."""
+    max_payload: int = _setting(4096, minimum=64, maximum=1 << 20)
+    """Bytes of link-format per registration."""
+    min_lifetime: int = _setting(60, minimum=1, maximum=DAY)
+    """A registration's ``lt`` is raised to at least this many seconds."""
+
+    def __post_init__(self) -> None:
+        import ipaddress
+        import string
+
+        _check_fields(self)
+        for index, prefix in enumerate(self.allow_from):
+            try:
+                ipaddress.ip_network(prefix, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"allow_from[{index}]", f"{prefix!r} is not an address prefix"
+                ) from None
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(self.name_template)
+                      if name is not None]
+        except ValueError as error:
+            raise ConfigError("name_template", str(error)) from None
+        unknown = [name for name in fields if name not in NAME_FIELDS]
+        if unknown or "ep" not in fields:
+            raise ConfigError(
+                "name_template",
+                f"must contain {{ep}} and no placeholders but {{ep}}, {{d}}, {{path}}; "
+                f"got {self.name_template!r}",
+            )
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """``[discovery]``: an existing Resource Directory whose endpoints join the catalogue."""
+
+    rd: str | None = _setting(None)
+    """``coap://host:port`` of the directory (its /rd-lookup/res is read)."""
+    refresh: float = _setting(300.0, above=0, maximum=DAY)
+    """Seconds between reads of the directory."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.rd is not None:
+            try:
+                uri = parse_coap_uri(self.rd)
+            except UriError as error:
+                raise ConfigError("rd", str(error)) from None
+            if uri.scheme != "coap":
+                raise ConfigError("rd", "only coap:// directories can be read")
 
 
 CLUSTER_NAME_CHARS: Final = frozenset(
@@ -532,6 +672,52 @@ class AuthConfig:
     def __post_init__(self) -> None:
         _check_fields(self)
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: where else ``GET /metrics`` is served, besides the WebSocket port."""
+
+    listen: str | None = _setting(None, nonempty=True)
+    """``HOST:PORT`` (``127.0.0.1:9464``, ``[::1]:9464``; port 0 lets the OS pick) of a
+    plain-HTTP listener for a scraper on another network. Protected like the WebSocket
+    port: with tokens configured, only a token with the ``metrics`` scope reads them."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.listen is not None:
+            listen_address(self.listen, "listen")
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The listen address as (host, port), or None when not set."""
+        return None if self.listen is None else listen_address(self.listen, "listen")
+
+
+def listen_address(text: str, key: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port): an IPv4 address or host name, or an IPv6 address in
+    brackets. Raises ConfigError naming `key`."""
+    example = "HOST:PORT, e.g. 127.0.0.1:9464 or [::1]:9464"
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not host or not port_text.isascii() or not port_text.isdigit():
+        raise ConfigError(key, f"must be {example}, got {_show(text)}")
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(key, f"port must be in 0..65535, got {port}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ConfigError(key, f"{_show(host)} is not an IPv6 address") from None
+        return host[1:-1], port
+    if ":" in host:
+        raise ConfigError(key, f"an IPv6 address goes in brackets: {example}")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        problem = host_name_problem(host.lower().rstrip("."))
+        if problem is not None:
+            raise ConfigError(key, problem) from None
+    return host, port
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -545,6 +731,8 @@ class GatewayConfig:
     """``[policy]``."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """``[limits]``."""
+    coap: CoapConfig = field(default_factory=CoapConfig)
+    """``[coap]``."""
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     """``[supervision]``."""
     history: HistoryConfig = field(default_factory=HistoryConfig)
@@ -553,8 +741,14 @@ class GatewayConfig:
     """``[cluster]``."""
     auth: AuthConfig = field(default_factory=AuthConfig)
     """``[auth]``."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """``[metrics]``."""
     credentials: tuple[CredentialConfig, ...] = _setting(())
     """``[[credentials]]``: DTLS keys and OSCORE contexts for protected sensors."""
+    rd: RdConfig = field(default_factory=RdConfig)
+    """``[rd]``."""
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    """``[discovery]``."""
     log_level: str = _setting("info", choices=LOG_LEVELS)
     """Logging threshold."""
     log_format: str = _setting("text", choices=LOG_FORMATS)
@@ -583,6 +777,12 @@ class GatewayConfig:
                         f"[{earlier_index}]): some origin matches both, so which credentials "
                         "apply would be ambiguous; make the patterns disjoint",
                     )
+        if self.coap.listen and not self.rd.allow_from:
+            raise ConfigError(
+                "rd.allow_from",
+                "[coap] listen enables the Resource Directory: name the address prefixes "
+                "registrations may come from (e.g. allow_from = [\"fd00::/8\"])",
+            )
         for index, sensor in enumerate(self.sensors):
             if sensor.uri.startswith("coaps://") and not any(
                 entry.kind == "dtls" and entry.matches(sensor.uri) for entry in self.credentials
@@ -630,6 +830,7 @@ def apply_overrides(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     no_auth: bool = False,
+    metrics_listen: str | None = None,
     nats: Sequence[str] = (),
     node: str | None = None,
 ) -> GatewayConfig:
@@ -677,6 +878,9 @@ def apply_overrides(
         config = _replace(config, "--log-level", log_level=log_level)
     if log_format is not None:
         config = _replace(config, "--log-format", log_format=log_format)
+    if metrics_listen is not None:
+        metrics = _replace(config.metrics, "--metrics-listen", listen=metrics_listen)
+        config = dataclasses.replace(config, metrics=metrics)
     if isinstance(nats, str):
         raise TypeError("nats must be a sequence of strings, not a string")
     if nats:

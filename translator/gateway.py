@@ -13,18 +13,22 @@ import contextlib
 import dataclasses
 import difflib
 import http
+import json
 import logging
 import os
+import resource
 import socket
 import ssl
 import time
+from asyncio.constants import ACCEPT_RETRY_DELAY
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from websockets.datastructures import Headers
 
+from translator import compat
 from translator.auth import (
     ANONYMOUS,
     READ,
@@ -33,30 +37,50 @@ from translator.auth import (
     scope_for_method,
     startup_problem,
 )
+from translator.budget import (
+    Budget,
+    client_budget,
+    default_lookup_workers,
+    open_descriptors,
+    raise_open_files_limit,
+)
 from translator.coap.security import check_installed, dtls_missing
 from translator.coap.side import CoapAnswer, CoapSide, UpstreamError
+from translator.coap_ws_proxy import CoapWsGrant, CoapWsProxy
 from translator.config import ConfigError, GatewayConfig, policy_for
 from translator.core import frames
-from translator.core.codecs import UnsupportedValue, decode_payload, encode_value
+from translator.core.codecs import (
+    UnsupportedValue,
+    cbor_data_item,
+    decode_payload,
+    encode_value,
+)
 from translator.core.frames import FrameError, FrameId
 from translator.core.history import History
 from translator.core.hub import (
     Command,
     Deliver,
     Hub,
+    Repeat,
     StartLinger,
     StartObservation,
     StopObservation,
+    Wake,
 )
 from translator.core.policy import Decision
 from translator.core.ratelimit import TokenBucket
 from translator.core.uris import UriError, parse_coap_uri
 from translator.credentials import client_credentials
+from translator.logs import limit_loop_exceptions
 from translator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from translator.metrics import GatewayMetrics
-from translator.web.front import Answer, text_answer
+from translator.registry import Registry
+from translator.web.encodings import parse_client_frame, to_cbor
+from translator.web.front import COAP_WS_PATH, WS_PATH, Answer, text_answer
+from translator.web.metrics_port import MetricsPort, host_names
 from translator.web.server import (
     Connection,
+    DeflateSettings,
     Refusal,
     SendLimits,
     ServerSettings,
@@ -66,6 +90,7 @@ from translator.web.server import (
 
 if TYPE_CHECKING:
     from translator.cluster.node import ClusterNode
+    from translator.cluster.wire import Published
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +103,37 @@ FRAME_COSTS: Final[dict[type, float]] = {
     frames.Subscribe: 0.5,
     frames.Unsubscribe: 0.25,
     frames.Ping: 0.1,
+    frames.Watch: 5.0,  # a snapshot of the catalogue, like a list
 }
 """What each client frame takes from its connection's token bucket (`[limits] rate` and
 `burst` are in these units): every frame type is rate limited, by what it costs."""
+REPEAT_COST: Final = 0.1
+"""What a `pmax` repeat takes from its connection's token bucket (as much as a ping): the
+frames a client makes the gateway generate count toward its rate; with the bucket empty,
+a repeat is skipped (the client has the value already)."""
 UNPARSABLE_COST: Final = 1.0
 """A frame that does not parse costs as much as a request: it is answered for nothing."""
 HELD_FRAMES_MAX: Final = 32
 """Frames a connection may send while one of its subscriptions waits for its host name to
 resolve. They wait, in order, so that replies keep the order of their frames."""
+ACCEPT_EXHAUSTED: Final = "socket.accept() out of system resource"
+"""asyncio's report of an accept() that failed for want of descriptors (or memory)."""
+OPEN_AFTER_START: Final = 16
+"""Descriptors open after start, where /proc cannot count them (11 measured on Linux)."""
 LOOKUP_TIMEOUT: Final = 5.0
 """Seconds a host name may take to resolve before the frame fails with `upstream_error`."""
+
+
+def _accept_exhausted(context: dict[str, Any]) -> str:
+    """What asyncio's report of a failed accept() means, said once per interval."""
+    exc = context.get("exception")
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    open_now = open_descriptors()  # None when not even /proc/self/fd can be opened
+    in_use = f"{open_now} open" if open_now is not None else "all in use"
+    return (f"cannot accept connections: {why} (open-files limit {limit}, {in_use}); "
+            f"accepting again in {ACCEPT_RETRY_DELAY:g} s, new clients "
+            "wait meanwhile")
 
 
 def _tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
@@ -163,12 +209,14 @@ class Gateway:
             max_idle_bytes=config.limits.max_idle_bytes,
             history=History(size=config.history.size, max_bytes=config.history.max_bytes),
             sub_for=sub_for,
+            min_pmax=config.limits.min_pmax,
         )
         self.coap = CoapSide(
             self,
             config.supervision,
             max_representation=config.limits.max_upstream_bytes,
             credentials=client_credentials(config.credentials),
+            receive_buffer=config.coap.receive_buffer,
         )
         limits = config.limits
         self.ws = WebSocketServer(
@@ -191,6 +239,12 @@ class Gateway:
                 server_names=config.server.server_names,
                 max_connections=limits.max_connections,
                 max_connections_per_ip=limits.max_connections_per_ip,
+                backlog=config.server.backlog,
+                deflate=DeflateSettings(
+                    context_takeover=config.server.deflate_context_takeover,
+                    window_bits=config.server.deflate_window_bits,
+                    memory_level=config.server.deflate_memory_level,
+                ) if config.server.compression == "deflate" else None,
             ),
             gatekeeper=self,
             operations=self,
@@ -199,14 +253,24 @@ class Gateway:
             config.auth, sensors=self.hub.sensor_uris, env=os.environ
         )
         self._sessions: dict[Connection, Session] = {}
+        self.coap_ws = CoapWsProxy(self)
+        """The RFC 8323 endpoint's peers (`/.well-known/coap`)."""
         self._lingers: dict[str, asyncio.TimerHandle] = {}
+        self._wake: asyncio.TimerHandle | None = None
+        """The one timer of all conditional subscriptions (`Hub.wake`)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._discovered_at: float | None = None
         self._discovery: asyncio.Task[None] | None = None
         self._stopping = False
         self._started = False
+        self.registry = Registry(config, self.hub, self.coap, self._execute, self._spawn)
+        """Resources that registered themselves (the RD), and who watches the catalogue."""
+        self.budget: Budget | None = None
+        """The clients the open-files limit allows, once started."""
         # Where observations go and the CoAP side's answers are numbered: this gateway's own
         # hub, or in a cluster the node that shares them over NATS (translator/cluster/).
+        # The Resource Directory stays per node: what registered here is catalogued here,
+        # and observed through the cluster like any URI (docs/cluster.md).
         self._watch = self.coap.start_observation
         self._unwatch = self.coap.stop_observation
         self._upstream_hub: Hub[Any] = self.hub
@@ -216,12 +280,19 @@ class Gateway:
             from translator.cluster.node import ClusterNode
 
             self.cluster = ClusterNode(
-                config, local=self.hub, deliver=self._execute, upstream=self.coap
+                config, local=self.hub, deliver=self._execute, upstream=self.coap,
+                represent=self._represent,
             )
             self._watch, self._unwatch = self.cluster.watch, self.cluster.unwatch
             self._upstream_hub = self.cluster.owner_hub
             self._upstream_execute = self.cluster.execute_owned
+        # After the cluster: prometheus-client collects once when the collector registers.
         self.metrics_registry = GatewayMetrics(self)
+        address = config.metrics.address
+        self.metrics_port = None if address is None else MetricsPort(
+            *address, host_names(address[0], config.server.server_names), self
+        )
+        """`[metrics] listen`: the operator's endpoints on an address of their own."""
 
     @property
     def url(self) -> str:
@@ -232,6 +303,11 @@ class Gateway:
         """The hub the CoAP side's answers go to: this gateway's own, or in a cluster the
         one of what this node observes for every node."""
         return self._upstream_hub
+
+    @property
+    def coap_ws_url(self) -> str:
+        """The RFC 8323 endpoint beside `url`: CoAP over WebSockets, subprotocol ``coap``."""
+        return self.ws.url.removesuffix(WS_PATH) + COAP_WS_PATH
 
     @property
     def authenticating(self) -> bool:
@@ -246,14 +322,48 @@ class Gateway:
                         "exposing the gateway beyond this machine")
         if self.policy.allows_everything:
             log.warning("policy allows every CoAP destination ('*'): for development only")
+        files = raise_open_files_limit()
+        log.info("open files: %s", files.describe())
+        loop = asyncio.get_running_loop()
+        limit_loop_exceptions(loop, explained={ACCEPT_EXHAUSTED: _accept_exhausted})
+        compat.accept_backoff(loop)
+        if self.metrics_port is not None:  # first: nothing else to undo when it fails
+            try:
+                await self.metrics_port.start()
+            except OSError as exc:
+                raise ConfigError("metrics.listen", f"cannot listen on "
+                                  f"{self.config.metrics.listen}: {exc.strerror or exc}") from None
+            log.info("metrics at %s", self.metrics_port.url)
         await self.coap.start()
         if self.cluster is not None:
             await self.cluster.start()
+        await self.registry.start()
         await self.ws.start()
+        log.info("CoAP over WebSockets (RFC 8323) at %s", self.coap_ws_url)
+        self.budget = self._client_budget(files.soft)
+        self.ws.limit_connections(self.budget.clients, self.budget.sockets)
+        if self.budget.limited_by_files:
+            log.warning("clients: %s", self.budget.describe())
+        else:
+            log.info("clients: %s", self.budget.describe())
         self._started = True
         self._execute(self.hub.startup())
         if self.config.sensors:
             self._discovery = self._spawn(self._discover(), "discovery")
+
+    def _client_budget(self, limit: int) -> Budget:
+        """The clients the open-files limit allows besides what is open now (budget.py)."""
+        config = self.config
+        open_now = open_descriptors()
+        return client_budget(
+            limit,
+            config.limits.max_connections,
+            open_now=open_now if open_now is not None else OPEN_AFTER_START,
+            lookup_workers=default_lookup_workers(),
+            dtls_sensors=sum(s.uri.startswith("coaps://") for s in config.sensors),
+            oscore_contexts=sum(c.kind == "oscore" for c in config.credentials),
+            dtls_possible=any(c.kind == "dtls" for c in config.credentials),
+        )
 
     async def stop(self) -> None:
         """Deregister upstream observations, close WebSockets with 1001, stop everything.
@@ -265,6 +375,7 @@ class Gateway:
         for handle in self._lingers.values():
             handle.cancel()
         self._lingers.clear()
+        self._arm_wake(None)
         # The deregistrations go out first (they are what the sensors see); the clients are
         # closed while the sensors answer, so that a silent sensor and a stalled client cost
         # their timeouts side by side, within the CLI's 5 s.
@@ -281,7 +392,10 @@ class Gateway:
             await asyncio.wait(pending, timeout=2)
         if self.cluster is not None:
             await self.cluster.stop()
+        await self.registry.stop()
         await self.coap.shutdown()
+        if self.metrics_port is not None:
+            await self.metrics_port.stop()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
@@ -295,20 +409,50 @@ class Gateway:
         for command in commands:
             if self._stopping and isinstance(command, StartObservation | StartLinger):
                 continue
-            if isinstance(command, Deliver):
+            if isinstance(command, Repeat):
+                # Only WebSocket sessions hold conditional subscriptions (never a CoAP peer).
+                fan_out(self._within_rate(command.targets), command.text, command.replaces)
+            elif isinstance(command, Deliver):
+                targets: Sequence[Connection] = command.targets
+                if self.coap_ws.peers:  # CoAP-over-WebSocket peers get CoAP messages
+                    targets = self.coap_ws.take_deliveries(command)
                 # Frame once, send to many: the same bytes go to every target.
-                fan_out(command.targets, command.text, command.replaces)
+                fan_out(targets, command.text, command.replaces, command.meta)
+            elif isinstance(command, Wake):
+                self._arm_wake(None if self._stopping else command.at)
             elif isinstance(command, StartObservation):
                 self._cancel_linger(command.uri)
                 self._watch(command.uri)
             elif isinstance(command, StopObservation):
                 self._cancel_linger(command.uri)
                 self._unwatch(command.uri)
+                self.coap_ws.forget(command.uri)
             elif isinstance(command, StartLinger):
                 self._cancel_linger(command.uri)
                 self._lingers[command.uri] = asyncio.get_running_loop().call_later(
                     command.delay, self._linger_expired, command.uri, command.generation
                 )
+
+    def _arm_wake(self, at: float | None) -> None:
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        if at is not None:
+            delay = max(0.0, at - self.hub.monotonic())
+            self._wake = asyncio.get_running_loop().call_later(delay, self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._execute(self.hub.wake())
+
+    def _within_rate(self, targets: tuple[Connection, ...]) -> list[Connection]:
+        """The connections whose rate budget still has room for a `pmax` repeat."""
+        sessions = self._sessions
+        return [
+            conn for conn in targets
+            if (session := sessions.get(conn)) is not None
+            and session.bucket.take(min(REPEAT_COST, session.bucket.burst))
+        ]
 
     def _cancel_linger(self, uri: str) -> None:
         handle = self._lingers.pop(uri, None)
@@ -326,6 +470,10 @@ class Gateway:
 
     def answer(self, uri: str, answer: CoapAnswer) -> None:
         hub, code, cf = self._upstream_hub, answer.code, answer.cf
+        if self.cluster is None:
+            self.coap_ws.upstream_answer(uri, answer)
+        # (In a cluster the RFC 8323 endpoint of every node, this one included, hears of
+        # the representation with the relayed notify: `_represent`.)
         age, observe = answer.max_age, answer.observable
         if answer.broken is not None:
             commands = hub.upstream_unusable(
@@ -339,7 +487,24 @@ class Gateway:
             commands = hub.upstream_response(
                 uri, code=code, cf=cf, payload=answer.payload, max_age=age, observe=observe
             )
-        self._upstream_execute(commands)
+        if self.cluster is None:
+            self._execute(commands)
+        else:
+            dropped = answer.broken is not None or answer.too_large is not None
+            self.cluster.execute_owned(commands, answer.payload, dropped)
+
+    def _represent(self, uri: str, published: Published) -> None:
+        """A cluster's notify of `uri` with the sensor's representation (from the owner of
+        the resource, maybe this node): the RFC 8323 endpoint keeps it, as it keeps an
+        answer of this node's own observation."""
+        frame = json.loads(published.text)
+        payload = published.payload
+        assert payload is not None
+        broken = str(frame.get("decode_error") or "dropped") if published.dropped else None
+        self.coap_ws.upstream_answer(uri, CoapAnswer(
+            code=frame["code"], cf=frame.get("cf"), payload=payload,
+            max_age=frame.get("max_age"), observe=None, broken=broken,
+        ))
 
     def unchanged(self, uri: str) -> None:
         self._upstream_execute(self._upstream_hub.upstream_unchanged(uri))
@@ -352,10 +517,12 @@ class Gateway:
 
     # -- the WebSocket side's events (MessageHandler) ----------------------------------------
 
-    def admit(self, path: str, headers: Headers, remote_ip: str) -> Refusal | Principal:
+    def admit(
+        self, path: str, headers: Headers, remote_ip: str
+    ) -> Refusal | Principal | CoapWsGrant:
         """The handshake's authentication (Gatekeeper): who the client is, or HTTP 401."""
         if not self.authenticating:
-            return ANONYMOUS
+            return self._grant(path, ANONYMOUS)
         presented = headers.get_all("Authorization")
         principal = (
             # Two Authorization headers are ambiguous: refuse rather than pick one.
@@ -370,6 +537,13 @@ class Gateway:
                 (("WWW-Authenticate", 'Bearer realm="coap-ws-gateway"'),),
             )
         log.info("client %s authenticated as %s", remote_ip, principal.name)
+        return self._grant(path, principal)
+
+    @staticmethod
+    def _grant(path: str, principal: Principal) -> Principal | CoapWsGrant:
+        """The RFC 8323 endpoint's connections are told apart by their grant."""
+        if path.partition("?")[0] == COAP_WS_PATH:
+            return CoapWsGrant(principal)
         return principal
 
     # -- the operator's endpoints (Operations) ----------------------------------------------
@@ -399,19 +573,31 @@ class Gateway:
         )
 
     def connected(self, conn: Connection) -> None:
-        principal = conn.grant if isinstance(conn.grant, Principal) else ANONYMOUS
+        grant = conn.grant
+        principal = (
+            grant.principal if isinstance(grant, CoapWsGrant)
+            else grant if isinstance(grant, Principal) else ANONYMOUS
+        )
         limits = self.config.limits
-        self._sessions[conn] = Session(conn, principal, TokenBucket(limits.rate, limits.burst))
+        session = Session(conn, principal, TokenBucket(limits.rate, limits.burst))
+        self._sessions[conn] = session
         self.hub.connect(conn)
+        if isinstance(grant, CoapWsGrant):
+            self.coap_ws.connected(session)
 
     def disconnected(self, conn: Connection) -> None:
         session = self._sessions.pop(conn, None)
         if session is not None:
             for task in session.tasks:
                 task.cancel()
+        self.coap_ws.disconnected(conn)
+        self.registry.forget(conn)
         self._execute(self.hub.disconnect(conn))
 
     def received(self, conn: Connection, message: str | bytes) -> None:
+        if conn in self.coap_ws.peers:
+            self.coap_ws.received(conn, message)
+            return
         session = self._sessions.get(conn)
         if session is None:
             return
@@ -424,7 +610,7 @@ class Gateway:
         conn = session.conn
         try:
             try:
-                frame = frames.parse(message)
+                frame = parse_client_frame(message, conn.cbor)
             except FrameError:
                 if not session.bucket.take(UNPARSABLE_COST):
                     raise self._rate_limited(session, None) from None
@@ -456,7 +642,7 @@ class Gateway:
         ):
             frame_id: FrameId = None
             with contextlib.suppress(FrameError):
-                frame_id = frames.parse(message).id
+                frame_id = parse_client_frame(message, session.conn.cbor).id
             session.conn.send(frames.ErrorFrame(
                 frame_id, frames.LIMIT,
                 f"at most {HELD_FRAMES_MAX} frames may wait behind a host-name lookup",
@@ -505,11 +691,10 @@ class Gateway:
                     session.held = deque()
                     task.add_done_callback(lambda _: self._release(session))
                 else:
-                    self._execute(
-                        self.hub.subscribe(conn, str(decision.uri), frame.id, frame.since)
-                    )
+                    self._subscribe(conn, str(decision.uri), frame)
             case frames.Unsubscribe():
                 self._execute(self.hub.unsubscribe(conn, frame.sub, frame.id))
+                conn.forget_compact(frame.sub)
             case frames.Request():
                 self._start_request(session, frame)
             case frames.ListResources():
@@ -524,6 +709,18 @@ class Gateway:
                 )
             case frames.Ping():
                 conn.send(frames.Pong(frame.id).serialize())
+            case frames.Watch():
+                self._require(session.principal, READ, frame.id)
+                visible = self._visible(session.principal)
+                configured = [
+                    {"name": s.name, "uri": s.uri, "ep": None, "source": "config"}
+                    for s in self.config.sensors if visible(s.uri)
+                ]
+                principal = session.principal
+                self.registry.watch(
+                    conn, frame.id,
+                    lambda uri: principal.allows(uri, self.hub.sensor_uris), configured,
+                )
 
     @staticmethod
     def _require(principal: Principal, scope: str, frame_id: FrameId) -> None:
@@ -548,7 +745,7 @@ class Gateway:
         self._require(session.principal, scope, frame_id)
         principal = session.principal
         if name is not None:
-            found = self.hub.uri_for_name(name)
+            found = self.hub.uri_for_name(name) or self.registry.uri_for_name(name)
             # A name this token may not reach gets the same answer as an unknown one, so that
             # a narrowed token can neither enumerate names nor learn their URIs.
             if found is None or not principal.allows(found, self.hub.sensor_uris):
@@ -563,6 +760,10 @@ class Gateway:
         except UriError as exc:
             raise FrameError(frames.BAD_REQUEST, str(exc), frame_id) from None
         decision = self.policy.decide(uri)
+        if not decision.allowed and self.registry.catalogued(str(uri)):
+            # A registered resource passed the directory's rules when it joined (an IP
+            # literal, never multicast or broadcast, from an allowed registrant).
+            decision = Decision(uri, True, False, "")
         if not decision.allowed:
             raise FrameError(frames.FORBIDDEN, decision.reason, frame_id)
         if not principal.allows(uri, self.hub.sensor_uris):
@@ -584,7 +785,8 @@ class Gateway:
         """A hint naming the configured sensors closest to `name` that `principal` may reach
         (never one it may not: that would let a narrowed token enumerate names)."""
         sensors = self.hub.sensor_uris
-        reachable = [n for n, uri in sensors.items() if principal.allows(uri, sensors)]
+        names = {**self.registry.catalog.names, **sensors}
+        reachable = [n for n, uri in names.items() if principal.allows(uri, sensors)]
         close = difflib.get_close_matches(name, reachable, n=3)
         return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 
@@ -624,9 +826,18 @@ class Gateway:
         self, session: Session, decision: Decision, frame: frames.Subscribe
     ) -> None:
         await self._check_addresses(session.principal, decision, frame.id)
-        self._execute(
-            self.hub.subscribe(session.conn, str(decision.uri), frame.id, frame.since)
-        )
+        self._subscribe(session.conn, str(decision.uri), frame)
+
+    def _subscribe(self, conn: Connection, uri: str, frame: frames.Subscribe) -> None:
+        commands = self.hub.subscribe(conn, uri, frame.id, frame.since, frame.cond)
+        resource = self.hub.resource(uri)
+        if resource is not None:
+            # Before the commands run: the cached notify among them is the complete first.
+            if frame.compact:
+                conn.want_compact(resource.sub)
+            else:
+                conn.forget_compact(resource.sub)
+        self._execute(commands)
 
     @staticmethod
     async def _answering(
@@ -671,6 +882,7 @@ class Gateway:
         uri = str(decision.uri)
         started = time.monotonic()
         reply: frames.Response | frames.ErrorFrame
+        cbor_reply: bytes | None = None
         try:
             if decision.needs_resolution:
                 await self._check_addresses(session.principal, decision, frame.id)
@@ -699,11 +911,16 @@ class Gateway:
                 answer.cf, answer.payload, ts=time.time(), advertised_cf=advertised
             )
             reply = frames.Response(frame.id, answer.code, answer.cf, body)
+            if conn.cbor:
+                # A CBOR client gets a CBOR value as the sensor's own data item.
+                raw = cbor_data_item(answer.cf, answer.payload, body, advertised)
+                if raw is not None:
+                    cbor_reply = to_cbor(reply.serialize(), raw)
         outcome = (
             f"{reply.code[0]}.xx" if isinstance(reply, frames.Response) else reply.error
         )
         self.metrics_registry.request_done(frame.method, outcome, time.monotonic() - started)
-        conn.send(reply.serialize())
+        conn.send(reply.serialize() if cbor_reply is None else cbor_reply)
 
     # -- discovery and list ------------------------------------------------------------------
 
@@ -744,12 +961,19 @@ class Gateway:
             if other.principal == principal
             for uri in self.hub.subscribed_uris(other.conn)
         }
-        entries = self.hub.list_entries(
-            lambda uri: uri in own
-            or (
-                self.hub.catalogued(uri)
-                and self.policy.allows(uri)
+        visible = self._visible(principal)
+        entries = self.hub.list_entries(lambda uri: uri in own or visible(uri))
+        entries = self.registry.annotate(entries, visible)
+        conn.send(frames.Resources(frame_id, tuple(entries)).serialize())
+
+    def _visible(self, principal: Principal) -> Callable[[str], bool]:
+        """Whether a catalogued resource is shown to `principal`: configured, discovered at
+        a configured sensor's host, or registered, as far as the policy (registered ones
+        passed the directory's rules instead) and the token allow."""
+        def visible(uri: str) -> bool:
+            registered = self.registry.catalogued(uri)
+            return (
+                (registered or (self.hub.catalogued(uri) and self.policy.allows(uri)))
                 and principal.allows(uri, self.hub.sensor_uris)
             )
-        )
-        conn.send(frames.Resources(frame_id, tuple(entries)).serialize())
+        return visible

@@ -71,27 +71,39 @@ class GatewayCollector(Collector):
             states.add_metric([state], count)
         yield states
         yield _gauge("observations", "Upstream observations kept", hub.observing_count)
-        yield _counter("updates", "Updates accepted from sensors (each a notify)",
-                       hub.updates_total)
-        yield _counter("deliveries", "Notify frames handed to subscribers", hub.deliveries_total)
+        yield _counter("updates", "Notifications received from sensors and accepted "
+                       "(2.xx representations; each became a notify)", hub.updates_total)
+        yield _counter("deliveries", "Notify frames delivered to subscribers (an update "
+                       "times its subscribers)", hub.deliveries_total)
         # In a cluster, the hub of what this node observes for every node counts these.
         upstream = gateway.upstream_hub
-        yield _counter("registrations", "Upstream registrations sent",
+        yield _counter("registrations", "Upstream registrations sent (GET with Observe: 0)",
                        upstream.registrations_total)
-        yield _counter("upstream_failures", "Upstream failures (no answer, RST, ICMP, "
-                       "4.xx/5.xx)", upstream.failures_total)
+        yield _counter("registration_failures", "Registrations that failed (no answer, RST, "
+                       "ICMP, 4.xx/5.xx)", upstream.registration_failures_total)
+        yield _counter("upstream_failures", "Upstream failures of any kind: registrations, "
+                       "polls and broken observations", upstream.failures_total)
         if gateway.cluster is not None:
             yield _gauge("cluster_owned", "Resources this node observes for the cluster",
                          len(gateway.cluster.owned))
             yield _gauge("cluster_degraded", "1 while cut off from NATS (observing alone)",
                          int(gateway.cluster.problem is not None))
+        ws = gateway.ws
         yield _counter("slow_consumer_closes", "Connections closed as slow consumers",
-                       gateway.ws.slow_consumers_closed)
-        coalesced = sum(conn.outbox.replaced for conn in gateway.ws.connections)
-        yield _gauge("coalesced_queued", "Notify frames replaced by newer ones in the queues "
-                     "of the open connections", coalesced)
+                       ws.slow_consumers_closed)
+        yield _counter("slow_consumer_dropped_frames", "Frames that were waiting for a "
+                       "connection when it was closed as a slow consumer",
+                       ws.slow_consumer_frames_dropped)
+        yield _counter("coalesced_frames", "Notify frames a newer one of the same "
+                       "subscription replaced while waiting for a slow client (closed "
+                       "connections included)", ws.coalesced_total)
         yield _gauge("history_bytes", "Memory of the resume history", hub.history.bytes)
         yield _gauge("idle_bytes", "Memory of remembered unwatched resources", hub.idle_bytes)
+        kernel = _kernel_drops(gateway)
+        if kernel is not None:
+            yield _counter("udp_kernel_drops", "Datagrams the kernel dropped at the CoAP "
+                           "sockets because their receive buffers were full (Linux: "
+                           "/proc/net/udp)", kernel)
         dropped = CounterMetricFamily(
             "coap_ws_gateway_coap_dropped", "Datagrams the CoAP socket dropped, by reason",
             labels=["reason"],
@@ -99,6 +111,32 @@ class GatewayCollector(Collector):
         for reason, count in sorted(_coap_dropped(gateway).items()):
             dropped.add_metric([reason], count)
         yield dropped
+        yield from _directory(gateway)
+
+
+def _directory(gateway: Gateway) -> Iterator[Metric]:
+    """The Resource Directory's size and refusals, and the catalogue it fills."""
+    registry = gateway.registry
+    yield _gauge("catalogued", "Resources in the catalogue that registered themselves or were "
+                 "read from another directory", len(registry.catalog))
+    if registry.directory is None or registry.server is None:
+        return
+    yield _gauge("rd_registrations", "Registrations at the gateway's Resource Directory",
+                 len(registry.directory))
+    refused = CounterMetricFamily(
+        "coap_ws_gateway_rd_refused", "Requests the Resource Directory refused, by CoAP code",
+        labels=["code"],
+    )
+    for code, count in sorted(registry.server.site.refused.items()):
+        refused.add_metric([code], count)
+    yield refused
+
+
+def _kernel_drops(gateway: Gateway) -> int | None:
+    try:
+        return gateway.coap.kernel_drops
+    except OSError:  # a socket closed while being looked up: unknown this time
+        return None
 
 
 def _coap_dropped(gateway: Gateway) -> dict[str, int]:

@@ -415,6 +415,30 @@ class SimulatedSensors:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"coap://{host}:{self.port}"
 
+    # -- self-registration (RFC 9176) -------------------------------------------------------
+
+    def register_at(self, rd: str, ep: str, lt: int = 90_000) -> Any:
+        """Register these sensors at the Resource Directory `rd` (``coap://host:port``) from
+        their own socket, so that the directory sees their address as the source, with
+        aiocoap's own RD client. It finds the registration interface through the
+        directory's /.well-known/core, renews before `lt` runs out, and removes the
+        registration on ``await registerer.shutdown()``."""
+        from aiocoap.resourcedirectory.client.register import Registerer
+
+        if self._context is None:
+            raise RuntimeError("SimulatedSensors not started")
+        return Registerer(
+            self._context, rd=rd, lt=lt, registration_parameters={"ep": ep},
+            loggername=f"{__name__}.rd",
+        )
+
+    async def request(self, message: Message) -> Message:
+        """Send a request from the sensors' own socket (as a sensor talks to a directory)."""
+        if self._context is None:
+            raise RuntimeError("SimulatedSensors not started")
+        response: Message = await self._context.request(message).response
+        return response
+
     # -- observation introspection -----------------------------------------------------------
 
     def _observed(self, path: str) -> _ObservedResource:

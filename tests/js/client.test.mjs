@@ -83,6 +83,38 @@ test("two subscriptions of one resource: each sees every update once, each ends 
   }
 });
 
+test("a compact subscription: compact frames on the wire, complete ones in onNotify", async (t) => {
+  const wire = [];
+  class Spying extends globalThis.WebSocket {
+    constructor(url) {
+      super(url);
+      this.addEventListener("message", (event) => wire.push(JSON.parse(event.data)));
+    }
+  }
+  const { client } = connect(t, GatewayClient, env.url, { WebSocket: Spying });
+  const notifies = [];
+  const subscription = client.subscribe("temperature", {
+    onNotify: (f) => notifies.push(f), compact: true,
+  });
+  assert.equal(subscription.compact, true);
+  await within(subscription.ready(), "subscribed");
+  await within(new Promise((resolve) => {
+    const poll = setInterval(() => {
+      if (notifies.length >= 4) { clearInterval(poll); resolve(); }
+    }, 20);
+  }), "four notifies");
+  const sent = wire.filter((f) => f.type === "notify" && f.sub === subscription.sub);
+  assert.ok("uri" in sent[0], "the first notify is complete");
+  assert.ok(sent.slice(1).some((f) => !("uri" in f) && !("cf" in f)), "later ones are compact");
+  for (const frame of notifies) {
+    assert.equal(frame.uri, subscription.uri);
+    assert.equal(frame.cf, 60);
+    assert.equal(frame.code, "2.05");
+    assert.equal(typeof frame.max_age, "number");
+    assert.equal(typeof frame.value, "number");
+  }
+});
+
 test("a refused subscription calls onError and its ready() rejects", async (t) => {
   const { client } = connect(t, GatewayClient, env.url);
   const { subscription, errors } = follow(client, "no/such/sensor");

@@ -104,7 +104,7 @@ export function connect(t, GatewayClient, url, options = {}) {
   return { client, states };
 }
 
-export function follow(client, nameOrUri) {
+export function follow(client, nameOrUri, options = {}) {
   const notifies = new Inbox();
   const statuses = new Inbox();
   const resyncs = new Inbox();
@@ -114,6 +114,7 @@ export function follow(client, nameOrUri) {
     onStatus: (frame) => statuses.push(frame),
     onResync: (event) => resyncs.push(event),
     onError: (frame) => errors.push(frame),
+    ...options,
   });
   return { subscription, notifies, statuses, resyncs, errors };
 }

@@ -123,3 +123,22 @@ test("after a gateway restart the client comes back and says the stream started 
   // Requests work on the new gateway too.
   assert.equal((await client.request("GET", "led")).code, "2.05");
 });
+
+test("a conditional subscription subscribes with its cond again after a reconnect", async (t) => {
+  const { client, states } = connect(t, GatewayClient, env.relayUrl);
+  // The LED changes only when told to: all that comes is its value, then pmax repeats.
+  const { notifies, resyncs } = follow(client, "led", { cond: { pmax: 1, edge: true, path: "/on" } });
+  const repeat = await notifies.next((f) => f.repeat === true, "a pmax repeat");
+  // A repeat has the seq already delivered, and is delivered all the same.
+  assert.deepEqual(notifies.items.map((f) => [f.seq, f.repeat]),
+    [[repeat.seq, undefined], [repeat.seq, true]]);
+  await command({ do: "cut" });
+  await opened(states, 2);
+  // Not replayed (a filtered stream has no gapless resume): onResync.
+  await resyncs.next(() => true, "onResync");
+  const from = notifies.items.length;
+  // Only the cond sent again can bring repeats now.
+  const again = await notifies.next((f, all) => all.length > from && f.repeat === true,
+    "a repeat after the reconnect");
+  assert.equal(again.seq, repeat.seq);
+});

@@ -18,7 +18,9 @@ The *owner hub* is a second `Hub` that numbers and serializes the resource's fra
 a single gateway does (the same code); its one subscriber per owned resource is a `Seat`,
 whose deliveries are published. Every node relays the same frame text to its clients, so the
 notify frames, their `seq` and (with the cluster's epoch and URI-derived `sub`) the epoch are
-identical on every node.
+identical on every node. A notify is published with the sensor's representation (`wire`):
+CBOR clients take the value's CBOR item from it, the RFC 8323 endpoint (`represent`) the
+payload; compact diffs and conditional subscriptions are the local hub's, as for any update.
 
 Ownership is a lease with a TTL, renewed by the owner three times per TTL; interest is a key
 per node and resource with a TTL, renewed the same way. One loop (`_run`) converges what NATS
@@ -53,6 +55,7 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
 from translator.cluster.names import Names, cluster_sub, default_node_name, resource_key
+from translator.cluster.wire import Published, decode
 from translator.config import ClusterConfig, ConfigError, GatewayConfig
 from translator.core.frames import Status
 from translator.core.history import History
@@ -71,7 +74,8 @@ RETRY_INTERVAL: Final = 1.0
 PUBLISH_QUEUE: Final = 10_000
 """Frames waiting to be published at most; past it the oldest go (NATS is too slow or gone,
 and the next notify makes them moot)."""
-_PUBLISHED_PREFIXES: Final = ('{"type":"notify"', '{"type":"status"')
+_NOTIFY_PREFIX: Final = '{"type":"notify"'
+_PUBLISHED_PREFIXES: Final = (_NOTIFY_PREFIX, '{"type":"status"')
 
 
 class Upstream(Protocol):
@@ -157,15 +161,19 @@ class ClusterNode:
         local: Hub[Any],
         deliver: Callable[[list[Command[Any]]], None],
         upstream: Upstream,
+        represent: Callable[[str, Published], None] | None = None,
     ) -> None:
         """`local`: the gateway's hub; `deliver`: carries out its commands (the gateway's
-        `_execute`); `upstream`: the CoAP side, for the resources this node owns."""
+        `_execute`); `upstream`: the CoAP side, for the resources this node owns;
+        `represent`: told each notify's representation as the sensor sent it, before the
+        local hub relays the notify (the RFC 8323 endpoint sends those bytes)."""
         self.config = config.cluster
         self.node = self.config.node or default_node_name()
         self.names = Names(self.config.name)
         self.local = local
         self._deliver = deliver
         self._upstream = upstream
+        self._represent = represent
         self._options = nats_options(self.config)
         self.owner_hub: Hub[Seat] = Hub(
             linger=0,  # interest lingers at the nodes; ownership ends when none is left
@@ -176,6 +184,9 @@ class ClusterNode:
             history=History(size=0),  # the stream keeps the cluster's history
             sub_for=cluster_sub,
         )
+        # The Content-Format a resource advertised (/.well-known/core, or its RD
+        # registration) is what this node's own hub knows: the owner hub decodes with it.
+        self.owner_hub.registered_cf = self.local.advertised_cf
         self.history_size = max(1, config.history.size)
         self._watches: dict[str, Watch] = {}
         self._uri_of_key: dict[str, str] = {}
@@ -263,18 +274,30 @@ class ClusterNode:
         if self._watches.pop(uri, None) is not None:
             self._wake.set()
 
-    def execute_owned(self, commands: list[Command[Seat]]) -> None:
+    def execute_owned(
+        self, commands: list[Command[Seat]], payload: bytes | None = None,
+        dropped: bool = False,
+    ) -> None:
         """Carry out what the owner hub returns for the CoAP side's events: each notify and
-        status frame is published once and relayed to this node's clients directly."""
+        status frame is published once and relayed to this node's clients directly. A
+        notify goes with `payload`, the representation it came from (`dropped`: too large
+        or broken), for the clients that take the sensor's bytes (see `wire`)."""
         for command in commands:
             if isinstance(command, Deliver):
                 text = command.text
                 if not text.startswith(_PUBLISHED_PREFIXES):
                     continue
+                published = Published(text)
+                if payload is not None and text.startswith(_NOTIFY_PREFIX):
+                    meta = command.meta
+                    published = Published(
+                        text, payload, meta is not None and meta.cbor_value is not None,
+                        dropped,
+                    )
                 for seat in command.targets:
-                    self._publish_frame(seat.uri, text)
+                    self._publish_frame(seat.uri, published)
                     if seat.uri in self._watches:
-                        self._relay(seat.uri, text)
+                        self._relay(seat.uri, published)
             elif isinstance(command, StartObservation):
                 self._upstream.start_observation(command.uri)
             elif isinstance(command, StopObservation):
@@ -282,23 +305,37 @@ class ClusterNode:
 
     # -- frames -----------------------------------------------------------------------------
 
-    def _relay(self, uri: str, text: str) -> None:
+    def _relay_message(self, uri: str, data: bytes) -> None:
+        """A message from the resource's subject (or the stream's latest one)."""
         try:
-            commands = self.local.relay(uri, text)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # Only a foreign publisher on our subjects can send what the owner hub never
-            # makes: drop it, say so (rate limited).
-            self._errors.write("cluster.bad-frame", logging.WARNING,
-                             "dropped a malformed frame for %s: %s", uri, exc)
+            published = decode(data)
+        except ValueError as exc:
+            self._malformed(uri, exc)
+            return
+        self._relay(uri, published)
+
+    def _relay(self, uri: str, published: Published) -> None:
+        try:
+            if self._represent is not None and published.payload is not None:
+                self._represent(uri, published)
+            commands = self.local.relay(uri, published.text, published.cbor_value)
+        except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as exc:
+            self._malformed(uri, exc)
             return
         self._deliver(commands)
 
-    def _publish_frame(self, uri: str, text: str) -> None:
+    def _malformed(self, uri: str, exc: Exception) -> None:
+        # Only a foreign publisher on our subjects can send what the owner hub never makes:
+        # drop it, say so (rate limited).
+        self._errors.write("cluster.bad-frame", logging.WARNING,
+                           "dropped a malformed frame for %s: %s", uri, exc)
+
+    def _publish_frame(self, uri: str, published: Published) -> None:
         if not self.joined.is_set():
             return  # degraded: nobody else can hear it; the stream misses it
         if self._outbox.full():
             self._outbox.get_nowait()
-        self._outbox.put_nowait((self.names.subject(resource_key(uri)), text.encode()))
+        self._outbox.put_nowait((self.names.subject(resource_key(uri)), published.encode()))
 
     async def _publish(self) -> None:
         """Publish frames in the order they were made (core NATS: the stream captures them
@@ -316,7 +353,7 @@ class ClusterNode:
     async def _on_frame(self, msg: Msg) -> None:
         uri = self._uri_of_key.get(msg.subject.rpartition(".")[2])
         if uri is not None and uri in self._watches and uri not in self._owned:
-            self._relay(uri, msg.data.decode(errors="replace"))
+            self._relay_message(uri, msg.data)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -493,7 +530,7 @@ class ClusterNode:
             return
         if last.data and watch.uri not in self._owned:
             # The latest value at once (the hub drops it when it has it already).
-            self._relay(watch.uri, last.data.decode(errors="replace"))
+            self._relay_message(watch.uri, last.data)
 
     async def _leave(self, watch: Watch) -> None:
         assert self._interest is not None
@@ -526,8 +563,8 @@ class ClusterNode:
                 sub=cluster_sub(watch.uri), uri=watch.uri, state="stale",
                 reason="the node observing it is gone: another one takes over",
             ).serialize()
-            self._publish_frame(watch.uri, text)
-            self._relay(watch.uri, text)
+            self._publish_frame(watch.uri, Published(text))
+            self._relay(watch.uri, Published(text))
         watch.owner_seen = False
         await self._own(watch.uri, revision)
 
@@ -564,7 +601,7 @@ class ClusterNode:
             )
             if last.data:
                 self.local.rebase(watch.uri)
-                self._relay(watch.uri, last.data.decode(errors="replace"))
+                self._relay_message(watch.uri, last.data)
 
     async def _release_unwatched(self) -> None:
         """End the observations that no node's interest names any more."""
@@ -591,7 +628,7 @@ class ClusterNode:
             await self._seed_owner(uri)
         resource = self.local.resource(uri)
         if resource is not None and resource.last_notify is not None:
-            self.owner_hub.seed(uri, resource.last_notify)
+            self.owner_hub.seed(uri, resource.last_notify, resource.last_cbor)
         seat = Seat(uri)
         self._owned[uri] = Ownership(uri, resource_key(uri), seat, revision)
         self.takeovers += 1
@@ -608,7 +645,11 @@ class ClusterNode:
                 self.names.stream, self.names.subject(resource_key(uri)), direct=True
             )
             if last.data:
-                self.owner_hub.seed(uri, last.data.decode(errors="replace"))
+                try:
+                    published = decode(last.data)
+                    self.owner_hub.seed(uri, published.text, published.cbor_value)
+                except (ValueError, KeyError, TypeError, AssertionError) as exc:
+                    self._malformed(uri, exc)
 
     def _disown(self, uri: str) -> None:
         ownership = self._owned.pop(uri, None)

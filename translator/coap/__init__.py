@@ -14,6 +14,8 @@ Pure decisions first, then the I/O that carries them out:
 - `batch`: the UDP socket, read in batches through `guard`.
 - `security`: the aiocoap context itself, with DTLS and OSCORE.
 - `side`: `CoapSide`, the facade the gateway holds.
+- `directory`: the gateway's own CoAP server, hosting the Resource Directory (RFC 9176) over
+  the pure table `translator.core.directory`.
 
 Private aiocoap APIs are reached through `translator.compat` only.
 """

@@ -60,6 +60,7 @@ from aiocoap.util.socknumbers import HAS_RECVERR, MSG_ERRQUEUE
 
 from translator import compat
 from translator.coap.answers import IcmpError
+from translator.coap.buffers import DropWatch, rmem_max, size_receive_buffer
 from translator.coap.guard import (
     CON,
     IP_PKTINFO,
@@ -94,10 +95,14 @@ pile up this far, since droppable ones collapse to one per observation)."""
 MAX_SENDERS: Final = 1024
 """Distinct (address, packet info) pairs remembered for sharing, at most."""
 RECEIVE_BUFFER: Final = 1 << 20
-"""Bytes asked for the receive buffer (the kernel caps it at net.core.rmem_max)."""
+"""Bytes asked for the receive buffer by default (``[coap] receive_buffer``; the kernel caps
+it at net.core.rmem_max): the flood benchmark's kernel drops, see docs/performance.md."""
 MAX_DATAGRAM: Final = 4096
 """The largest datagram taken (RFC 7252 §4.6: a CoAP message should fit one IP packet;
 larger representations come block-wise). A longer one is dropped whole, never cut."""
+
+KERNEL_DROPS: Final = "coap.kernel-drops"
+"""The log kind of datagrams the kernel dropped (a full receive buffer)."""
 
 _IPPROTO_IP: Final = socket.IPPROTO_IP
 _IPPROTO_IPV6: Final = socket.IPPROTO_IPV6
@@ -118,10 +123,9 @@ def batch_reads(
     readers = []
     for stack in compat.udp_stacks(context):
         sock = stack.sock
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        except OSError as exc:
-            log.info("could not enlarge the UDP receive buffer: %s", exc)
+        granted = size_receive_buffer(sock, receive_buffer)
+        log.info("CoAP socket: receive buffer %d bytes (asked for %d; [coap] receive_buffer, "
+                 "capped by net.core.rmem_max = %s)", granted, receive_buffer, rmem_max())
         try:
             # Tells a datagram to a broadcast address from one to ours (coap_guard).
             sock.setsockopt(_IPPROTO_IP, IP_PKTINFO, 1)
@@ -207,6 +211,8 @@ class _BatchReader:
         self.scheduled = False
         self.reading = False
         self.loop = asyncio.get_running_loop()
+        self.drops = DropWatch(sock)
+        """Datagrams the kernel dropped because the receive buffer was full."""
 
     def install(self) -> None:
         self.stack.release_reading(self.loop)
@@ -215,8 +221,10 @@ class _BatchReader:
 
     @property
     def dropped(self) -> dict[str, int]:
-        """How many datagrams and ICMP errors were dropped, by kind."""
-        return dict(self.log.limiter.totals)
+        """How many datagrams and ICMP errors were dropped, by kind (the kernel's drops
+        are counted by the kernel: `drops`)."""
+        return {kind: count for kind, count in self.log.limiter.totals.items()
+                if kind != KERNEL_DROPS}
 
     def _resume(self) -> None:
         if not self.reading and self.sock.fileno() != -1:
@@ -262,6 +270,12 @@ class _BatchReader:
             self._take(data, ancdata, address, now)
         if self.live > MAX_PENDING:
             self._pause()
+        dropped = self.drops.new_drops(now)
+        if dropped:
+            self.log.write(KERNEL_DROPS, logging.WARNING,
+                           "the CoAP socket's receive buffer was full: the kernel dropped %d "
+                           "datagrams (buffer %d bytes; see [coap] receive_buffer)", dropped,
+                           self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
     def _take(self, data: bytes, ancdata: list[Any], address: Any, now: float) -> None:
         key = (address, *ancdata)

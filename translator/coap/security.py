@@ -51,7 +51,7 @@ from aiocoap import error as coap_error
 from aiocoap.credentials import CredentialsMap, CredentialsMissingError
 
 from translator import compat
-from translator.coap.batch import batch_reads
+from translator.coap.batch import RECEIVE_BUFFER, batch_reads
 from translator.config import ConfigError, GatewayConfig, credential_pattern
 from translator.core.uris import UriError, parse_coap_uri
 from translator.credentials import transports_for
@@ -129,9 +129,12 @@ class CredentialsMissing(coap_error.Error):  # type: ignore[misc]
 _KEY_FOR_KIND: Final = {"oscore": "oscore_context", "dtls": "dtls_psk"}
 
 
-async def client_context(credentials: Mapping[str, Mapping[str, Any]]) -> Any:
+async def client_context(
+    credentials: Mapping[str, Mapping[str, Any]], receive_buffer: int = RECEIVE_BUFFER
+) -> Any:
     """An aiocoap client context that uses `credentials` (from
-    :func:`translator.credentials.client_credentials`); plain UDP alone when it is empty."""
+    :func:`translator.credentials.client_credentials`); plain UDP alone when it is empty.
+    `receive_buffer`: bytes asked for its UDP socket's receive buffer."""
     _check_modules(credentials)
     compat.check_aiocoap()
     context = await aiocoap.Context.create_client_context(
@@ -143,7 +146,7 @@ async def client_context(credentials: Mapping[str, Mapping[str, Any]]) -> Any:
         _load(context.client_credentials, credentials)
         # Reads and writes its UDP socket through the guard, with random tokens; refuses an
         # aiocoap without the internals that needs (compat.CompatError).
-        batch_reads(context)
+        batch_reads(context, receive_buffer=receive_buffer)
     except BaseException:
         await close_client_context(context)
         raise

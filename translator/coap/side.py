@@ -18,7 +18,8 @@ import aiocoap
 
 from translator.coap import exchanges
 from translator.coap.answers import CoapAnswer, RepresentationTooLarge, UpstreamError
-from translator.coap.batch import readers_of
+from translator.coap.batch import RECEIVE_BUFFER, readers_of
+from translator.coap.kernel_drops import kernel_drops
 from translator.coap.observations import DEREGISTRATION_TIMEOUT, ObservationListener, Observations
 from translator.coap.security import client_context, close_client_context
 from translator.config import SupervisionConfig
@@ -47,8 +48,11 @@ class CoapSide:
         max_representation: int = 1_048_576,
         rng: random.Random | None = None,
         credentials: Mapping[str, Mapping[str, Any]] | None = None,
+        receive_buffer: int = RECEIVE_BUFFER,
     ) -> None:
         self.max_representation = max_representation
+        self.receive_buffer = receive_buffer
+        """Bytes asked for the UDP socket's receive buffer (``[coap] receive_buffer``)."""
         self._credentials = dict(credentials or {})
         """aiocoap client credentials (`translator.credentials.client_credentials`)."""
         self._context: aiocoap.Context | None = None
@@ -64,7 +68,7 @@ class CoapSide:
     async def start(self) -> None:
         # UDP, plus DTLS and OSCORE when credentials ask for them: the defaults would also
         # open TCP/WebSocket/TLS client transports the gateway does not use.
-        self._context = await client_context(self._credentials)
+        self._context = await client_context(self._credentials, self.receive_buffer)
         self.observations.context = self._context
 
     async def shutdown(self) -> None:
@@ -95,6 +99,14 @@ class CoapSide:
                 for kind, count in reader.dropped.items():
                     counts[kind] = counts.get(kind, 0) + count
         return counts
+
+    @property
+    def kernel_drops(self) -> int | None:
+        """Datagrams the kernel dropped at the CoAP sockets (their receive buffers were full),
+        or None where the system does not say (translator/coap/kernel_drops.py)."""
+        if self._context is None:
+            return None
+        return kernel_drops(reader.sock for reader in readers_of(self._context))
 
     # -- observations ------------------------------------------------------------------------
 

@@ -778,6 +778,24 @@ def decode_payload(
     return {"value": value}
 
 
+CBOR_FORMATS: Final = frozenset({60, 112})
+"""Content-formats whose representation is one CBOR data item (CBOR, SenML-CBOR)."""
+
+
+def cbor_data_item(
+    cf: int | None, payload: bytes, body: Mapping[str, JSONValue],
+    advertised_cf: int | None = None,
+) -> bytes | None:
+    """The payload itself when it is the CBOR data item that `body` (from `decode_payload`)
+    decoded as its `value`; None otherwise. Clients that speak CBOR get these bytes as they
+    came, so tags, byte strings and wide integers need no JSON mapping. `decode_payload`
+    already checked them: exactly one well-formed item, nested at most `MAX_DEPTH` deep."""
+    if "value" not in body:
+        return None
+    effective = cf if cf is not None else advertised_cf
+    return bytes(payload) if effective in CBOR_FORMATS else None
+
+
 def encode_value(cf: int, value: JSONValue) -> bytes:
     """Encode a JSON value (as produced by json.loads) for a request payload.
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from translator.core import strictjson
+from translator.core.conditions import Condition, ConditionError, parse_condition
 
 JSONValue = Any
 FrameId = str | int | None
@@ -94,6 +95,10 @@ class Subscribe:
     name: str | None = None
     since: Since | None = None
     """Where the client's copy of the resource's stream ends, to resume from there."""
+    cond: Condition | None = None
+    """Conditional notification parameters (`translator.core.conditions`)."""
+    compact: bool = False
+    """Later notifies of this subscription leave out the fields that did not change."""
     type: Literal["subscribe"] = "subscribe"
 
 
@@ -150,7 +155,15 @@ class Ping:
     type: Literal["ping"] = "ping"
 
 
-ClientFrame = Subscribe | Unsubscribe | Request | ListResources | Ping
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """Ask for the catalogue now and for each change of it (`catalog` frames)."""
+
+    id: FrameId
+    type: Literal["watch"] = "watch"
+
+
+ClientFrame = Subscribe | Unsubscribe | Request | ListResources | Ping | Watch
 
 
 def _read_id(obj: dict[str, JSONValue]) -> FrameId:
@@ -220,7 +233,22 @@ class _Fields:
 
 def _parse_subscribe(f: _Fields) -> Subscribe:
     uri, name = f.target()
-    return Subscribe(id=f.frame_id, uri=uri, name=name, since=_parse_since(f))
+    compact = f.obj.get("compact", False)
+    if not isinstance(compact, bool):
+        raise f.fail("'compact' must be a boolean")
+    return Subscribe(
+        id=f.frame_id, uri=uri, name=name, since=_parse_since(f), cond=_parse_cond(f),
+        compact=compact,
+    )
+
+
+def _parse_cond(f: _Fields) -> Condition | None:
+    if "cond" not in f.obj:
+        return None
+    try:
+        return parse_condition(f.obj["cond"])
+    except ConditionError as exc:
+        raise f.fail(str(exc)) from None
 
 
 def _parse_since(f: _Fields) -> Since | None:
@@ -300,12 +328,17 @@ def _parse_ping(f: _Fields) -> Ping:
     return Ping(id=f.frame_id)
 
 
+def _parse_watch(f: _Fields) -> Watch:
+    return Watch(id=f.frame_id)
+
+
 _PARSERS: Final[dict[str, Callable[[_Fields], ClientFrame]]] = {
     "subscribe": _parse_subscribe,
     "unsubscribe": _parse_unsubscribe,
     "request": _parse_request,
     "list": _parse_list,
     "ping": _parse_ping,
+    "watch": _parse_watch,
 }
 
 
@@ -324,6 +357,11 @@ def parse(data: str | bytes) -> ClientFrame:
         raise FrameError(BAD_REQUEST, f"not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise FrameError(BAD_REQUEST, "a frame must be a JSON object")
+    return parse_object(obj)
+
+
+def parse_object(obj: dict[Any, JSONValue]) -> ClientFrame:
+    """Parse a decoded frame object (a JSON object, or a CBOR map) into a client frame."""
     frame_id = _read_id(obj)
     frame_type = obj.get("type")
     if not isinstance(frame_type, str):
@@ -393,6 +431,25 @@ class Resources:
 
     def serialize(self) -> str:
         return dumps({**_with_id("resources", self.id), "resources": list(self.resources)})
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """The catalogue (`snapshot`: everything this client may see, in `added`) or a change
+    of it: entries added, removed (each with its `reason`) or changed (the new entry)."""
+
+    id: FrameId
+    snapshot: bool
+    added: tuple[dict[str, JSONValue], ...] = ()
+    removed: tuple[dict[str, JSONValue], ...] = ()
+    changed: tuple[dict[str, JSONValue], ...] = ()
+
+    def serialize(self) -> str:
+        return dumps({
+            **_with_id("catalog", self.id), "snapshot": self.snapshot,
+            "added": list(self.added), "removed": list(self.removed),
+            "changed": list(self.changed),
+        })
 
 
 @dataclass(frozen=True, slots=True)

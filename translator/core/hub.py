@@ -21,8 +21,15 @@ linger timer fired) and returns *commands* for the I/O layers to carry out:
                                        block-wise transfer)
     upstream_unchanged (a poll)        [Deliver(status online)]
     upstream_stale / upstream_failed   Deliver(status stale / offline) when it changed
-    relay (a frame another hub made:   Deliver(the same text) when it is news
-    a cluster's owner of the resource)
+    wake (a Wake time came)            Deliver / Repeat of what conditional subscriptions
+                                       held or owe for `pmax` (+ Wake for the next time)
+    relay (a frame another hub made:   Deliver(the same text) when it is news, to
+    a cluster's owner of the resource) conditional subscriptions as for an update
+
+A subscription with a `cond` (see `conditions`) has a `Watch` that decides which updates
+it gets; the hub asks it only for the resources that have one (`Resource.watches`), so
+subscriptions without conditions cost nothing more. One `Wake` time, the earliest any watch
+wants, is the I/O shell's single timer for all of them.
 
 The upstream state of a resource (online / stale / offline) follows one table,
 `TRANSITIONS`, in the style of h11's `_state.py`; see there for the rule.
@@ -49,8 +56,10 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Generic, Literal, TypeVar
 
-from translator.core.codecs import decode_payload, parse_link_format
+from translator.core.codecs import cbor_data_item, decode_payload, parse_link_format
+from translator.core.conditions import Condition, WakeQueue, Watch, with_fields
 from translator.core.frames import (
+    BAD_REQUEST,
     LIMIT,
     NOT_FOUND,
     FrameError,
@@ -84,6 +93,23 @@ frames and the CoAP side's freshness both take it from here)."""
 
 
 @dataclass(frozen=True, slots=True)
+class NotifyMeta:
+    """What the web side needs besides a notify's JSON text to write it in other forms
+    (CBOR, compact; see `web.encodings`), computed once per update."""
+
+    seq: int
+    cbor_value: bytes | None = None
+    """The value's CBOR data item exactly as the sensor sent it (cf 60 or 112), if any."""
+    changed: tuple[str, ...] | None = None
+    """The fields of `HEADER_FIELDS` that differ from the resource's previous notify; None
+    when there is no previous one to compare with (a compact frame is then complete)."""
+
+
+HEADER_FIELDS: Final = ("uri", "code", "cf", "max_age")
+"""The notify fields a compact frame carries only when they changed."""
+
+
+@dataclass(frozen=True, slots=True)
 class Deliver(Generic[C]):
     """Queue `text` on each of these connections (the same string for all of them)."""
 
@@ -92,6 +118,23 @@ class Deliver(Generic[C]):
     replaces: str | None = None
     """For a `notify`: its `sub`. A connection that still has an unsent notify with the same
     key may drop that one for this newer one (the slow-consumer policy); None: never drop."""
+    meta: NotifyMeta | None = None
+    """For a notify of the live stream: what its other forms need."""
+
+
+@dataclass(frozen=True, slots=True)
+class Repeat(Deliver[C]):
+    """A `pmax` repeat (a notify sent again, marked ``"repeat": true``): it counts toward
+    the connection's rate budget, and the I/O shell may skip it for a connection that has
+    spent it (the client already has the value)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Call `Hub.wake()` at monotonic time `at` (replacing any earlier request); None:
+    no conditional subscription needs a timer any more."""
+
+    at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +156,7 @@ class StartLinger:
     generation: int
 
 
-Command = Deliver[C] | StartObservation | StopObservation | StartLinger
+Command = Deliver[C] | StartObservation | StopObservation | StartLinger | Wake
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +242,10 @@ class Resource(Generic[C]):
     """The latest notify frame's text, for late joiners; `list_entries` reads the value
     fields back from it rather than keeping them a second time as objects."""
     last_ts: float | None = None
+    last_cbor: bytes | None = None
+    """The CBOR data item of the latest notify's value, as the sensor sent it (if CBOR)."""
+    last_header: tuple[str, int | None, int] | None = None
+    """The latest notify's code, cf and max_age: what the next compact frame is diffed with."""
     state: State | None = None
     state_reason: str | None = None
     state_code: str | None = None
@@ -210,8 +257,12 @@ class Resource(Generic[C]):
     """2.xx representations accepted (each gave a notify)."""
     registrations: int = 0
     """Upstream registrations (GET with Observe = 0) made for this resource."""
+    registering: bool = False
+    """A registration was sent and has had neither an answer nor a failure yet."""
     last_update: float | None = None
     """When the sensor last confirmed the current value: a notification, or a poll answer."""
+    watches: dict[C, Watch] | None = None
+    """The subscribers with a `cond`, and their state (None: none, the fast path)."""
 
 
 def _as_replay(notify: str) -> str:
@@ -274,6 +325,8 @@ class Hub(Generic[C]):
         max_idle_bytes: int = 16 << 20,
         history: History | None = None,
         sub_for: Callable[[str], str] | None = None,
+        min_pmax: float = 1.0,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         """`sensors` maps configured names to normalized URIs; `pinned` lists the URIs
         configured with `observe = true`; `max_upstream_bytes` is the limit the CoAP side
@@ -298,6 +351,8 @@ class Hub(Generic[C]):
         self.deliveries_total = 0
         """Notify frames handed to subscribers (an update times its subscribers)."""
         self.registrations_total = 0
+        self.registration_failures_total = 0
+        """Registrations answered by a failure (no answer, RST, ICMP, 4.xx/5.xx)."""
         self.failures_total = 0
         """Upstream failures reported (no answer, RST, ICMP, 4.xx/5.xx)."""
         # Lingering observations, oldest first, with the connection whose leaving started
@@ -306,6 +361,14 @@ class Hub(Generic[C]):
         self._lingering_by: dict[C, dict[str, None]] = {}
         self.max_upstream_bytes = max_upstream_bytes
         self.clock = clock or time.time
+        self.min_pmax = min_pmax
+        """The shortest `cond.pmax` a client may ask for ([limits] min_pmax)."""
+        self.monotonic = monotonic or time.monotonic
+        """The time of `pmin`/`pmax` windows and of `Wake` (not the frames' `ts`)."""
+        self._wakes: WakeQueue[tuple[Resource[C], C]] = WakeQueue()
+        """When each conditional subscription wants `wake()`, keyed by the resource object
+        (not its URI, which `move` may change) and the connection."""
+        self._wake_announced: float | None = None
         self.sensor_uris: dict[str, str] = dict(sensors or {})
         self._sensor_uri_set = frozenset(self.sensor_uris.values())
         self._resources: dict[str, Resource[C]] = {}
@@ -323,6 +386,9 @@ class Hub(Generic[C]):
         self._connections: dict[C, dict[str, Resource[C]]] = {}
         self._links: dict[str, LinkInfo] = {}
         self._links_by_origin: dict[str, tuple[str, ...]] = {}
+        self.registered_cf: Callable[[str], int | None] | None = None
+        """The `ct` a resource registered with (the Resource Directory's catalogue), for
+        the resources no /.well-known/core read describes."""
         for name, uri in self.sensor_uris.items():
             self._resource(uri).name = name
         for uri in pinned:
@@ -354,6 +420,8 @@ class Hub(Generic[C]):
 
     def advertised_cf(self, uri: str) -> int | None:
         link = self._links.get(uri)
+        if link is None and self.registered_cf is not None:
+            return self.registered_cf(uri)
         return link.cf if link else None
 
     @property
@@ -390,9 +458,14 @@ class Hub(Generic[C]):
         self._connections.setdefault(conn, {})
 
     def subscribe(
-        self, conn: C, uri: str, frame_id: FrameId = None, since: Since | None = None
+        self, conn: C, uri: str, frame_id: FrameId = None, since: Since | None = None,
+        cond: Condition | None = None,
     ) -> list[Command[C]]:
-        """Subscribe `conn` to the (normalized, policy-checked) `uri`."""
+        """Subscribe `conn` to the (normalized, policy-checked) `uri`, with conditions
+        `cond` or none (subscribing again to the same resource replaces them)."""
+        if cond is not None and cond.pmax is not None and cond.pmax < self.min_pmax:
+            raise FrameError(BAD_REQUEST, f"'cond.pmax' must be at least {self.min_pmax:g} s "
+                             "([limits] min_pmax)", frame_id)
         subs = self._connections.setdefault(conn, {})
         resource = self._resources.get(uri)
         already = resource is not None and resource.sub in subs
@@ -412,7 +485,9 @@ class Hub(Generic[C]):
             subs[resource.sub] = resource
             resource.subscribers += (conn,)
         resource.linger_generation += 1  # a pending linger timer no longer applies
-        replay = None if since is None else self._replay(resource, since)
+        # A conditional subscription sees a filtered stream: nothing to resume without a gap,
+        # so no replay (`recovered` false); it starts again from the current value.
+        replay = None if since is None or cond is not None else self._replay(resource, since)
         commands.append(Deliver((conn,), Subscribed(
             id=frame_id, sub=resource.sub, uri=uri, epoch=self.epoch_of(resource),
             recovered=None if since is None else replay is not None,
@@ -421,8 +496,12 @@ class Hub(Generic[C]):
             # Every update after the client's `since`, each once, marked as replayed, and
             # never replaced by a newer one in a slow client's queue (no gap).
             commands.extend(Deliver((conn,), _as_replay(text)) for text in replay)
+        elif cond is not None or (resource.watches and conn in resource.watches):
+            commands.extend(self._watch(resource, conn, cond))
         elif resource.last_notify is not None:
-            commands.append(Deliver((conn,), resource.last_notify, resource.sub))
+            commands.append(Deliver(
+                (conn,), resource.last_notify, resource.sub, self._cached_meta(resource)
+            ))
         if resource.last_status is not None and resource.state != "online":
             commands.append(Deliver((conn,), resource.last_status))
         if not resource.observing:
@@ -518,16 +597,24 @@ class Hub(Generic[C]):
         if conn in subscribers:
             i = subscribers.index(conn)
             resource.subscribers = subscribers[:i] + subscribers[i + 1:]
+        wake: list[Command[C]] = []
+        if resource.watches and conn in resource.watches:
+            self._unwatch(resource, conn)
+            wake = self._announce()
+        if not resource.observing and not resource.subscribers and not resource.pinned \
+                and resource.name is None and resource.uri not in self._idle:
+            # A withdrawn resource (see `withdraw`) that its last subscriber left.
+            self._remember_idle(resource)
         if resource.subscribers or resource.pinned or not resource.observing:
-            return []
+            return wake
         if self.linger <= 0:
-            return self._stop(resource)
+            return [*wake, *self._stop(resource)]
         resource.linger_generation += 1
         self._end_linger(resource.uri)
         self._lingering[resource.uri] = conn
         if conn in self._connections:
             self._lingering_by.setdefault(conn, {})[resource.uri] = None
-        return [StartLinger(resource.uri, self.linger, resource.linger_generation)]
+        return [*wake, StartLinger(resource.uri, self.linger, resource.linger_generation)]
 
     def linger_expired(self, uri: str, generation: int) -> list[Command[C]]:
         resource = self._resources.get(uri)
@@ -542,7 +629,7 @@ class Hub(Generic[C]):
         return self._stop(resource)
 
     def _stop(self, resource: Resource[C]) -> list[Command[C]]:
-        resource.observing = False
+        resource.observing = resource.registering = False
         self.observing_count -= 1
         self._end_linger(resource.uri)
         # Nobody watches the resource any more: what we knew of the upstream state is moot.
@@ -556,7 +643,7 @@ class Hub(Generic[C]):
         """Keep an unwatched resource within the idle bounds, forgetting the oldest ones."""
         size = IDLE_OVERHEAD + len(resource.uri) + (
             sys.getsizeof(resource.last_notify) if resource.last_notify is not None else 0
-        )
+        ) + (sys.getsizeof(resource.last_cbor) if resource.last_cbor is not None else 0)
         self._idle[resource.uri] = size
         self.idle_bytes += size
         while self._idle and (
@@ -574,6 +661,7 @@ class Hub(Generic[C]):
         resource = self._resources.get(uri)
         if resource is not None and resource.observing:
             resource.registrations += 1
+            resource.registering = True
             self.registrations_total += 1
         return []
 
@@ -591,9 +679,11 @@ class Hub(Generic[C]):
         """The sensor answered on an observation: the answer to a registration, a
         notification or a changed poll answer. `observe` says, for the answer to a
         registration, whether it carried Observe (None: this answer does not say)."""
+        advertised = self.advertised_cf(uri)
         return self._update(
             uri, code, cf, max_age, observe, now,
-            lambda ts: decode_payload(cf, payload, ts=ts, advertised_cf=self.advertised_cf(uri)),
+            lambda ts: decode_payload(cf, payload, ts=ts, advertised_cf=advertised),
+            lambda body: cbor_data_item(cf, payload, body, advertised),
         )
 
     def upstream_too_large(
@@ -642,15 +732,18 @@ class Hub(Generic[C]):
         observe: bool | None,
         now: float | None,
         body_at: Callable[[float], dict[str, JSONValue]],
+        cbor_of: Callable[[dict[str, JSONValue]], bytes | None] | None = None,
     ) -> list[Command[C]]:
         """An answer on an observation: a 2.xx one is the next update (seq + 1), its notify
-        fields from `body_at(receive time)`; any other code is a failure."""
+        fields from `body_at(receive time)`, the value's CBOR data item (for clients that
+        speak CBOR) from `cbor_of(fields)`; any other code is a failure."""
         resource = self._resources.get(uri)
         if resource is None or not resource.observing:
             return []  # a late answer after the observation was stopped
         if not code.startswith("2."):
-            self.failures_total += 1
+            self._count_failure(resource)
             return self._event(resource, "failed", f"the sensor answered {code}", code)
+        resource.registering = False
         if observe is not None:
             resource.observable = observe
         ts = self.clock() if now is None else now
@@ -658,6 +751,7 @@ class Hub(Generic[C]):
         resource.seq += 1
         resource.notifications += 1
         body = body_at(ts)
+        max_age = DEFAULT_MAX_AGE if max_age is None else max_age
         text = Notify(
             sub=resource.sub,
             uri=uri,
@@ -666,8 +760,19 @@ class Hub(Generic[C]):
             cf=cf,
             body=body,
             ts=ts,
-            max_age=DEFAULT_MAX_AGE if max_age is None else max_age,
+            max_age=max_age,
         ).serialize()
+        header = (code, cf, max_age)
+        previous = resource.last_header
+        meta = NotifyMeta(
+            resource.seq,
+            cbor_of(body) if cbor_of is not None else None,
+            None if previous is None else tuple(
+                name for name, old, new in zip(HEADER_FIELDS[1:], previous, header, strict=True)
+                if old != new
+            ),
+        )
+        resource.last_header, resource.last_cbor = header, meta.cbor_value
         if resource.last_notify is not None:
             # The history keeps the frames before the newest one, which is `last_notify`
             # (kept anyway for late joiners): a resource with one update costs it nothing.
@@ -676,8 +781,135 @@ class Hub(Generic[C]):
         self.updates_total += 1
         commands = self._event(resource, "answered")
         if resource.subscribers:
-            self.deliveries_total += len(resource.subscribers)
-            commands.append(Deliver(resource.subscribers, text, resource.sub))
+            if resource.watches is None:
+                self.deliveries_total += len(resource.subscribers)
+                commands.append(Deliver(resource.subscribers, text, resource.sub, meta))
+            else:
+                commands.extend(self._conditional_update(resource, text, body, meta))
+        return commands
+
+    # -- conditional subscriptions (translator.core.conditions) ------------------------------
+
+    @staticmethod
+    def _cached_meta(resource: Resource[C]) -> NotifyMeta:
+        """The meta of the resource's newest notify sent on its own (a late joiner's first
+        frame, a held or repeated one): complete in compact form (`changed` None)."""
+        return NotifyMeta(resource.seq, resource.last_cbor)
+
+    def _variant(self, text: str, error: str | None, repeat: bool = False) -> str:
+        """A notify as one conditional subscription gets it: with `cond_error` when the
+        condition could not apply, with `repeat` for a `pmax` repeat."""
+        fields: dict[str, JSONValue] = {}
+        if error is not None:
+            fields["cond_error"] = error
+        if repeat:
+            fields["repeat"] = True
+        return with_fields(text, fields) if fields else text
+
+    def _watch(
+        self, resource: Resource[C], conn: C, cond: Condition | None
+    ) -> list[Command[C]]:
+        """Give `conn`'s subscription its conditions (None: remove them), and the current
+        value at once."""
+        if resource.watches and conn in resource.watches:
+            self._unwatch(resource, conn)
+        commands: list[Command[C]] = []
+        if cond is None:
+            if resource.last_notify is not None:
+                commands.append(Deliver(
+                    (conn,), resource.last_notify, resource.sub, self._cached_meta(resource)
+                ))
+            return [*commands, *self._announce()]
+        watch = Watch(cond)
+        if resource.watches is None:
+            resource.watches = {}
+        resource.watches[conn] = watch
+        if resource.last_notify is not None:
+            watch.initial(self.monotonic(), resource.seq, _value_fields(resource.last_notify))
+            commands.append(Deliver(
+                (conn,), self._variant(resource.last_notify, watch.error), resource.sub,
+                self._cached_meta(resource),
+            ))
+        self._wakes.set((resource, conn), watch.wake_at)
+        return [*commands, *self._announce()]
+
+    def _unwatch(self, resource: Resource[C], conn: C) -> None:
+        watches = resource.watches
+        if watches is not None:
+            watches.pop(conn, None)
+            if not watches:
+                resource.watches = None
+        self._wakes.remove((resource, conn))
+
+    def _announce(self) -> list[Command[C]]:
+        """A `Wake` when the earliest time any watch wants changed since the last one."""
+        at = self._wakes.next_at
+        if at == self._wake_announced:
+            return []
+        self._wake_announced = at
+        return [Wake(at)]
+
+    def _conditional_update(
+        self, resource: Resource[C], text: str, body: dict[str, JSONValue], meta: NotifyMeta
+    ) -> list[Command[C]]:
+        """Fan an update out to a resource some of whose subscribers have conditions: the
+        others get `text` as always; each watch says whether its subscriber gets it now.
+        Encoded once per variant (plain, or each distinct `cond_error`), not per client."""
+        watches = resource.watches
+        assert watches is not None
+        now = self.monotonic()
+        targets = [c for c in resource.subscribers if c not in watches]
+        variants: dict[str, list[C]] = {}
+        for conn, watch in watches.items():
+            if watch.update(now, resource.seq, body, text) == "send":
+                if watch.error is None:
+                    targets.append(conn)
+                else:
+                    variants.setdefault(watch.error, []).append(conn)
+            self._wakes.set((resource, conn), watch.wake_at)
+        commands: list[Command[C]] = []
+        if targets:
+            commands.append(Deliver(tuple(targets), text, resource.sub, meta))
+        for error, conns in variants.items():
+            commands.append(
+                Deliver(tuple(conns), self._variant(text, error), resource.sub, meta)
+            )
+        self.deliveries_total += len(targets) + sum(len(c) for c in variants.values())
+        commands.extend(self._announce())
+        return commands
+
+    def wake(self, now: float | None = None) -> list[Command[C]]:
+        """A `Wake` time came: what conditional subscriptions held for the end of a `pmin`
+        window, and `pmax` frames that are due; then the next `Wake`."""
+        now = self.monotonic() if now is None else now
+        self._wake_announced = None  # the shell's timer fired: none is armed now
+        # Subscriptions due together that get the same frame share one text: grouped by
+        # (resource, the frame's text object, cond_error, repeat), encoded once per group.
+        groups: dict[tuple[Resource[C], int, str | None, bool], tuple[str, list[C]]] = {}
+        for resource, conn in self._wakes.due(now):
+            watch = resource.watches.get(conn) if resource.watches else None
+            if watch is None:
+                continue
+            outcome, text = watch.wake(now, resource.last_notify)
+            repeat = outcome == "repeat"
+            if repeat:
+                text = resource.last_notify
+            if text is not None and outcome != "drop":
+                key = (resource, id(text), watch.error, repeat)
+                groups.setdefault(key, (text, []))[1].append(conn)
+            self._wakes.set((resource, conn), watch.wake_at)
+        commands: list[Command[C]] = []
+        for (resource, _, error, repeat), (text, conns) in groups.items():
+            sub = resource.sub
+            self.deliveries_total += len(conns)
+            variant = self._variant(text, error, repeat)
+            # The newest frame (held for a pmin window's end, or repeated) has the sensor's
+            # CBOR item; an older one is sent as its text says.
+            meta = self._cached_meta(resource) if text is resource.last_notify else None
+            commands.append(
+                (Repeat if repeat else Deliver)(tuple(conns), variant, sub, meta)
+            )
+        commands.extend(self._announce())
         return commands
 
     def upstream_unchanged(self, uri: str, now: float | None = None) -> list[Command[C]]:
@@ -685,6 +917,7 @@ class Hub(Generic[C]):
         resource = self._resources.get(uri)
         if resource is None or not resource.observing:
             return []
+        resource.registering = False
         resource.last_update = self.clock() if now is None else now
         return self._event(resource, "answered")
 
@@ -694,8 +927,18 @@ class Hub(Generic[C]):
 
     def upstream_failed(self, uri: str, reason: str, code: str | None = None) -> list[Command[C]]:
         """A registration or poll failed, or the observation broke (it is being renewed)."""
+        resource = self._resources.get(uri)
+        if resource is None or not resource.observing:
+            self.failures_total += 1
+            return []
+        self._count_failure(resource)
+        return self._event(resource, "failed", reason, code)
+
+    def _count_failure(self, resource: Resource[C]) -> None:
         self.failures_total += 1
-        return self.upstream_event(uri, "failed", reason, code)
+        if resource.registering:
+            resource.registering = False
+            self.registration_failures_total += 1
 
     def upstream_event(
         self, uri: str, event: Event, reason: str | None, code: str | None = None
@@ -736,18 +979,21 @@ class Hub(Generic[C]):
 
     # -- frames made by another hub (a cluster's owner of the resource) ----------------------
 
-    def relay(self, uri: str, text: str) -> list[Command[C]]:
+    def relay(self, uri: str, text: str, cbor_value: bytes | None = None) -> list[Command[C]]:
         """A notify or status frame another hub made for `uri` (the node that owns it in a
         cluster): take it as this hub's own, as if it had come from the sensor here, and
-        deliver the same text. A notify no newer than the one held is dropped (a copy, or
-        one overtaken), so that each `seq` reaches a subscriber once."""
+        deliver the same text (`cbor_value`: the value's CBOR data item as the sensor sent
+        it, for CBOR clients). A notify no newer than the one held is dropped (a copy, or
+        one overtaken), so that each `seq` reaches a subscriber once. Conditional
+        subscriptions judge it as they judge an update from the sensor."""
         resource = self._resources.get(uri)
         if resource is None or not resource.observing:
             return []
         frame = json.loads(text)
         if frame.get("type") == "notify":
             seq = frame["seq"]
-            if not self._take_notify(resource, seq, text, frame.get("ts")):
+            previous_seq, previous_header = resource.seq, resource.last_header
+            if not self._take_notify(resource, frame, text, cbor_value):
                 return []
             resource.notifications += 1
             self.updates_total += 1
@@ -756,8 +1002,21 @@ class Hub(Generic[C]):
                 resource.last_status = None
             if not resource.subscribers:
                 return []
-            self.deliveries_total += len(resource.subscribers)
-            return [Deliver(resource.subscribers, text, resource.sub)]
+            # What changed since the previous update, for compact clients: known only when
+            # this hub holds that update (else the frame goes complete).
+            header = resource.last_header
+            changed = None if previous_header is None or previous_seq != seq - 1 \
+                or header is None else tuple(
+                    name for name, old, new
+                    in zip(HEADER_FIELDS[1:], previous_header, header, strict=True)
+                    if old != new
+                )
+            meta = NotifyMeta(seq, cbor_value, changed)
+            if resource.watches is None:
+                self.deliveries_total += len(resource.subscribers)
+                return [Deliver(resource.subscribers, text, resource.sub, meta)]
+            body = {key: frame[key] for key in _VALUE_FIELDS if key in frame}
+            return self._conditional_update(resource, text, body, meta)
         state: State = frame["state"]
         reason, code = frame.get("reason"), frame.get("code")
         if (state, reason, code) == (
@@ -768,11 +1027,14 @@ class Hub(Generic[C]):
         resource.last_status = None if state == "online" else text
         return [Deliver(resource.subscribers, text)] if resource.subscribers else []
 
-    def seed(self, uri: str, text: str) -> None:
+    def seed(self, uri: str, text: str, cbor_value: bytes | None = None) -> None:
         """Continue `uri`'s numbering from a notify frame another hub made (the latest one a
-        cluster kept): the next update here gets the next `seq`. Nothing is delivered."""
+        cluster kept): the next update here gets the next `seq`, and says what changed since
+        that one. Nothing is delivered; a status frame (the latest one may be) says nothing
+        of the numbering."""
         frame = json.loads(text)
-        self._take_notify(self._resource(uri), frame["seq"], text, frame.get("ts"))
+        if frame.get("type") == "notify":
+            self._take_notify(self._resource(uri), frame, text, cbor_value)
 
     def rebase(self, uri: str) -> None:
         """Forget `uri`'s numbering, so that the next relayed notify is taken whatever its
@@ -781,18 +1043,96 @@ class Hub(Generic[C]):
         resource = self._resources.get(uri)
         if resource is not None:
             resource.seq, resource.last_notify = 0, None
+            resource.last_header = resource.last_cbor = None
             self.history.forget(uri)
 
     def _take_notify(
-        self, resource: Resource[C], seq: int, text: str, ts: float | None
+        self, resource: Resource[C], frame: dict[str, JSONValue], text: str,
+        cbor_value: bytes | None,
     ) -> bool:
+        seq, ts = frame["seq"], frame.get("ts")
+        assert isinstance(seq, int) and (ts is None or isinstance(ts, int | float))
         if seq <= resource.seq and resource.last_notify is not None:
             return False
         if resource.last_notify is not None:
             self.history.record(resource.uri, resource.seq, resource.last_notify)
         resource.seq, resource.last_notify, resource.last_ts = seq, text, ts
         resource.last_update = ts
+        code, cf, max_age = frame.get("code"), frame.get("cf"), frame.get("max_age")
+        resource.last_header = (
+            (code, cf, max_age)
+            if isinstance(code, str) and (cf is None or isinstance(cf, int))
+            and isinstance(max_age, int) else None
+        )
+        resource.last_cbor = cbor_value
         return True
+
+    # -- resources that come and go (the Resource Directory) --------------------------------
+
+    def withdraw(self, uri: str, reason: str) -> list[Command[C]]:
+        """`uri` is gone from the catalogue (its registration expired or was removed): stop
+        observing it, tell its subscribers it is offline and why, and keep their
+        subscriptions for the endpoint's return (`move` or `restore`)."""
+        resource = self._resources.get(uri)
+        if resource is None:
+            return []
+        commands: list[Command[C]] = []
+        if resource.observing:
+            resource.observing = False
+            self.observing_count -= 1
+            resource.linger_generation += 1
+            self._end_linger(uri)
+            commands.append(StopObservation(uri))
+        commands.extend(self._event(resource, "failed", reason))
+        if not resource.subscribers and not resource.pinned and resource.name is None:
+            self._remember_idle(resource)
+        return commands
+
+    def move(self, old: str, new: str) -> list[Command[C]]:
+        """The resource at `old` is now at `new` (its endpoint registered from another
+        address): its subscriptions, `sub` and `seq` go with it and observe `new`. When `new`
+        is already watched on its own the two cannot be merged (each has its `sub`): the
+        subscribers of `old` stay where they are."""
+        resource = self._resources.get(old)
+        if resource is None or old == new:
+            return self.restore(new)
+        if self._sub_for is not None:
+            # A cluster names `sub` and numbers `seq` by URI, the same on every node: the
+            # subscription cannot take them to another URI. Say so rather than go silent.
+            return self.withdraw(old, f"the endpoint moved to {new}; in a cluster a "
+                                 "subscription does not follow it: subscribe again")
+        existing = self._resources.get(new)
+        if existing is not None:
+            if existing.subscribers or existing.observing or existing.pinned:
+                return []
+            self.idle_bytes -= self._idle.pop(new, 0)
+            del self._resources[new]
+            self.history.forget(new)
+        commands: list[Command[C]] = []
+        if resource.observing:
+            resource.observing = False
+            self.observing_count -= 1
+            resource.linger_generation += 1
+            self._end_linger(old)
+            commands.append(StopObservation(old))
+        del self._resources[old]
+        self.idle_bytes -= self._idle.pop(old, 0)
+        self.history.forget(old)
+        resource.uri = new
+        self._resources[new] = resource
+        if resource.subscribers:
+            commands.extend(self._start(resource))
+        elif not resource.pinned and resource.name is None:
+            self._remember_idle(resource)
+        return commands
+
+    def restore(self, uri: str) -> list[Command[C]]:
+        """`uri` is back in the catalogue at the same address: observe it again for the
+        subscriptions that waited."""
+        resource = self._resources.get(uri)
+        if resource is None or resource.observing or not resource.subscribers:
+            return []
+        return self._start(resource)
 
     # -- discovery and listing ---------------------------------------------------------------
 

@@ -38,14 +38,17 @@ OVERFLOW_FRAMES: Final = "pending frames over the limit"
 class _Entry:
     __slots__ = ("key", "size", "text")
 
-    def __init__(self, text: str | None, key: str | None, size: int) -> None:
+    def __init__(self, text: str | bytes | None, key: str | None, size: int) -> None:
         self.text = text
         self.key = key
         self.size = size
 
 
-def utf8_size(text: str) -> int:
-    """The UTF-8 length of `text`, without encoding an ASCII one (CPython knows it is)."""
+def utf8_size(text: str | bytes) -> int:
+    """The UTF-8 length of `text`, without encoding an ASCII one (CPython knows it is); the
+    length of a binary frame's bytes."""
+    if isinstance(text, bytes):
+        return len(text)
     return len(text) if text.isascii() else len(text.encode())
 
 
@@ -85,10 +88,11 @@ class Outbox:
     def __len__(self) -> int:
         return self.frames
 
-    def push(self, text: str, key: str | None, now: float) -> str | None:
+    def push(self, text: str | bytes, key: str | None, now: float) -> str | None:
         """Queue a frame; returns None, or the overflow reason when the client is too slow.
 
-        `key` marks a droppable notify (its subscription); None is never dropped.
+        `key` marks a droppable notify (its subscription); None is never dropped. `text`
+        is a text frame's text, or a binary frame's bytes.
         """
         if key is not None:
             older = self._latest.get(key)
@@ -98,7 +102,7 @@ class Outbox:
                 self.replaced += 1
                 older.text = None  # left in place; pop() skips it
                 self._dead += 1
-        size = utf8_size(text)
+        size = utf8_size(text) if isinstance(text, str) else len(text)
         entry = _Entry(text, key, size)
         if self._queue is None:
             self._queue = collections.deque()
@@ -118,7 +122,7 @@ class Outbox:
             return OVERFLOW_FRAMES
         return None
 
-    def pop(self) -> str | None:
+    def pop(self) -> str | bytes | None:
         """The next frame to write, or None when nothing waits."""
         queue = self._queue
         while queue:  # None or empty: nothing waits

@@ -19,6 +19,32 @@ export interface NotifyFrame extends Payload {
   max_age: number;
   /** true on an update sent again after a reconnect (subscribe with `since`). */
   replay?: true;
+  /** true on a `cond.pmax` repeat: the last frame again (same seq, ts and value). */
+  repeat?: true;
+  /** Why a conditional subscription's condition could not apply to this value (it is
+   * delivered anyway). */
+  cond_error?: string;
+}
+
+/** Conditional notification parameters (draft-ietf-core-conditional-attributes without
+ * the `c.` prefix); docs/protocol.md has the rules. */
+export interface Condition {
+  /** Seconds at least between notifies; the newest qualifying value when the window ends. */
+  pmin?: number;
+  /** Seconds at most without a notify (at least the gateway's `[limits] min_pmax`). */
+  pmax?: number;
+  /** Notify when the value crosses this upper limit. */
+  gt?: number;
+  /** Notify when the value crosses this lower limit. */
+  lt?: number;
+  /** Notify when the value changed by at least this since the last notify. */
+  st?: number;
+  /** gt/lt make a band: notify while the value is in it. */
+  band?: boolean;
+  /** For a boolean: true, rising edges only; false, falling ones. */
+  edge?: boolean;
+  /** RFC 6901 JSON Pointer into the value (SenML packs: "/0/v"). */
+  path?: string;
 }
 
 export interface StatusFrame {
@@ -114,9 +140,21 @@ export interface SubscribeCallbacks {
   onError?: (frame: ErrorFrame, subscription: Subscription) => void;
 }
 
+export interface SubscribeOptions extends SubscribeCallbacks {
+  /** Conditional notifications, sent again with the subscribe after each reconnect. */
+  cond?: Condition;
+  /** Ask for compact notifies (docs/protocol.md §18): after the first, the gateway leaves out
+   * `uri`, `code`, `cf` and `max_age` while they do not change. onNotify still gets complete
+   * frames (the client fills them in); only the wire carries fewer bytes. Sent again with
+   * the subscribe after each reconnect. */
+  compact?: boolean;
+}
+
 export interface Subscription {
   /** The name or URI given to subscribe(). */
   readonly target: string;
+  /** Whether it asked for compact notifies. */
+  readonly compact: boolean;
   /** The gateway's sub and normalized URI, once subscribed. */
   readonly sub: string | null;
   readonly uri: string | null;
@@ -124,6 +162,8 @@ export interface Subscription {
   readonly epoch: string | null;
   readonly seq: number;
   readonly closed: boolean;
+  /** The conditions it subscribes with, or null. */
+  readonly cond: Condition | null;
   /** No callback runs after this returns. */
   unsubscribe(): void;
   /** The first `subscribed` frame, or a GatewayError if the gateway refused. */
@@ -167,7 +207,7 @@ export class GatewayClient {
   readonly url: string;
   readonly state: ConnectionState;
   onState(listener: (state: ConnectionState, info: StateInfo) => void): () => void;
-  subscribe(nameOrUri: string, callbacks?: SubscribeCallbacks): Subscription;
+  subscribe(nameOrUri: string, options?: SubscribeOptions): Subscription;
   request(method: Method, nameOrUri: string, options?: RequestOptions): Promise<ResponseFrame>;
   list(): Promise<Resource[]>;
   close(): void;

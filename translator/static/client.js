@@ -49,12 +49,20 @@ function defaultUrl() {
   return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
 }
 
+/** The notify fields a compact frame carries only when they changed (protocol.md §18). */
+const HEADER_FIELDS = ["uri", "code", "cf", "max_age"];
+
 /** One subscription of the application; survives reconnects until unsubscribe(). */
 class Subscription {
   constructor(client, nameOrUri, callbacks) {
     this._client = client;
     this.target = nameOrUri;
     this._callbacks = callbacks;
+    // Conditional notifications (pmin, pmax, gt, lt, st, band, edge, path): sent with every
+    // subscribe, the first one and each after a reconnect.
+    this.cond = callbacks.cond ?? null;
+    this.compact = callbacks.compact === true;
+    this._header = {};   // compact: the last uri, code, cf and max_age the gateway sent
     this.sub = null;     // the gateway's `sub`, once subscribed
     this.uri = null;     // the normalized URI, once subscribed
     this.epoch = null;   // the stream the seqs below belong to
@@ -111,12 +119,20 @@ class Subscription {
     if (frame.type === "notify") {
       // A seq at or below the last one delivered is a repeat (a cached value sent again on
       // subscribe, a replay another subscription of this client asked for).
-      if (typeof frame.seq === "number" && frame.seq <= this.seq) return;
+      // A `pmax` repeat (`repeat: true`) is the last frame again, on purpose: delivered.
+      if (typeof frame.seq === "number" && frame.seq <= this.seq && frame.repeat !== true) return;
       if (typeof frame.seq === "number") this.seq = frame.seq;
-      this._call("onNotify", frame);
+      this._call("onNotify", this.compact ? this._complete(frame) : frame);
     } else if (frame.type === "status") {
       this._call("onStatus", frame);
     }
+  }
+
+  /** A compact notify with the fields it left out (they did not change), so that onNotify
+   * always gets a complete frame: the bytes are saved on the wire, not in the application. */
+  _complete(frame) {
+    for (const key of HEADER_FIELDS) if (key in frame) this._header[key] = frame[key];
+    return { ...this._header, ...frame };
   }
 
   _call(name, argument) {
@@ -168,10 +184,18 @@ export class GatewayClient {
     return () => this._listeners.delete(listener);
   }
 
-  /** Subscribe to a sensor by name, or to a coap:// URI. Callbacks: onNotify(frame),
-   * onStatus(frame), onResync({previous, epoch, frame}), onError(frame). */
+  /** Subscribe to a sensor by name, or to a coap:// URI. Options: the callbacks
+   * onNotify(frame), onStatus(frame), onResync({previous, epoch, frame}), onError(frame),
+   * and `cond`, conditional notification parameters ({pmin, pmax, gt, lt, st, band, edge,
+   * path}; docs/protocol.md), and `compact: true` (the gateway leaves unchanged fields out;
+   * onNotify still gets them all). The gateway keeps one condition per resource and
+   * connection: subscriptions of one client to the same resource share the last one sent. */
   subscribe(nameOrUri, callbacks = {}) {
     target(nameOrUri);
+    if (callbacks.cond !== undefined && (typeof callbacks.cond !== "object" || callbacks.cond === null
+        || Array.isArray(callbacks.cond))) {
+      throw new TypeError("cond must be an object such as {pmin: 1, st: 0.5}");
+    }
     const subscription = new Subscription(this, nameOrUri, callbacks);
     this._subscriptions.add(subscription);
     if (this.state === "open") this._sendSubscribe(subscription);
@@ -338,7 +362,9 @@ export class GatewayClient {
 
   _sendSubscribe(subscription) {
     const frame = { type: "subscribe", ...target(subscription.target) };
+    if (subscription.compact) frame.compact = true;
     if (subscription.epoch !== null) frame.since = { epoch: subscription.epoch, seq: subscription.seq };
+    if (subscription.cond !== null) frame.cond = subscription.cond;
     const id = `c${++this._nextId}`;
     this._pending.set(id, { id, subscription, sent: true });
     this._ws.send(JSON.stringify({ ...frame, id }));

@@ -8,8 +8,10 @@ and carries out what it decides. It owns
   websockets is one websockets answers (websockets closes the connection without a word on
   a head it cannot parse);
 * the operator's endpoints: `/healthz`, `/readyz` and `/metrics` (`Operations` decides);
-* the answers to everything that is not a WebSocket handshake on `/ws` (`answer_request`):
-  the page at `/`, the JavaScript client at `/client.js` (its types at `/client.d.ts`),
+* the answers to everything that is not a WebSocket handshake on `/ws` or on
+  `/.well-known/coap` (RFC 8323) (`answer_request`):
+  the page at `/` (the dashboard: its script and style at `/dashboard.js` and
+  `/dashboard.css`), the JavaScript client at `/client.js` (its types at `/client.d.ts`),
   `HEAD`, 404 (an upgrade on another path says where the endpoint is), 405, and
   400/414/431/505 for heads that are not HTTP;
 * which host names the port answers to (`HostNames`): a request whose `Host` is a name the
@@ -26,8 +28,6 @@ request. After a WebSocket upgrade they are the first frames.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import http
 import ipaddress
 import re
@@ -37,12 +37,23 @@ from importlib import resources
 from typing import Final, Protocol
 
 WS_PATH: Final = "/ws"
+COAP_WS_PATH: Final = "/.well-known/coap"
+"""CoAP over WebSockets (RFC 8323 §4), subprotocol ``coap``, beside the JSON API."""
+WS_PATHS: Final = (WS_PATH, COAP_WS_PATH)
 PAGE_PATHS: Final = ("/", "/index.html")
 CLIENT_FILES: Final = {
     "/client.js": ("client.js", "text/javascript; charset=utf-8"),
     "/client.d.ts": ("client.d.ts", "application/typescript; charset=utf-8"),
 }
 """The JavaScript client (`static/`) and its types, by path: file and Content-Type."""
+PAGE_FILES: Final = {
+    "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+    "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+"""The page's own script, style and icon (`static/`), by path: file and Content-Type. Files
+rather than inline elements, so that the page's policy names them by origin and no inline
+code runs at all."""
 
 MAX_LINE_BYTES: Final = 8192
 """Longest request or header line, CRLF included (websockets' limit too)."""
@@ -261,7 +272,7 @@ OPERATIONS_PATHS: Final = ("/healthz", "/readyz", "/metrics")
 def answer_request(
     head: RequestHead, hosts: HostNames | None = None, operations: Operations | None = None
 ) -> Answer | None:
-    """The answer to `head`, or None for a WebSocket handshake (GET on /ws), which is
+    """The answer to `head`, or None for a WebSocket handshake (GET on a `WS_PATHS`), which is
     websockets' to check and answer. An answer to HEAD has the headers of the GET's, and
     no body. `hosts`: the names served (default: ``localhost`` and IP literals);
     `operations`: who answers `/readyz` and `/metrics` (without, only `/healthz` is)."""
@@ -273,27 +284,27 @@ def answer_request(
 
 def _route(head: RequestHead, operations: Operations | None = None) -> Answer | None:
     path = head.path
-    if path != WS_PATH and any(
+    if path not in WS_PATHS and any(
         "websocket" in value.lower() for value in head.get_all("Upgrade")
     ):
         return error_answer(
             http.HTTPStatus.NOT_FOUND, f"no WebSocket endpoint at {path[:80]}; it is at {WS_PATH}"
         )
     if path in OPERATIONS_PATHS:
-        return _operate(head, operations)
+        return operations_answer(head, operations)
     if path in PAGE_PATHS:
         if head.method not in ("GET", "HEAD"):
             return method_not_allowed(PAGE_METHODS)
         if head.has_body:
             return error_answer(http.HTTPStatus.BAD_REQUEST, "a request body is not accepted")
         return page_answer(_single(head, "Host"))
-    if path in CLIENT_FILES:
+    if path in CLIENT_FILES or path in PAGE_FILES:
         if head.method not in ("GET", "HEAD"):
             return method_not_allowed(PAGE_METHODS)
         if head.has_body:
             return error_answer(http.HTTPStatus.BAD_REQUEST, "a request body is not accepted")
-        return client_answer(path)
-    if path == WS_PATH:
+        return client_answer(path) if path in CLIENT_FILES else page_file_answer(path)
+    if path in WS_PATHS:
         if head.method != "GET":
             return method_not_allowed(WS_METHODS)
         if head.has_body:
@@ -302,7 +313,7 @@ def _route(head: RequestHead, operations: Operations | None = None) -> Answer | 
     return error_answer(http.HTTPStatus.NOT_FOUND, f"no such path; WebSocket is at {WS_PATH}")
 
 
-def _operate(head: RequestHead, operations: Operations | None) -> Answer:
+def operations_answer(head: RequestHead, operations: Operations | None) -> Answer:
     """`/healthz` (the process answers), `/readyz` (it serves) and `/metrics` (Prometheus,
     behind the token check of `operations`). The first two reveal nothing and need no
     token."""
@@ -360,6 +371,15 @@ def client_answer(path: str) -> Answer:
     return Answer(answer.status, (*answer.headers, *extra), answer.body)
 
 
+def page_file_answer(path: str) -> Answer:
+    """The page's script, style or icon. Same-origin only (no CORS header: nothing else needs
+    them); revalidated on each load, so that an upgraded gateway never runs a stale script
+    against a newer page."""
+    name, content_type = PAGE_FILES[path]
+    answer = _answer(http.HTTPStatus.OK, content_type, static_bytes(name), PLAIN_CSP)
+    return Answer(answer.status, (*answer.headers, ("Cache-Control", "no-cache")), answer.body)
+
+
 def _answer(status: http.HTTPStatus, content_type: str, body: bytes, csp: str) -> Answer:
     headers = (
         ("Content-Type", content_type),
@@ -383,19 +403,22 @@ def security_headers(csp: str = PLAIN_CSP) -> tuple[tuple[str, str], ...]:
 
 
 def page_csp(host: str | None) -> str:
-    """The page's Content-Security-Policy: its own inline script and style (by hash, so
-    nothing injected runs), WebSocket connections to the gateway itself, nothing else.
+    """The page's Content-Security-Policy: scripts and styles from the gateway's own origin
+    only (the page has no inline script or style, so none is allowed: nothing injected
+    runs), WebSocket connections and fetches to the gateway itself, nothing else.
 
-    `'self'` covers `ws:`/`wss:` to the same host in CSP Level 3; older browsers need the
-    host spelled out, which is done when the Host header is a plain name or IPv4 address
-    (anything else could inject directives, and IPv6 literals have no CSP spelling).
+    `'self'` as a script source admits only what this port serves as JavaScript: every
+    other answer is text/plain or HTML, and with `nosniff` a browser does not run those as
+    scripts. `'self'` also covers `ws:`/`wss:` to the same host in CSP Level 3; older
+    browsers need the host spelled out, which is done when the Host header is a plain name
+    or IPv4 address (anything else could inject directives, and IPv6 literals have no CSP
+    spelling).
     """
-    scripts, styles = _inline_hashes()
     connect = "'self'"
     if host is not None and _CSP_HOST.fullmatch(host):
         connect += f" ws://{host} wss://{host}"
     return (
-        f"default-src 'none'; script-src {scripts}; style-src {styles}; "
+        "default-src 'none'; script-src 'self'; style-src 'self'; "
         f"connect-src {connect}; img-src 'self'; base-uri 'none'; form-action 'none'; "
         f"{_NOT_FRAMED}"
     )
@@ -409,20 +432,6 @@ def page_bytes() -> bytes:
 @cache
 def static_bytes(name: str) -> bytes:
     return resources.files("translator").joinpath(f"static/{name}").read_bytes()
-
-
-@cache
-def _inline_hashes() -> tuple[str, str]:
-    """CSP hash sources of the page's inline <script> and <style> elements."""
-    page = page_bytes()
-
-    def sources(element: bytes) -> str:
-        pattern = re.compile(rb"<%s>(.*?)</%s>" % (element, element), re.DOTALL)
-        digests = [hashlib.sha256(m.group(1)).digest() for m in pattern.finditer(page)]
-        found = " ".join(f"'sha256-{base64.b64encode(d).decode()}'" for d in digests)
-        return found or "'none'"
-
-    return sources(b"script"), sources(b"style")
 
 
 def _single(head: RequestHead, name: str) -> str | None:

@@ -1,10 +1,12 @@
 """The WebSocket side: the websockets server, one reader and one bounded writer per client.
 
-It owns I/O toward web clients and nothing else: the handshake (only the `/ws` path is a
-WebSocket endpoint), reading messages and handing them to the `MessageHandler`, and writing
-queued text frames. It knows nothing of CoAP, the hub or the frames' meaning. What a plain
-HTTP request gets (the page at `/`, 404, 405, ...) is `web.front`'s decision; this module
-reads the request head for it and sends its answer (`_ServerConnection`).
+It owns I/O toward web clients and nothing else: the handshake (`/ws` is the JSON endpoint;
+`/.well-known/coap`, subprotocol `coap`, carries RFC 8323 CoAP messages in binary frames,
+which the gateway tells apart by the handshake's grant), reading messages and handing them
+to the `MessageHandler`, and writing queued frames. It knows nothing of CoAP, the hub or the
+frames' meaning. What a plain HTTP request gets (the page at `/`, 404, 405, ...) is
+`web.front`'s decision; this module reads the request head for it and sends its answer
+(`_ServerConnection`).
 
 Outgoing frames go through `Connection.send()`, which never blocks: each connection has a
 bounded queue drained by its own writer task. A queue that overflows means the client does
@@ -33,26 +35,48 @@ import os
 import select
 import socket
 import ssl
-import struct
+import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any, Final, Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, NegotiationError
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
+from websockets.typing import Subprotocol
 
+from translator import compat
 from translator.compat import check_websockets
+from translator.core.hub import NotifyMeta
 from translator.core.outbox import OVERFLOW_BYTES, Outbox
 from translator.core.ratelimit import ConnectionLimiter
 from translator.redaction import install_redaction
 from translator.web import front as http_front
-from translator.web.front import WS_PATH, Answer, HeadReader, HostNames, HttpError, Operations
+from translator.web.encodings import (
+    CompactState,
+    Outgoing,
+    UnsupportedSubprotocol,
+    choose_subprotocol,
+    is_cbor,
+    to_cbor,
+    ws_frame,
+)
+from translator.web.front import (
+    COAP_WS_PATH,
+    WS_PATH,
+    WS_PATHS,
+    Answer,
+    HeadReader,
+    HostNames,
+    HttpError,
+    Operations,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +145,16 @@ class Connection:
         "_transport",
         "_writer",
         "_writing",
+        "cbor",
         "closing",
+        "compact",
         "deaf",
+        "deflate",
         "finished",
         "grant",
         "id",
         "outbox",
+        "plain",
         "ws",
     )
 
@@ -146,8 +174,19 @@ class Connection:
         self._on_slow = on_slow
         self._loop = asyncio.get_running_loop()
         self._transport = ws.transport
-        self._fd = _plain_socket_fd(ws.transport)
-        """The socket `fan_out` may write to directly, or -1 (TLS, or no socket)."""
+        self.cbor = is_cbor(ws.subprotocol)
+        """The client speaks CBOR (`web.encodings`): every frame is a CBOR map, binary."""
+        self.deflate = bool(ws.protocol.extensions)
+        """permessage-deflate was negotiated: every frame goes through websockets'
+        extension (a compressor per connection), so none can take shared framed bytes."""
+        self.compact: CompactState | None = None
+        """The subscriptions that asked for compact notifies (made on first use: most
+        connections never ask, and an idle connection's bytes are counted)."""
+        self.plain = True
+        """JSON, uncompressed, no compact subscription: `fan_out`'s shortest path."""
+        self._set_plain()
+        self._fd = -1 if self.deflate else _plain_socket_fd(ws.transport)
+        """The socket `fan_out` may write to directly, or -1 (TLS, compressed, no socket)."""
         if limits.max_inflight_bytes:
             _bound_unsent(ws.transport, limits.max_inflight_bytes)
         self._writer: asyncio.Task[None] | None = None
@@ -176,19 +215,52 @@ class Connection:
         """The connection, as fields of a log record (`--log-format json`)."""
         return {"conn": self.id, "remote": self.remote}
 
-    def send(self, text: str, replaces: str | None = None, frame: bytes | None = None) -> None:
-        """Send a text frame now if the socket takes it, else queue it; never blocks.
+    def _set_plain(self) -> None:
+        self.plain = not (self.cbor or self.deflate or self.compact)
 
-        `frame` is `text` already framed by `text_frame()`, shared by every recipient of a
-        fan-out. `replaces` (a subscription id) lets this frame replace an unsent one with
-        the same key. A client too slow for the outbox's bounds is closed (slow consumer).
+    def want_compact(self, sub: str) -> None:
+        """Notifies of `sub` go compact from the next complete one on (`CompactState`)."""
+        if self.compact is None:
+            self.compact = CompactState()
+        self.compact.want(sub)
+        self._set_plain()
+
+    def forget_compact(self, sub: str) -> None:
+        if self.compact is not None:
+            self.compact.forget(sub)
+            if not self.compact:
+                self.compact = None
+            self._set_plain()
+
+    def pick(self, outgoing: Outgoing, replaces: str | None) -> tuple[str | bytes, bytes]:
+        """The form of `outgoing` this connection takes: its encoding, compact or not."""
+        compact = self.compact is not None and self.compact.take(
+            replaces, outgoing.meta, backlog=bool(self.outbox.frames)
+        )
+        return outgoing.form(self.cbor, compact)
+
+    def send(
+        self, text: str | bytes, replaces: str | None = None, frame: bytes | None = None
+    ) -> None:
+        """Send a frame now if the socket takes it, else queue it; never blocks.
+
+        `text` is a gateway frame's JSON text, which a CBOR connection gets as CBOR, or a
+        message already in the connection's encoding (bytes: a binary frame). `frame` is
+        `text` already framed by `ws_frame()`, shared by every recipient of a fan-out.
+        `replaces` (a subscription id) lets this frame replace an unsent one with the same
+        key. A client too slow for the outbox's bounds is closed (slow consumer).
         """
         if self.closing:
             return
+        if self.cbor and isinstance(text, str):
+            text, frame = to_cbor(text), None
         if not self.outbox.frames and not self._writing and self._writable():
             # The hot path: nothing waits before this frame and the transport is below its
             # high-water mark, so write the shared bytes straight away, with no task switch.
-            self._transport.write(frame if frame is not None else text_frame(text))
+            if self.deflate:
+                self._send_compressed(text)
+            else:
+                self._transport.write(frame if frame is not None else ws_frame(text))
             return
         outbox = self.outbox
         overflow = outbox.push(text, replaces, self._loop.time())
@@ -202,6 +274,20 @@ class Connection:
             return
         if self._writer is None:
             self._writer = asyncio.create_task(self._write(), name=f"ws writer #{self.id}")
+
+    def _send_compressed(self, message: str | bytes) -> None:
+        """Write one message through websockets' protocol, whose permessage-deflate
+        extension keeps this connection's compressor (what `ws.send()` does, without its
+        task switch; `_writable` checked what its send context checks)."""
+        protocol = self.ws.protocol
+        if isinstance(message, str):
+            protocol.send_text(message.encode())
+        else:
+            protocol.send_binary(message)
+        transport = self._transport
+        for data in protocol.data_to_send():
+            if data:
+                transport.write(data)
 
     def check_backlog(self) -> None:
         """Close the client as a slow consumer at once, and stop reading from it, when more
@@ -281,7 +367,7 @@ class Connection:
                         await ws.drain()
                     finally:
                         self._writing = False
-                text = outbox.pop()
+                text: str | bytes | None = outbox.pop()
                 if text is None:
                     break
                 self._writing = True
@@ -375,6 +461,31 @@ class ServerSettings:
     """Host names the gateway serves besides ``localhost`` and its listen address."""
     max_connections: int = 10_000
     max_connections_per_ip: int = 256
+    backlog: int = 100
+    """Connections the kernel queues until they are accepted (``listen()``)."""
+    deflate: DeflateSettings | None = None
+    """permessage-deflate for clients that offer it; None: every client gets plain frames."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeflateSettings:
+    """permessage-deflate (RFC 7692) parameters: what each compressed connection costs in
+    memory (zlib: 2**(window_bits + 2) + 2**(memory_level + 9) bytes to compress, about
+    2**window_bits + 7 KiB to decompress) and how well small repeated frames shrink."""
+
+    context_takeover: bool = True
+    """Keep the window between messages: a notify then compresses against the previous ones
+    (the whole gain for small repeated frames)."""
+    window_bits: int = 12
+    memory_level: int = 5
+
+    def factory(self) -> ServerPerMessageDeflateFactory:
+        return ServerPerMessageDeflateFactory(
+            server_no_context_takeover=not self.context_takeover,
+            server_max_window_bits=self.window_bits,
+            client_max_window_bits=self.window_bits,
+            compress_settings={"memLevel": self.memory_level},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,9 +528,15 @@ class WebSocketServer:
         )
         self.slow_consumers_closed = 0
         """Connections closed by the slow-consumer policy."""
+        self.slow_consumer_frames_dropped = 0
+        """Frames that were waiting for those connections when they were closed."""
+        self._coalesced_of_closed = 0
+        """Notify frames replaced in the outboxes of connections that have since closed."""
         self._limiter = ConnectionLimiter(
             settings.max_connections, settings.max_connections_per_ip
         )
+        self.sockets = SocketCount()
+        """TCP connections held (see `limit_connections`)."""
 
     async def start(self) -> None:
         check_websockets()  # the connection internals used below (translator/compat.py)
@@ -433,12 +550,16 @@ class WebSocketServer:
             settings.port,
             process_request=self._process_request,
             process_response=_process_response,
+            select_subprotocol=_select_subprotocol,
             max_size=settings.max_frame_bytes,
-            # permessage-deflate costs more CPU per frame than it saves on loopback-sized
-            # JSON, and halves fan-out throughput.
+            # permessage-deflate only when configured (`[server] compression`): a compressed
+            # connection leaves the shared-bytes fan-out (docs/performance.md).
             compression=None,
+            extensions=[settings.deflate.factory()] if settings.deflate else None,
             close_timeout=CLOSE_TIMEOUT,
-            create_connection=_ServerConnection.serving(self._host_names(), self.operations),
+            create_connection=_ServerConnection.serving(
+                self._host_names(), self.operations, self.sockets
+            ),
             # With the kernel's unsent bytes bounded (`Connection`), frames that the socket
             # does not take must wait in the outbox, not in the transport's buffer.
             write_limit=BOUNDED_WRITE_LIMIT
@@ -450,16 +571,28 @@ class WebSocketServer:
             open_timeout=settings.handshake_timeout,
             ssl=settings.ssl_context,
             server_header=SERVER_HEADER,
+            backlog=settings.backlog,
         )
         sockets = list(self._server.sockets)
         if sockets:
             self.port = sockets[0].getsockname()[1]
+        for listening in sockets:
+            compat.gate_accepts(listening.fileno(), self.sockets)
         self._sweeper = asyncio.create_task(self._sweep_laggards(), name="ws lag sweeper")
         if settings.ping_interval is not None:
             self._keepalive = asyncio.create_task(
                 self._keep_alive(settings.ping_interval, settings.ping_timeout),
                 name="ws keepalive",
             )
+
+    def limit_connections(self, most: int, sockets: int | None = None) -> None:
+        """Admit at most `most` connections in all from now on (the open-files budget may
+        allow fewer than `max_connections`); more get HTTP 503 with Retry-After. With
+        `sockets`, hold at most that many TCP connections (admitted, being handshaken or
+        being refused): past it, accepting pauses rather than fails for want of descriptors.
+        """
+        self._limiter.max_total = most
+        self.sockets.limit = sockets
 
     @property
     def url(self) -> str:
@@ -478,6 +611,8 @@ class WebSocketServer:
         self._sweeper = self._keepalive = None
         if self._server is None:
             return
+        for listening in self._server.sockets:
+            compat.ungate_accepts(listening.fileno())
         self._server.close(close_connections=True)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT + 1):
@@ -561,7 +696,7 @@ class WebSocketServer:
         `_ServerConnection` hands websockets only GETs on `/ws` (`web.front` answers every
         other request), so the limits, the Origin and the gatekeeper are all asked here.
         """
-        if request.path.partition("?")[0] != WS_PATH:  # not expected: see the docstring
+        if request.path.partition("?")[0] not in WS_PATHS:  # not expected: see the docstring
             return _response(http_front.error_answer(http.HTTPStatus.NOT_FOUND, "no such path"))
         address = ws.remote_address
         ip = str(address[0]) if address else ""
@@ -619,8 +754,16 @@ class WebSocketServer:
             return None
         return Refusal(http.HTTPStatus.FORBIDDEN, f"origin {origin!r} is not allowed")
 
+    @property
+    def coalesced_total(self) -> int:
+        """Notify frames replaced by newer ones in an outbox, since the server started
+        (summed over the open connections when asked: the fan-out does not count)."""
+        return self._coalesced_of_closed + sum(c.outbox.replaced for c in self.connections)
+
     def _count_slow_consumer(self, conn: Connection) -> None:
+        # Called before the close drops what waits.
         self.slow_consumers_closed += 1
+        self.slow_consumer_frames_dropped += conn.outbox.frames
 
     async def _serve_connection(self, ws: ServerConnection) -> None:
         _forget_handshake_headers(ws)
@@ -638,6 +781,7 @@ class WebSocketServer:
             pass
         finally:
             self.connections.discard(conn)
+            self._coalesced_of_closed += conn.outbox.replaced
             self.handler.disconnected(conn)
             await conn.finish()
             conn.finished.set_result(None)
@@ -656,14 +800,14 @@ class _ServerConnection(ServerConnection):
     * a head websockets cannot parse (a body, an unknown HTTP version, a malformed header
       line) got no answer at all, only the end of the stream.
 
-    So the head is read here (`http_front.HeadReader`, `parse_head`). A GET on `/ws` goes to
-    websockets, without what follows it: those bytes wait until the handshake is answered,
-    then go to websockets too (frames after a 101; after a refusal websockets discards
-    them). Every other request gets `web.front`'s answer through websockets' Sans-I/O
-    `send_response()`, which logs it, ends the stream and discards what the client sends
-    until it closes (at most `CLOSE_TIMEOUT` seconds later, the TCP connection is dropped).
-    Only public websockets API is used: `create_connection`, `data_received`, the
-    protocol's `send_response()` and `data_to_send()`.
+    So the head is read here (`http_front.HeadReader`, `parse_head`). A GET on `/ws` (or on
+    `/.well-known/coap`) goes to websockets, without what follows it: those bytes wait until
+    the handshake is answered, then go to websockets too (frames after a 101; after a
+    refusal websockets discards them). Every other request gets `web.front`'s answer through
+    websockets' Sans-I/O `send_response()`, which logs it, ends the stream and discards what
+    the client sends until it closes (at most `CLOSE_TIMEOUT` seconds later, the TCP
+    connection is dropped). Only public websockets API is used: `create_connection`,
+    `data_received`, the protocol's `send_response()` and `data_to_send()`.
 
     Every attribute is named when the connection is created: CPython 3.11 lets a class's
     instances share one table of attribute names, which has room for a few more names than
@@ -679,13 +823,28 @@ class _ServerConnection(ServerConnection):
     every connection of a server, they cost no name in the instances' attribute table."""
     operations: Operations | None = None
     """Who answers `/readyz` and `/metrics`."""
+    sockets: SocketCount | None = None
+    """The server's TCP connections, whatever their state (handshake, open, refused)."""
 
     @classmethod
     def serving(
-        cls, hosts: HostNames, operations: Operations | None = None
+        cls, hosts: HostNames, operations: Operations | None = None,
+        sockets: SocketCount | None = None,
     ) -> type[_ServerConnection]:
-        """This class for a server that answers to `hosts`, with these `operations`."""
-        return type(cls.__name__, (cls,), {"hosts": hosts, "operations": operations})
+        """This class for a server that answers to `hosts`, with these `operations`, its
+        TCP connections counted in `sockets`."""
+        return type(cls.__name__, (cls,),
+                    {"hosts": hosts, "operations": operations, "sockets": sockets})
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.sockets is not None:
+            self.sockets.made()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.sockets is not None:
+            self.sockets.lost()
+        super().connection_lost(exc)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -771,6 +930,51 @@ class _ServerConnection(ServerConnection):
         self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
 
 
+class SocketCount:
+    """The TCP connections a server holds: each is a descriptor, from accept() until the
+    connection is lost, whether it is being handshaken, open, or refused.
+
+    A connection is `pending` from accept() until asyncio makes its protocol (a loop turn
+    or two later), then `open` until it is lost. A pending one that is never made (asyncio
+    gave up on it) is forgotten after `PENDING_FOR` seconds.
+    """
+
+    __slots__ = ("limit", "open", "pending")
+
+    PENDING_FOR: Final = 1.0
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.pending: deque[float] = deque()
+        self.limit: int | None = None
+        """The most this server may hold (None: no bound but the process's)."""
+
+    def held(self) -> int:
+        pending, since = self.pending, time.monotonic() - self.PENDING_FOR
+        while pending and pending[0] < since:
+            pending.popleft()
+        return self.open + len(pending)
+
+    def made(self) -> None:
+        self.open += 1
+        if self.pending:
+            self.pending.popleft()
+
+    def lost(self) -> None:
+        self.open -= 1
+
+    # compat.AcceptGate: asked before each accept() on the server's listening sockets.
+
+    def no_room(self) -> str | None:
+        if self.limit is None or self.held() < self.limit:
+            return None
+        return (f"the open-files budget is spent ({self.held()} TCP connections held, "
+                f"at most {self.limit}: admitted, being opened or being refused)")
+
+    def accepted(self) -> None:
+        self.pending.append(time.monotonic())
+
+
 class _Front:
     """What `_ServerConnection` keeps until websockets reads the connection itself."""
 
@@ -797,6 +1001,24 @@ def _process_response(
     return None
 
 
+def _select_subprotocol(
+    ws: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """`/.well-known/coap` speaks the subprotocol ``coap`` (RFC 8323 §4.1: a client MUST
+    offer it; one that does not is refused with 400). `/ws` speaks the encoding the client
+    asked for (`web.encodings`: JSON when it names none); a client that offers only other
+    subprotocols is refused with 400 naming the supported ones."""
+    if ws.request is not None and ws.request.path.partition("?")[0] == COAP_WS_PATH:
+        if "coap" not in offered:
+            raise NegotiationError(f"{COAP_WS_PATH} needs the WebSocket subprotocol 'coap'")
+        return Subprotocol("coap")
+    try:
+        chosen = choose_subprotocol(offered)
+    except UnsupportedSubprotocol as exc:
+        raise NegotiationError(str(exc)) from None
+    return None if chosen is None else Subprotocol(chosen)
+
+
 def _forget_handshake_headers(ws: ServerConnection) -> None:
     """Drop the opening handshake's headers once the connection is open.
 
@@ -811,8 +1033,13 @@ def _forget_handshake_headers(ws: ServerConnection) -> None:
             message.headers.clear()
 
 
-def fan_out(targets: Iterable[Connection], text: str, replaces: str | None = None) -> None:
-    """Send one text frame to many connections: framed once, the same bytes for each.
+def fan_out(
+    targets: Iterable[Connection],
+    text: str,
+    replaces: str | None = None,
+    meta: NotifyMeta | None = None,
+) -> None:
+    """Send one frame to many connections: framed once per form, the same bytes for each.
 
     The hot path of a notification. A connection with nothing queued ahead of the frame, an
     empty transport buffer and a plain TCP socket gets the bytes by one `os.write` on its
@@ -824,11 +1051,21 @@ def fan_out(targets: Iterable[Connection], text: str, replaces: str | None = Non
     error goes to the transport, which meets it again and closes the connection as it
     always does. Every other connection gets `Connection.send` (queue, slow-consumer
     policy, TLS).
+
+    A connection that is not `plain` takes its own form of the frame (`Connection.pick`:
+    CBOR, compact), made once per update for all who take it (`Outgoing`); a compressed
+    one goes through its compressor (`Connection.send`).
     """
     frame = text_frame(text)
-    size = len(frame)
     write = os.write
+    outgoing: Outgoing | None = None
     for conn in targets:
+        message: str | bytes = text
+        framed = frame
+        if not conn.plain:
+            if outgoing is None:
+                outgoing = Outgoing(text, meta)
+            message, framed = conn.pick(outgoing, replaces)
         # The conditions of `Connection.send`'s hot path (`_writable`), inlined because a
         # method call per client is measurable here, plus an empty transport buffer: bytes
         # already buffered must go out before these ones.
@@ -844,19 +1081,19 @@ def fan_out(targets: Iterable[Connection], text: str, replaces: str | None = Non
             and ws.send_in_progress is None
         ):
             try:
-                sent = write(fd, frame)
+                sent = write(fd, framed)
             except (BlockingIOError, InterruptedError):
                 # Not a byte taken: whether it waits in the transport or in the outbox (where
                 # a newer notify replaces it) is `send`'s decision.
-                conn.send(text, replaces, frame)
+                conn.send(message, replaces, framed)
                 continue
             except OSError:
-                transport.write(frame)
+                transport.write(framed)
                 continue
-            if sent != size:
-                transport.write(frame[sent:])
+            if sent != len(framed):
+                transport.write(framed[sent:])
             continue
-        conn.send(text, replaces, frame)
+        conn.send(message, replaces, framed)
 
 
 def _bound_unsent(transport: asyncio.Transport, limit: int) -> None:
@@ -897,15 +1134,13 @@ def _plain_socket_fd(transport: asyncio.Transport) -> int:
 
 def text_frame(text: str) -> bytes:
     """A complete, unmasked, unfragmented WebSocket text frame (RFC 6455 §5.2) for `text`."""
-    payload = text.encode()
-    length = len(payload)
-    if length < 126:
-        header = bytes((0x81, length))
-    elif length < 1 << 16:
-        header = struct.pack("!BBH", 0x81, 126, length)
-    else:
-        header = struct.pack("!BBQ", 0x81, 127, length)
-    return header + payload
+    return data_frame(text)
+
+
+def data_frame(data: str | bytes) -> bytes:
+    """A complete, unmasked, unfragmented WebSocket frame: text for a str, binary for bytes
+    (CBOR frames, CoAP messages on the RFC 8323 endpoint); see `encodings.ws_frame`."""
+    return ws_frame(data)
 
 
 def _is_ip_literal(host: str) -> bool:
