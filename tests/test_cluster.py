@@ -532,8 +532,9 @@ async def device() -> AsyncIterator[Device]:
 async def owner_and_other(
     make_node: Callable[..., Any], nats_server: NatsServer, device: Device,
     make_client: Callable[..., Any], *paths: str,
-) -> Gateway:
-    """Two nodes; a plain client on the first watches `paths`, so that the first owns them."""
+) -> tuple[Gateway, Gateway]:
+    """Two nodes, (owner, other); a plain client on the first watches `paths`, so that the
+    first owns them."""
     allow = (f"coap://127.0.0.1:{device.port}/*",)
     first = await make_node(nats_server, "n0", allow=allow)
     other = await make_node(nats_server, "n1", allow=allow)
@@ -544,13 +545,13 @@ async def owner_and_other(
     assert first.cluster is not None and other.cluster is not None
     for path in paths:
         assert device.uri(path) in first.cluster.owned
-    return other
+    return first, other
 
 
 async def test_cbor_and_compact_clients_on_a_non_owner_get_the_sensors_item_and_diffs(
     nats_server: NatsServer, device: Device, make_node: Any, make_client: Any
 ) -> None:
-    other = await owner_and_other(
+    _, other = await owner_and_other(
         make_node, nats_server, device, make_client, "exotic", "counter"
     )
     cbor: Client = await make_client(other.url, subprotocols=[CBOR_SUBPROTOCOL])
@@ -592,7 +593,7 @@ async def test_cbor_and_compact_clients_on_a_non_owner_get_the_sensors_item_and_
 async def test_a_conditional_subscription_on_a_non_owner_gets_what_its_condition_lets_through(
     nats_server: NatsServer, device: Device, make_node: Any, make_client: Any
 ) -> None:
-    other = await owner_and_other(
+    _, other = await owner_and_other(
         make_node, nats_server, device, make_client, "counter"
     )
     uri = device.uri("counter")
@@ -627,23 +628,29 @@ async def test_an_rfc_8323_observer_on_a_non_owner_gets_the_sensors_bytes(
     nats_server: NatsServer, sensors: SimulatedSensors, device: Device, make_node: Any,
     make_client: Any,
 ) -> None:
-    other = await owner_and_other(
+    owner, other = await owner_and_other(
         make_node, nats_server, device, make_client, "exotic"
     )
     uri = device.uri("exotic")
-    coap = await coap_client(other)
+    # On the node that does not own the resource, and on the owner (whose representation
+    # also comes with its own relayed notify in a cluster).
+    coaps = [await coap_client(other), await coap_client(owner)]
     try:
-        token = coap.token()
-        answer = await coap.request(GET, (OBSERVE, b""), proxy(uri), token=token)
-        assert dotted(answer.code) == "2.05" and answer.first(OBSERVE) is not None
-        assert answer.first(CONTENT_FORMAT) == uint(CF_CBOR)
-        assert answer.payload == EXOTIC  # the sensor's bytes, from the owner over NATS
-        seqs = [int.from_bytes(answer.first(OBSERVE) or b"", "big")]
+        tokens = [coap.token() for coap in coaps]
+        seqs = []
+        for coap, token in zip(coaps, tokens, strict=True):
+            answer = await coap.request(GET, (OBSERVE, b""), proxy(uri), token=token)
+            assert dotted(answer.code) == "2.05" and answer.first(OBSERVE) is not None
+            assert answer.first(CONTENT_FORMAT) == uint(CF_CBOR)
+            assert answer.payload == EXOTIC  # the sensor's bytes, from the owner over NATS
+            seqs.append(int.from_bytes(answer.first(OBSERVE) or b"", "big"))
         changed = EXOTIC[:-4] + cbor2.dumps(b"new")
         device.resources["exotic"].set(changed)
-        note = await coap.wait_for(lambda m: m.token == token)
-        seqs.append(int.from_bytes(note.first(OBSERVE) or b"", "big"))
-        assert note.payload == changed and seqs[1] > seqs[0]
+        for coap, token, seq in zip(coaps, tokens, seqs, strict=True):
+            note = await coap.wait_for(lambda m, t=token: m.token == t)
+            assert note.payload == changed
+            assert int.from_bytes(note.first(OBSERVE) or b"", "big") > seq
     finally:
-        await coap.ws.close()
+        for coap in coaps:
+            await coap.ws.close()
     assert other.cluster is not None and uri not in other.cluster.owned
