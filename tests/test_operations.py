@@ -56,6 +56,9 @@ class Operations:
     def ready(self) -> bool:
         return self.is_ready
 
+    def degraded(self) -> str | None:
+        return None
+
     def metrics(self, authorization: str | None) -> Answer:
         return text_answer(http.HTTPStatus.OK, f"metrics for {authorization}")
 

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also serve /metrics on this address ([metrics] listen)")
     serve.add_argument("--no-auth", action="store_true",
                        help="run without authentication even off loopback ([auth] mode = none)")
+    serve.add_argument("--nats", action="append", default=[], metavar="URL",
+                       help="join a cluster over this NATS server (repeatable; [cluster] nats)")
+    serve.add_argument("--node", metavar="NAME",
+                       help="this node's name in the cluster (default: host name and pid)")
 
     demo = commands.add_parser("demo", help="run simulated sensors and a gateway for them")
     demo.add_argument("--host", default="127.0.0.1", help="address for both (default 127.0.0.1)")
@@ -243,6 +247,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         no_auth=args.no_auth,
         metrics_listen=args.metrics_listen,
+        nats=args.nats,
+        node=args.node,
     )
     _setup_logging(config.log_level, config.log_format)
     return _serve(config, announce=lambda url: _ready(f"listening on {url}"))

@@ -438,6 +438,56 @@ class DiscoveryConfig:
                 raise ConfigError("rd", "only coap:// directories can be read")
 
 
+CLUSTER_NAME_CHARS: Final = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
+)
+"""What a cluster's name and a node's name may contain: they become parts of NATS subjects
+and of JetStream bucket and key names, where dots, wildcards and spaces mean something."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: several gateways as one, over NATS (docs/cluster.md). Without ``nats``
+    the gateway is a single process and nothing of the cluster is imported."""
+
+    nats: tuple[str, ...] = _setting(())
+    """NATS server URLs (``nats://host:4222``, ``tls://…``); empty: no cluster."""
+    node: str = _setting("")
+    """This node's name, unique in the cluster; empty: the host name and the process id."""
+    name: str = _setting("coapws", nonempty=True)
+    """The cluster's name: the prefix of its subjects, buckets and stream, so that several
+    clusters can share one NATS."""
+    credentials: str | None = _setting(None)
+    """A NATS credentials file (``.creds``: a user JWT and its NKey seed)."""
+    tls_ca: str | None = _setting(None)
+    """PEM CA bundle that signs the NATS servers' certificates (``tls://`` URLs)."""
+    tls_cert: str | None = _setting(None)
+    """PEM client certificate, for NATS servers that verify clients."""
+    tls_key: str | None = _setting(None)
+    """PEM private key of ``tls_cert``."""
+    lease_ttl: float = _setting(6.0, minimum=1.0, maximum=HOUR)
+    """Seconds an owner's lease on a resource lasts without renewal (it renews it three
+    times per TTL): how long a dead owner's resources wait for a new one."""
+    interest_ttl: float = _setting(6.0, minimum=1.0, maximum=HOUR)
+    """Seconds a node's interest in a resource lasts without renewal."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        for key, value in (("node", self.node), ("name", self.name)):
+            if value and not set(value) <= CLUSTER_NAME_CHARS:
+                raise ConfigError(key, f"{value!r}: only letters, digits, '_' and '-'")
+        for url in self.nats:
+            scheme, sep, rest = url.partition("://")
+            if not sep or scheme not in ("nats", "tls") or not rest:
+                raise ConfigError("nats", f"{url!r} is not a nats:// or tls:// URL")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert", "tls_cert and tls_key go together")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.nats)
+
+
 DTLS_PSK_MAX_BYTES: Final = 16
 """Longest DTLS pre-shared key the gateway's DTLS stack (tinydtls, through DTLSSocket) takes.
 Its buffer is this size and a longer key would overrun it, so the limit is checked here."""
@@ -687,6 +737,8 @@ class GatewayConfig:
     """``[supervision]``."""
     history: HistoryConfig = field(default_factory=HistoryConfig)
     """``[history]``."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """``[cluster]``."""
     auth: AuthConfig = field(default_factory=AuthConfig)
     """``[auth]``."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -779,6 +831,8 @@ def apply_overrides(
     tls_key: str | None = None,
     no_auth: bool = False,
     metrics_listen: str | None = None,
+    nats: Sequence[str] = (),
+    node: str | None = None,
 ) -> GatewayConfig:
     """Apply command-line flags on top of a configuration.
 
@@ -827,6 +881,13 @@ def apply_overrides(
     if metrics_listen is not None:
         metrics = _replace(config.metrics, "--metrics-listen", listen=metrics_listen)
         config = dataclasses.replace(config, metrics=metrics)
+    if isinstance(nats, str):
+        raise TypeError("nats must be a sequence of strings, not a string")
+    if nats:
+        cluster = _replace(config.cluster, "--nats", nats=tuple(nats))
+        config = dataclasses.replace(config, cluster=cluster)
+    if node is not None:
+        config = dataclasses.replace(config, cluster=_replace(config.cluster, "--node", node=node))
     return config
 
 

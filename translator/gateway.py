@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import difflib
 import http
+import json
 import logging
 import os
 import resource
@@ -23,7 +24,7 @@ from asyncio.constants import ACCEPT_RETRY_DELAY
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from websockets.datastructures import Headers
 
@@ -86,6 +87,10 @@ from translator.web.server import (
     WebSocketServer,
     fan_out,
 )
+
+if TYPE_CHECKING:
+    from translator.cluster.node import ClusterNode
+    from translator.cluster.wire import Published
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +194,11 @@ class Gateway:
         self._no_dtls = dtls_missing()
         """Why a client's ``coaps://`` URI cannot be served (the DTLS extra is optional)."""
         self.policy = policy_for(config)
+        sub_for: Callable[[str], str] | None = None
+        if config.cluster.enabled:
+            from translator.cluster.names import cluster_sub
+
+            sub_for = cluster_sub
         self.hub: Hub[Connection] = Hub(
             linger=config.server.linger,
             max_subscriptions=config.limits.max_subscriptions,
@@ -198,6 +208,7 @@ class Gateway:
             max_observations=config.limits.max_observations,
             max_idle_bytes=config.limits.max_idle_bytes,
             history=History(size=config.history.size, max_bytes=config.history.max_bytes),
+            sub_for=sub_for,
             min_pmax=config.limits.min_pmax,
         )
         self.coap = CoapSide(
@@ -256,6 +267,26 @@ class Gateway:
         """Resources that registered themselves (the RD), and who watches the catalogue."""
         self.budget: Budget | None = None
         """The clients the open-files limit allows, once started."""
+        # Where observations go and the CoAP side's answers are numbered: this gateway's own
+        # hub, or in a cluster the node that shares them over NATS (translator/cluster/).
+        # The Resource Directory stays per node: what registered here is catalogued here,
+        # and observed through the cluster like any URI (docs/cluster.md).
+        self._watch = self.coap.start_observation
+        self._unwatch = self.coap.stop_observation
+        self._upstream_hub: Hub[Any] = self.hub
+        self._upstream_execute: Callable[[list[Command[Any]]], None] = self._execute
+        self.cluster: ClusterNode | None = None
+        if config.cluster.enabled:
+            from translator.cluster.node import ClusterNode
+
+            self.cluster = ClusterNode(
+                config, local=self.hub, deliver=self._execute, upstream=self.coap,
+                represent=self._represent,
+            )
+            self._watch, self._unwatch = self.cluster.watch, self.cluster.unwatch
+            self._upstream_hub = self.cluster.owner_hub
+            self._upstream_execute = self.cluster.execute_owned
+        # After the cluster: prometheus-client collects once when the collector registers.
         self.metrics_registry = GatewayMetrics(self)
         address = config.metrics.address
         self.metrics_port = None if address is None else MetricsPort(
@@ -266,6 +297,12 @@ class Gateway:
     @property
     def url(self) -> str:
         return self.ws.url
+
+    @property
+    def upstream_hub(self) -> Hub[Any]:
+        """The hub the CoAP side's answers go to: this gateway's own, or in a cluster the
+        one of what this node observes for every node."""
+        return self._upstream_hub
 
     @property
     def coap_ws_url(self) -> str:
@@ -298,6 +335,8 @@ class Gateway:
                                   f"{self.config.metrics.listen}: {exc.strerror or exc}") from None
             log.info("metrics at %s", self.metrics_port.url)
         await self.coap.start()
+        if self.cluster is not None:
+            await self.cluster.start()
         await self.registry.start()
         await self.ws.start()
         log.info("CoAP over WebSockets (RFC 8323) at %s", self.coap_ws_url)
@@ -351,6 +390,8 @@ class Gateway:
         pending = [*self._tasks, *(t for s in self._sessions.values() for t in s.tasks)]
         if pending:
             await asyncio.wait(pending, timeout=2)
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.registry.stop()
         await self.coap.shutdown()
         if self.metrics_port is not None:
@@ -381,10 +422,10 @@ class Gateway:
                 self._arm_wake(None if self._stopping else command.at)
             elif isinstance(command, StartObservation):
                 self._cancel_linger(command.uri)
-                self.coap.start_observation(command.uri)
+                self._watch(command.uri)
             elif isinstance(command, StopObservation):
                 self._cancel_linger(command.uri)
-                self.coap.stop_observation(command.uri)
+                self._unwatch(command.uri)
                 self.coap_ws.forget(command.uri)
             elif isinstance(command, StartLinger):
                 self._cancel_linger(command.uri)
@@ -425,11 +466,14 @@ class Gateway:
     # -- the CoAP side's events (ObservationListener) ----------------------------------------
 
     def registering(self, uri: str) -> None:
-        self._execute(self.hub.upstream_registering(uri))
+        self._upstream_execute(self._upstream_hub.upstream_registering(uri))
 
     def answer(self, uri: str, answer: CoapAnswer) -> None:
-        hub, code, cf = self.hub, answer.code, answer.cf
-        self.coap_ws.upstream_answer(uri, answer)
+        hub, code, cf = self._upstream_hub, answer.code, answer.cf
+        if self.cluster is None:
+            self.coap_ws.upstream_answer(uri, answer)
+        # (In a cluster the RFC 8323 endpoint of every node, this one included, hears of
+        # the representation with the relayed notify: `_represent`.)
         age, observe = answer.max_age, answer.observable
         if answer.broken is not None:
             commands = hub.upstream_unusable(
@@ -443,16 +487,33 @@ class Gateway:
             commands = hub.upstream_response(
                 uri, code=code, cf=cf, payload=answer.payload, max_age=age, observe=observe
             )
-        self._execute(commands)
+        if self.cluster is None:
+            self._execute(commands)
+        else:
+            dropped = answer.broken is not None or answer.too_large is not None
+            self.cluster.execute_owned(commands, answer.payload, dropped)
+
+    def _represent(self, uri: str, published: Published) -> None:
+        """A cluster's notify of `uri` with the sensor's representation (from the owner of
+        the resource, maybe this node): the RFC 8323 endpoint keeps it, as it keeps an
+        answer of this node's own observation."""
+        frame = json.loads(published.text)
+        payload = published.payload
+        assert payload is not None
+        broken = str(frame.get("decode_error") or "dropped") if published.dropped else None
+        self.coap_ws.upstream_answer(uri, CoapAnswer(
+            code=frame["code"], cf=frame.get("cf"), payload=payload,
+            max_age=frame.get("max_age"), observe=None, broken=broken,
+        ))
 
     def unchanged(self, uri: str) -> None:
-        self._execute(self.hub.upstream_unchanged(uri))
+        self._upstream_execute(self._upstream_hub.upstream_unchanged(uri))
 
     def stale(self, uri: str, reason: str) -> None:
-        self._execute(self.hub.upstream_stale(uri, reason))
+        self._upstream_execute(self._upstream_hub.upstream_stale(uri, reason))
 
     def failed(self, uri: str, reason: str) -> None:
-        self._execute(self.hub.upstream_failed(uri, reason))
+        self._upstream_execute(self._upstream_hub.upstream_failed(uri, reason))
 
     # -- the WebSocket side's events (MessageHandler) ----------------------------------------
 
@@ -489,6 +550,9 @@ class Gateway:
 
     def ready(self) -> bool:
         return self._started and not self._stopping
+
+    def degraded(self) -> str | None:
+        return None if self.cluster is None else self.cluster.problem
 
     def metrics(self, authorization: str | None) -> Answer:
         """Prometheus metrics; with tokens configured, for a token with the `metrics` scope

@@ -75,12 +75,19 @@ class GatewayCollector(Collector):
                        "(2.xx representations; each became a notify)", hub.updates_total)
         yield _counter("deliveries", "Notify frames delivered to subscribers (an update "
                        "times its subscribers)", hub.deliveries_total)
+        # In a cluster, the hub of what this node observes for every node counts these.
+        upstream = gateway.upstream_hub
         yield _counter("registrations", "Upstream registrations sent (GET with Observe: 0)",
-                       hub.registrations_total)
+                       upstream.registrations_total)
         yield _counter("registration_failures", "Registrations that failed (no answer, RST, "
-                       "ICMP, 4.xx/5.xx)", hub.registration_failures_total)
+                       "ICMP, 4.xx/5.xx)", upstream.registration_failures_total)
         yield _counter("upstream_failures", "Upstream failures of any kind: registrations, "
-                       "polls and broken observations", hub.failures_total)
+                       "polls and broken observations", upstream.failures_total)
+        if gateway.cluster is not None:
+            yield _gauge("cluster_owned", "Resources this node observes for the cluster",
+                         len(gateway.cluster.owned))
+            yield _gauge("cluster_degraded", "1 while cut off from NATS (observing alone)",
+                         int(gateway.cluster.problem is not None))
         ws = gateway.ws
         yield _counter("slow_consumer_closes", "Connections closed as slow consumers",
                        ws.slow_consumers_closed)

@@ -23,6 +23,8 @@ linger timer fired) and returns *commands* for the I/O layers to carry out:
     upstream_stale / upstream_failed   Deliver(status stale / offline) when it changed
     wake (a Wake time came)            Deliver / Repeat of what conditional subscriptions
                                        held or owe for `pmax` (+ Wake for the next time)
+    relay (a frame another hub made:   Deliver(the same text) when it is news, to
+    a cluster's owner of the resource) conditional subscriptions as for an update
 
 A subscription with a `cond` (see `conditions`) has a `Watch` that decides which updates
 it gets; the hub asks it only for the resources that have one (`Resource.watches`), so
@@ -322,12 +324,15 @@ class Hub(Generic[C]):
         max_observations: int = 1000,
         max_idle_bytes: int = 16 << 20,
         history: History | None = None,
+        sub_for: Callable[[str], str] | None = None,
         min_pmax: float = 1.0,
         monotonic: Callable[[], float] | None = None,
     ) -> None:
         """`sensors` maps configured names to normalized URIs; `pinned` lists the URIs
         configured with `observe = true`; `max_upstream_bytes` is the limit the CoAP side
-        applies to representations (named in the notify of one that exceeded it)."""
+        applies to representations (named in the notify of one that exceeded it). `sub_for`
+        names a resource's `sub` from its URI (a cluster's nodes must agree on it); by
+        default subs are numbered in the order resources become known."""
         import time
 
         self.linger = linger
@@ -368,6 +373,7 @@ class Hub(Generic[C]):
         self._sensor_uri_set = frozenset(self.sensor_uris.values())
         self._resources: dict[str, Resource[C]] = {}
         self._sub_ids = itertools.count(1)
+        self._sub_for = sub_for
         # Resources nobody watches, oldest first, with what each costs in memory: kept so
         # that `sub` and `seq` stay stable for a client that comes back, but only up to
         # `max_idle_resources` of them and `max_idle_bytes` in all (their cached values can
@@ -393,7 +399,8 @@ class Hub(Generic[C]):
     def _resource(self, uri: str) -> Resource[C]:
         resource = self._resources.get(uri)
         if resource is None:
-            resource = Resource(uri=uri, sub=f"s{next(self._sub_ids)}")
+            sub = self._sub_for(uri) if self._sub_for else f"s{next(self._sub_ids)}"
+            resource = Resource(uri=uri, sub=sub)
             self._resources[uri] = resource
         return resource
 
@@ -970,6 +977,96 @@ class Hub(Generic[C]):
             return []
         return [Deliver(resource.subscribers, text)]
 
+    # -- frames made by another hub (a cluster's owner of the resource) ----------------------
+
+    def relay(self, uri: str, text: str, cbor_value: bytes | None = None) -> list[Command[C]]:
+        """A notify or status frame another hub made for `uri` (the node that owns it in a
+        cluster): take it as this hub's own, as if it had come from the sensor here, and
+        deliver the same text (`cbor_value`: the value's CBOR data item as the sensor sent
+        it, for CBOR clients). A notify no newer than the one held is dropped (a copy, or
+        one overtaken), so that each `seq` reaches a subscriber once. Conditional
+        subscriptions judge it as they judge an update from the sensor."""
+        resource = self._resources.get(uri)
+        if resource is None or not resource.observing:
+            return []
+        frame = json.loads(text)
+        if frame.get("type") == "notify":
+            seq = frame["seq"]
+            previous_seq, previous_header = resource.seq, resource.last_header
+            if not self._take_notify(resource, frame, text, cbor_value):
+                return []
+            resource.notifications += 1
+            self.updates_total += 1
+            if resource.state != "online":
+                resource.state, resource.state_reason, resource.state_code = "online", None, None
+                resource.last_status = None
+            if not resource.subscribers:
+                return []
+            # What changed since the previous update, for compact clients: known only when
+            # this hub holds that update (else the frame goes complete).
+            header = resource.last_header
+            changed = None if previous_header is None or previous_seq != seq - 1 \
+                or header is None else tuple(
+                    name for name, old, new
+                    in zip(HEADER_FIELDS[1:], previous_header, header, strict=True)
+                    if old != new
+                )
+            meta = NotifyMeta(seq, cbor_value, changed)
+            if resource.watches is None:
+                self.deliveries_total += len(resource.subscribers)
+                return [Deliver(resource.subscribers, text, resource.sub, meta)]
+            body = {key: frame[key] for key in _VALUE_FIELDS if key in frame}
+            return self._conditional_update(resource, text, body, meta)
+        state: State = frame["state"]
+        reason, code = frame.get("reason"), frame.get("code")
+        if (state, reason, code) == (
+            resource.state, resource.state_reason, resource.state_code
+        ):
+            return []  # nothing clients do not know (a copy)
+        resource.state, resource.state_reason, resource.state_code = state, reason, code
+        resource.last_status = None if state == "online" else text
+        return [Deliver(resource.subscribers, text)] if resource.subscribers else []
+
+    def seed(self, uri: str, text: str, cbor_value: bytes | None = None) -> None:
+        """Continue `uri`'s numbering from a notify frame another hub made (the latest one a
+        cluster kept): the next update here gets the next `seq`, and says what changed since
+        that one. Nothing is delivered; a status frame (the latest one may be) says nothing
+        of the numbering."""
+        frame = json.loads(text)
+        if frame.get("type") == "notify":
+            self._take_notify(self._resource(uri), frame, text, cbor_value)
+
+    def rebase(self, uri: str) -> None:
+        """Forget `uri`'s numbering, so that the next relayed notify is taken whatever its
+        `seq`: this node numbered the resource by itself while cut off from its cluster, and
+        goes back to the cluster's numbering."""
+        resource = self._resources.get(uri)
+        if resource is not None:
+            resource.seq, resource.last_notify = 0, None
+            resource.last_header = resource.last_cbor = None
+            self.history.forget(uri)
+
+    def _take_notify(
+        self, resource: Resource[C], frame: dict[str, JSONValue], text: str,
+        cbor_value: bytes | None,
+    ) -> bool:
+        seq, ts = frame["seq"], frame.get("ts")
+        assert isinstance(seq, int) and (ts is None or isinstance(ts, int | float))
+        if seq <= resource.seq and resource.last_notify is not None:
+            return False
+        if resource.last_notify is not None:
+            self.history.record(resource.uri, resource.seq, resource.last_notify)
+        resource.seq, resource.last_notify, resource.last_ts = seq, text, ts
+        resource.last_update = ts
+        code, cf, max_age = frame.get("code"), frame.get("cf"), frame.get("max_age")
+        resource.last_header = (
+            (code, cf, max_age)
+            if isinstance(code, str) and (cf is None or isinstance(cf, int))
+            and isinstance(max_age, int) else None
+        )
+        resource.last_cbor = cbor_value
+        return True
+
     # -- resources that come and go (the Resource Directory) --------------------------------
 
     def withdraw(self, uri: str, reason: str) -> list[Command[C]]:
@@ -999,6 +1096,11 @@ class Hub(Generic[C]):
         resource = self._resources.get(old)
         if resource is None or old == new:
             return self.restore(new)
+        if self._sub_for is not None:
+            # A cluster names `sub` and numbers `seq` by URI, the same on every node: the
+            # subscription cannot take them to another URI. Say so rather than go silent.
+            return self.withdraw(old, f"the endpoint moved to {new}; in a cluster a "
+                                 "subscription does not follow it: subscribe again")
         existing = self._resources.get(new)
         if existing is not None:
             if existing.subscribers or existing.observing or existing.pinned:

@@ -258,6 +258,10 @@ class Operations(Protocol):
     def ready(self) -> bool:
         """Listening, the CoAP side started, and not shutting down."""
 
+    def degraded(self) -> str | None:
+        """Why the gateway, though ready, serves less than it should (a cluster node cut
+        off from NATS serves what it observes itself), or None."""
+
     def metrics(self, authorization: str | None) -> Answer:
         """The answer to ``GET /metrics`` presenting this Authorization header (or none)."""
 
@@ -323,7 +327,9 @@ def operations_answer(head: RequestHead, operations: Operations | None) -> Answe
         return error_answer(http.HTTPStatus.NOT_FOUND, "no such path")
     if head.path == "/readyz":
         if operations.ready():
-            return text_answer(http.HTTPStatus.OK, "ready\n")
+            note = operations.degraded()
+            text = "ready\n" if note is None else f"ready, {note}\n"
+            return text_answer(http.HTTPStatus.OK, text)
         return text_answer(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
     return operations.metrics(_single(head, "Authorization"))
 
