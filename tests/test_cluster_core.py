@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import cbor2
 import pytest
@@ -205,3 +209,34 @@ def test_serve_refuses_bad_cluster_flags_with_exit_2(
     assert main(["serve", "--port", "0", *flags]) == 2
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--port", "0"], "--port 0"),
+    (["--port", "65535"], "--port 65535"),
+    (["--nodes", "0"], "--nodes 0"),
+    (["--nats-port", "70000"], "--nats-port 70000"),
+])
+def test_cluster_demo_refuses_bad_flags_with_exit_2(flags: list[str], named: str) -> None:
+    """`make cluster-demo`'s script: a port it could not print a working URL for is refused
+    before anything starts."""
+    demo = Path(__file__).parent.parent / "examples" / "cluster_demo.py"
+    done = subprocess.run(
+        [sys.executable, str(demo), *flags], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done
+    assert named in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cluster_demo_names_a_port_in_use_with_exit_2() -> None:
+    demo = Path(__file__).parent.parent / "examples" / "cluster_demo.py"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, str(demo), "--nats-port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 2, done
+    assert f"port {port} on 127.0.0.1 is in use" in done.stderr
