@@ -1469,7 +1469,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
         ax.set_xticks(all_ns, [str(n) for n in all_ns])
         ax.set_xlabel("subscribed clients (N)")
         ax.grid(True, which="both", alpha=0.3)
-    ax1.legend(fontsize=8)
+    if ax1.get_legend_handles_labels()[0]:  # a run of other scenarios draws no fan-out
+        ax1.legend(fontsize=8)
     ax2.legend(fontsize=7)
     ax1.set_ylabel("deliveries/s (all clients)")
     ax1.set_title("Fan-out throughput, sensor saturating")
