@@ -55,8 +55,10 @@ def missing() -> str | None:
 class NatsServer:
     """One nats-server process with JetStream; stop, kill and restart it at will."""
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+    def __init__(self, binary: str, workdir: Path, options: tuple[str, ...] = ()) -> None:
         self.binary = binary
+        self.options = options
+        """More command-line options (TLS: ``--tls``, ``--tlscert`` ...)."""
         self.workdir = workdir
         self.store = workdir / "jetstream"
         self.ports_dir = workdir / "ports"
@@ -84,7 +86,8 @@ class NatsServer:
             self.process = subprocess.Popen(
                 [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port),
                  "-m", str(self.monitor_port),
-                 "-sd", str(self.store), "--ports_file_dir", str(self.ports_dir)],
+                 "-sd", str(self.store), "--ports_file_dir", str(self.ports_dir),
+                 *self.options],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + START_TIMEOUT
@@ -137,13 +140,15 @@ class NatsServer:
         self.start()
 
 
-def running_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+def running_nats_server(
+    tmp_path: Path, options: tuple[str, ...] = ()
+) -> Iterator[NatsServer]:
     """For a fixture: a running NATS server with JetStream (its store in `tmp_path`),
     stopped at the end; skips (or fails, where required) without one."""
     need("nats", missing())
     binary = server_binary()
     assert binary is not None
-    server = NatsServer(binary, tmp_path / "nats")
+    server = NatsServer(binary, tmp_path / "nats", options)
     server.start()
     try:
         yield server

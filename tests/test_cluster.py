@@ -24,6 +24,7 @@ import aiocoap.resource as resource
 import cbor2
 import pytest
 import pytest_asyncio
+import trustme
 from websockets.asyncio.client import connect
 
 from tests.conftest import CBOR_SUBPROTOCOL, WAIT, Client, gateway_config
@@ -654,3 +655,70 @@ async def test_an_rfc_8323_observer_on_a_non_owner_gets_the_sensors_bytes(
         for coap in coaps:
             await coap.ws.close()
     assert other.cluster is not None and uri not in other.cluster.owned
+
+
+# -- NATS over TLS, the server verifying the node's certificate ------------------------------
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> dict[str, str]:
+    """A CA, the NATS server's certificate for 127.0.0.1, and a node's client certificate."""
+    ca = trustme.CA()
+    files = {name: str(tmp_path / f"{name}.pem") for name in (
+        "ca", "server_cert", "server_key", "node_cert", "node_key", "other_ca")}
+    ca.cert_pem.write_to_path(files["ca"])
+    trustme.CA().cert_pem.write_to_path(files["other_ca"])
+    for who, name in (("server", "127.0.0.1"), ("node", "gateway-node.example")):
+        cert = ca.issue_cert(name)
+        cert.cert_chain_pems[0].write_to_path(files[f"{who}_cert"])
+        cert.private_key_pem.write_to_path(files[f"{who}_key"])
+    return files
+
+
+@pytest.fixture
+def tls_nats_server(tmp_path: Path, tls_files: dict[str, str]) -> Iterator[NatsServer]:
+    yield from running_nats_server(tmp_path, (
+        "--tls", "--tlscert", tls_files["server_cert"], "--tlskey", tls_files["server_key"],
+        "--tlsverify", "--tlscacert", tls_files["ca"],
+    ))
+
+
+async def test_a_node_joins_over_tls_with_its_certificate_and_not_without(
+    tls_nats_server: NatsServer, tls_files: dict[str, str], sensors: SimulatedSensors,
+    make_gateway: Callable[[dict[str, Any]], Any], make_client: Any,
+) -> None:
+    url = f"tls://127.0.0.1:{tls_nats_server.port}"
+
+    async def node(name: str, **tls: str) -> Gateway:
+        gateway: Gateway = await make_gateway(cluster_mapping(sensors, url, name, **tls))
+        return gateway
+
+    trusted = await node("n0", tls_ca=tls_files["ca"], tls_cert=tls_files["node_cert"],
+                         tls_key=tls_files["node_key"])
+    no_certificate = await node("n1", tls_ca=tls_files["ca"])
+    wrong_ca = await node("n2", tls_ca=tls_files["other_ca"], tls_cert=tls_files["node_cert"],
+                          tls_key=tls_files["node_key"])
+    assert trusted.cluster is not None
+    async with asyncio.timeout(WAIT):
+        await trusted.cluster.joined.wait()
+    client = await make_client(trusted.url)
+    sub = (await client.subscribe(name="temperature"))["sub"]
+    await notifies(client, 2)
+    await wait_until(lambda: trusted.cluster is not None and TEMPERATURE in " ".join(
+        trusted.cluster.owned), HANDOVER, "lease taken over TLS")
+    assert (await client.call({"type": "unsubscribe", "sub": sub}))["type"] == "unsubscribed"
+    # The server refuses a node without a client certificate, and a node refuses a server
+    # its CA did not sign: both serve by themselves, degraded, and say so.
+    for refused, why in ((no_certificate, "certificate required"),
+                         (wrong_ca, "certificate verify failed")):
+        assert refused.cluster is not None and not refused.cluster.joined.is_set()
+        alone = await make_client(refused.url)
+        sub = (await alone.subscribe(name="temperature"))["sub"]
+        await notifies(alone, 2, timeout=HANDOVER)
+        assert why in (refused.cluster.problem or "")
+        assert why in await asyncio.to_thread(readyz, refused)
+        # (Read up to the reply, so that the client's queue does not hold its close back.)
+        assert (await alone.call({"type": "unsubscribe", "sub": sub}))["type"] == "unsubscribed"
+    connections = await asyncio.to_thread(tls_nats_server.client_subscriptions)
+    assert [name for name in connections if "coap-ws-gateway" in name] == [
+        "coap-ws-gateway n0"], connections

@@ -202,6 +202,10 @@ class ClusterNode:
         self._down_since: float | None = time.monotonic()
         self._degraded = False
         """Cut off for longer than `DEGRADE_AFTER`: observing by itself (logged once)."""
+        self._last_error: str | None = None
+        """What nats-py last reported while this node could not reach NATS (for `problem`)."""
+        self._refused = False
+        """`_last_error` is a refusal (TLS, authorization), which routine errors do not hide."""
         self._next_renewal = 0.0
         self._check_interest = False
         self._stopping = False
@@ -218,8 +222,9 @@ class ClusterNode:
         """Why the node serves only what it observes itself, or None."""
         if not self._degraded:
             return None
-        return (f"degraded: NATS {', '.join(self.config.nats)} unreachable; serving what this "
-                "node observes itself")
+        why = f" ({self._last_error})" if self._last_error else ""
+        return (f"degraded: NATS {', '.join(self.config.nats)} unreachable{why}; serving what "
+                "this node observes itself")
 
     @property
     def owned(self) -> tuple[str, ...]:
@@ -449,7 +454,16 @@ class ClusterNode:
         self._wake.set()
 
     async def _error(self, exc: Exception) -> None:
-        self._errors.write("cluster.nats-error", logging.INFO, "cluster: NATS: %s", exc)
+        # A refused certificate or credentials will not fix itself by retrying: the operator
+        # must hear of it (a warning, through the limiter); a lost connection is routine.
+        refused = isinstance(exc, ssl.SSLError | nats.errors.AuthorizationError)
+        if refused or not self._refused:  # a refusal says more than the "connection lost"
+            self._last_error = str(exc) or type(exc).__name__  # after it
+            self._refused = self._refused or refused
+        self._errors.write(
+            "cluster.nats-error", logging.WARNING if refused else logging.INFO,
+            "cluster: NATS: %s", exc,
+        )
 
     def _went_down(self) -> None:
         if self._down_since is None:
@@ -470,6 +484,7 @@ class ClusterNode:
             if self._degraded:
                 log.warning("cluster: NATS reachable again: node %s rejoins", self.node)
             self._down_since, self._degraded = None, False
+            self._last_error, self._refused = None, False
             self._next_renewal = 0.0
             # Everything this node holds without a lease is taken back below, or given up.
         for uri in [u for u in self._joined if u not in self._watches]:
