@@ -195,11 +195,29 @@ def test_cluster_configuration_and_flags() -> None:
     with pytest.raises(ConfigError) as info:
         apply_overrides(config_from_mapping({}), nats=["bogus"])
     assert "--nats" in str(info.value)
+    files = apply_overrides(config_from_mapping({}), nats=["tls://n:4222"], nats_files={
+        "credentials": "u.creds", "tls_ca": "ca.pem", "tls_cert": "c.pem", "tls_key": "k.pem",
+    }).cluster
+    assert (files.credentials, files.tls_ca, files.tls_cert, files.tls_key) == (
+        "u.creds", "ca.pem", "c.pem", "k.pem")
+    kept = apply_overrides(
+        config_from_mapping({"cluster": {"nats": ["tls://n"], "tls_ca": "site.pem"}}),
+        nats_files={"tls_ca": None, "tls_cert": None},
+    ).cluster
+    assert kept.tls_ca == "site.pem"
 
 
 @pytest.mark.parametrize(("flags", "named"), [
     (["--nats", "bogus"], "--nats"),
     (["--nats", "nats://127.0.0.1:1", "--node", "a.b"], "--node"),
+    # Half a client certificate: the missing flag is named.
+    (["--nats", "nats://127.0.0.1:1", "--nats-tls-cert", "c.pem"], "--nats-tls-key"),
+    (["--nats", "nats://127.0.0.1:1", "--nats-tls-key", "k.pem"], "--nats-tls-cert"),
+    (["--nats", "tls://127.0.0.1:1", "--nats-tls-ca", "/nonexistent/ca.pem"], "tls_ca"),
+    (["--nats", "tls://127.0.0.1:1", "--nats-tls-cert", "/nonexistent/c.pem",
+      "--nats-tls-key", "/nonexistent/k.pem"], "tls_cert"),
+    (["--nats", "nats://127.0.0.1:1", "--nats-credentials", "/nonexistent/x.creds"],
+     "credentials"),
 ])
 def test_serve_refuses_bad_cluster_flags_with_exit_2(
     flags: list[str], named: str, capsys: pytest.CaptureFixture[str]

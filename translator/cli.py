@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="join a cluster over this NATS server (repeatable; [cluster] nats)")
     serve.add_argument("--node", metavar="NAME",
                        help="this node's name in the cluster (default: host name and pid)")
+    serve.add_argument("--nats-credentials", metavar="FILE",
+                       help="NATS credentials file, .creds ([cluster] credentials)")
+    serve.add_argument("--nats-tls-ca", metavar="FILE",
+                       help="PEM CA bundle of the NATS servers ([cluster] tls_ca)")
+    serve.add_argument("--nats-tls-cert", metavar="FILE",
+                       help="PEM client certificate for NATS ([cluster] tls_cert)")
+    serve.add_argument("--nats-tls-key", metavar="FILE",
+                       help="PEM private key of --nats-tls-cert ([cluster] tls_key)")
 
     demo = commands.add_parser("demo", help="run simulated sensors and a gateway for them")
     demo.add_argument("--host", default="127.0.0.1", help="address for both (default 127.0.0.1)")
@@ -249,6 +257,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen,
         nats=args.nats,
         node=args.node,
+        nats_files={
+            "credentials": args.nats_credentials, "tls_ca": args.nats_tls_ca,
+            "tls_cert": args.nats_tls_cert, "tls_key": args.nats_tls_key,
+        },
     )
     _setup_logging(config.log_level, config.log_format)
     return _serve(config, announce=lambda url: _ready(f"listening on {url}"))

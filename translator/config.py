@@ -480,8 +480,9 @@ class ClusterConfig:
             scheme, sep, rest = url.partition("://")
             if not sep or scheme not in ("nats", "tls") or not rest:
                 raise ConfigError("nats", f"{url!r} is not a nats:// or tls:// URL")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("tls_cert", "tls_cert and tls_key go together")
+        if (self.tls_cert is None) != (self.tls_key is None):  # the missing one is named
+            raise ConfigError("tls_key" if self.tls_key is None else "tls_cert",
+                              "tls_cert and tls_key go together")
 
     @property
     def enabled(self) -> bool:
@@ -833,11 +834,14 @@ def apply_overrides(
     metrics_listen: str | None = None,
     nats: Sequence[str] = (),
     node: str | None = None,
+    nats_files: Mapping[str, str | None] | None = None,
 ) -> GatewayConfig:
     """Apply command-line flags on top of a configuration.
 
     ``sensors`` are ``NAME=URI`` strings, appended; one whose name is already configured
-    replaces that sensor in place. ``allow`` patterns are appended. Errors name the flag.
+    replaces that sensor in place. ``allow`` patterns are appended. ``nats_files`` maps
+    ``[cluster]`` file settings (``credentials``, ``tls_ca``, ``tls_cert``, ``tls_key``) to
+    paths; None leaves one as configured. Errors name the flag.
     """
     if isinstance(sensors, str) or isinstance(allow, str):
         # A bare string would be iterated character by character.
@@ -888,7 +892,30 @@ def apply_overrides(
         config = dataclasses.replace(config, cluster=cluster)
     if node is not None:
         config = dataclasses.replace(config, cluster=_replace(config.cluster, "--node", node=node))
+    # Any: the keys are checked against NATS_FILE_FLAGS, all of them `str | None` settings.
+    given: dict[str, Any] = {
+        key: path for key, path in (nats_files or {}).items() if path is not None
+    }
+    if given:
+        unknown = set(given) - set(NATS_FILE_FLAGS)
+        if unknown:
+            raise TypeError(f"not a [cluster] file setting: {', '.join(sorted(unknown))}")
+        try:
+            cluster = dataclasses.replace(config.cluster, **given)
+        except ConfigError as error:  # the flag of the setting at fault, else the first given
+            flag = NATS_FILE_FLAGS.get(error.key, NATS_FILE_FLAGS[next(iter(given))])
+            raise ConfigError(flag, error.message) from None
+        config = dataclasses.replace(config, cluster=cluster)
     return config
+
+
+NATS_FILE_FLAGS: Final = {
+    "credentials": "--nats-credentials",
+    "tls_ca": "--nats-tls-ca",
+    "tls_cert": "--nats-tls-cert",
+    "tls_key": "--nats-tls-key",
+}
+"""The ``serve`` flags for ``[cluster]``'s files, by setting."""
 
 
 def policy_for(config: GatewayConfig) -> Policy:

@@ -140,13 +140,15 @@ def nats_options(config: ClusterConfig) -> dict[str, Any]:
         url.startswith("tls://") for url in config.nats
     ):
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        key = "cluster.tls_ca"
         try:
             if config.tls_ca is not None:
                 context.load_verify_locations(config.tls_ca)
+            key = "cluster.tls_cert"
             if config.tls_cert is not None and config.tls_key is not None:
                 context.load_cert_chain(config.tls_cert, config.tls_key)
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError("cluster.tls_ca", f"unusable TLS file: {exc}") from None
+            raise ConfigError(key, f"unusable TLS file: {exc}") from None
         options["tls"] = context
     return options
 
