@@ -10,6 +10,7 @@ sees.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -66,12 +67,14 @@ async def make_node(
 ) -> Callable[..., Any]:
     async def make(
         server: NatsServer, node: str, *, wait_joined: bool = True, allow: tuple[str, ...] = (),
-        limits: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None, history: dict[str, Any] | None = None,
     ) -> Gateway:
         mapping = cluster_mapping(sensors, server.url, node)
         mapping["policy"]["allow"].extend(allow)
         if limits:
             mapping.setdefault("limits", {}).update(limits)
+        if history:
+            mapping["history"] = history
         gateway: Gateway = await make_gateway(mapping)
         assert gateway.cluster is not None
         if wait_joined:
@@ -174,6 +177,110 @@ async def test_late_subscriber_on_another_node_gets_the_latest_value_at_once(
     got = await late.next_notify(timeout=WAIT)
     assert got == value
     assert sensors.registrations("/led") == 1
+
+
+async def left_behind(
+    node: Gateway, make_client: Any, keeper: Client
+) -> tuple[dict[str, Any], int]:
+    """A client of `node` watches the temperature, leaves after a few updates, and updates go
+    on (`keeper`, also on `node`, keeps the observation): its `subscribed` and last `seq`."""
+    client = await make_client(node.url)
+    subscribed = await client.subscribe(name="temperature")
+    since = (await notifies(client, 3))[-1]["seq"]
+    await client.close()
+    await keeper.wait_for(lambda f: f["type"] == "notify" and f["seq"] >= since + 10)
+    return subscribed, since
+
+
+async def resume(client: Client, subscribed: dict[str, Any], since: int) -> dict[str, Any]:
+    return await client.call({"type": "subscribe", "name": "temperature",
+                              "since": {"epoch": subscribed["epoch"], "seq": since}})
+
+
+@pytest.mark.parametrize("slow_read", [False, True], ids=["read", "slow-read"])
+async def test_a_client_resumes_on_a_node_that_never_watched_with_no_gap_and_no_duplicate(
+    nats_server: NatsServer, make_node: Any, make_client: Any, slow_read: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    history = {"size": 200}  # 10 s of the simulated temperature: the test's own pace aside
+    first = await make_node(nats_server, "n0", history=history)
+    second = await make_node(nats_server, "n1", history=history)
+    keeper: Client = await make_client(first.url)
+    await keeper.subscribe(name="temperature")
+    subscribed, since = await left_behind(first, make_client, keeper)
+    resource = second.hub.resource(subscribed["uri"])
+    assert resource is None or resource.last_notify is None  # the second never watched it
+    assert second.cluster is not None
+    if slow_read:
+        # The read's answer comes late: updates are published after what it read and before
+        # the second node joins the resource's subject. They must not be skipped.
+        read = second.cluster.retained
+
+        async def slowly(uri: str) -> Any:
+            kept = await read(uri)
+            assert kept
+            newest = json.loads(kept[-1].text)["seq"]
+            await keeper.wait_for(lambda f: f["type"] == "notify" and f["seq"] >= newest + 3)
+            return kept
+
+        monkeypatch.setattr(second.cluster, "retained", slowly)
+
+    again: Client = await make_client(second.url)
+    reply = await resume(again, subscribed, since)
+    assert reply["type"] == "subscribed" and reply["recovered"] is True, reply
+    assert reply["epoch"] == subscribed["epoch"] and again.seen == [reply]  # nothing before
+    got: list[dict[str, Any]] = []
+    while sum(not f.get("replay") for f in got) < 10:
+        got.append(await again.next_notify())
+        assert len(got) < 500
+    # Every update after `since`, each once, in order: the replayed ones first, then live.
+    assert [f["seq"] for f in got] == list(range(since + 1, since + 1 + len(got)))
+    replayed = sum(bool(f.get("replay")) for f in got)
+    assert replayed >= 10 and all(f.get("replay") for f in got[:replayed])
+    assert [f for f in again.seen if f["type"] != "notify"] == [reply]
+    # The same frames the first node's client got.
+    await keeper.wait_for(lambda f: f["type"] == "notify" and f["seq"] >= got[-1]["seq"])
+    kept = {f["seq"]: f for f in keeper.seen if f["type"] == "notify"}
+    for frame in got:
+        assert {k: v for k, v in frame.items() if k != "replay"} == kept[frame["seq"]]
+
+
+async def test_a_resume_older_than_the_stream_keeps_gets_the_latest_value(
+    nats_server: NatsServer, make_node: Any, make_client: Any
+) -> None:
+    history = {"size": 4}
+    first = await make_node(nats_server, "n0", history=history)
+    second = await make_node(nats_server, "n1", history=history)
+    keeper: Client = await make_client(first.url)
+    await keeper.subscribe(name="temperature")
+    subscribed, since = await left_behind(first, make_client, keeper)
+    again: Client = await make_client(second.url)
+    reply = await resume(again, subscribed, since)
+    assert reply["type"] == "subscribed" and reply["recovered"] is False, reply
+    latest = await again.next_notify()
+    assert "replay" not in latest and latest["seq"] >= since + 10
+    following = await again.next_notify()
+    assert following["seq"] > latest["seq"] and "replay" not in following
+
+
+async def test_a_resume_on_a_node_cut_off_from_nats_gets_the_latest_value_without_error(
+    nats_server: NatsServer, make_node: Any, make_client: Any
+) -> None:
+    first = await make_node(nats_server, "n0")
+    second = await make_node(nats_server, "n1")
+    keeper: Client = await make_client(first.url)
+    await keeper.subscribe(name="temperature")
+    subscribed, since = await left_behind(first, make_client, keeper)
+    nats_server.stop()
+    again: Client = await make_client(second.url)
+    reply = await resume(again, subscribed, since)
+    assert reply["type"] == "subscribed" and reply["recovered"] is False, reply
+    # It observes by itself once it counts as cut off: values come, none replayed.
+    got = await notifies(again, 3, timeout=HANDOVER)
+    assert not any(f.get("replay") for f in got)
+    assert not [f for f in again.seen if f["type"] == "error"]
+    pong = await again.call({"type": "ping"})
+    assert pong["type"] == "pong"
 
 
 async def test_last_unsubscribe_anywhere_ends_the_observation_at_the_sensor(

@@ -258,3 +258,76 @@ def test_cluster_demo_names_a_port_in_use_with_exit_2() -> None:
         )
     assert done.returncode == 2, done
     assert f"port {port} on 127.0.0.1 is in use" in done.stderr
+
+
+def owner_frames(count: int) -> tuple[Hub[str], list[str]]:
+    """An owner hub and the notify frames of its first `count` updates (seq 1 to count)."""
+    owner: Hub[str] = Hub(linger=0, sub_for=cluster_sub, history=History(size=0))
+    owner.subscribe("seat", TEMP)
+    texts = [published(owner.upstream_response(TEMP, code="2.05", cf=0, payload=str(v).encode()))
+             [-1] for v in range(count)]
+    return owner, texts
+
+
+def seqs(texts: list[str]) -> list[int]:
+    return [json.loads(t)["seq"] for t in texts if json.loads(t)["type"] == "notify"]
+
+
+def test_preload_lets_a_node_that_never_watched_resume_from_the_clusters_frames() -> None:
+    from translator.core.frames import Since
+
+    _, texts = owner_frames(6)
+    node: Hub[str] = Hub(linger=0, sub_for=cluster_sub, history=History(size=4))
+    node.epoch = "cluster"  # the cluster's, from its meta bucket
+    since = Since(f"cluster-{cluster_sub(TEMP)}", 2)
+    assert node.wants_history(TEMP, since)
+    assert not node.wants_history(TEMP, Since("another-run", 2))  # nothing to resume
+    assert not Hub[str](linger=0).wants_history(TEMP, since)  # no cluster: no shared sub
+    junk = ["not json", '{"type":"status","sub":"x","uri":"u","state":"online"}', "[1]"]
+    node.preload(TEMP, [(t, None) for t in [*junk, *texts]])
+    resource = node.resource(TEMP)
+    assert resource is not None and resource.seq == 6 and not resource.observing
+    assert resource.last_notify == texts[-1]
+    assert node.idle_bytes > 0  # known, unwatched: within the idle bounds until subscribed
+    assert not node.wants_history(TEMP, since)
+
+    commands = node.subscribe("c", TEMP, since=since)
+    subscribed, *replayed = published(commands)
+    assert json.loads(subscribed)["recovered"] is True
+    assert seqs(replayed) == [3, 4, 5, 6]
+    assert all(json.loads(t)["replay"] is True for t in replayed)
+    assert StartObservation(TEMP) in commands
+    assert node.idle_bytes == 0
+    # Older than the 4 frames kept: the latest value, not recovered.
+    old = published(node.subscribe("d", TEMP, since=Since(since.epoch, 1)))
+    assert json.loads(old[0])["recovered"] is False and old[1] == texts[-1]
+
+
+def test_preload_while_relaying_takes_only_older_frames_and_never_goes_back() -> None:
+    from translator.core.frames import Since
+
+    owner, texts = owner_frames(6)
+    node: Hub[str] = Hub(linger=0, sub_for=cluster_sub, history=History(size=8))
+    node.epoch = "cluster"
+    node.subscribe("watcher", TEMP)
+    node.preload(TEMP, [(t, None) for t in texts])  # observed, no frame yet: left alone
+    assert node.resource(TEMP).seq == 0  # type: ignore[union-attr]
+    node.relay(TEMP, texts[4])
+    node.relay(TEMP, texts[5])
+    since = Since(f"cluster-{cluster_sub(TEMP)}", 2)
+    assert node.wants_history(TEMP, since)
+    newer = published(owner.upstream_response(TEMP, code="2.05", cf=0, payload=b"7"))[-1]
+    # Frames 1 and 2 are gone from the stream (a gap before 4: frame 3 is missing too).
+    node.preload(TEMP, [(t, None) for t in [texts[0], *texts[3:], newer]])
+    assert node.resource(TEMP).seq == 6  # type: ignore[union-attr]
+    assert node.history.kept(TEMP)[0][0] == 4  # contiguous with the latest only
+    # The newer frame still reaches the node's subscribers when it is relayed.
+    assert published(node.relay(TEMP, newer)) == [newer]
+    assert node.wants_history(TEMP, since)  # 3 is missing: no resume from 2
+    back = Since(since.epoch, 3)
+    replay = published(node.subscribe("c", TEMP, since=back))
+    assert json.loads(replay[0])["recovered"] is True and seqs(replay[1:]) == [4, 5, 6, 7]
+    # A preload of older frames never moves the numbering back.
+    node.preload(TEMP, [(t, None) for t in texts[:3]])
+    assert node.resource(TEMP).seq == 7  # type: ignore[union-attr]
+    assert [seq for seq, _ in node.history.kept(TEMP)] == [1, 2, 3, 4, 5, 6]

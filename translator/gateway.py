@@ -690,6 +690,14 @@ class Gateway:
                     # Later frames wait for it, so that their replies stay in frame order.
                     session.held = deque()
                     task.add_done_callback(lambda _: self._release(session))
+                elif self._resumes_from_cluster(str(decision.uri), frame):
+                    self._require_room(session, frame.id)
+                    self._hold_behind(session, asyncio.create_task(
+                        self._answering(conn, frame.id, self._subscribe_resumed(
+                            conn, str(decision.uri), frame
+                        )),
+                        name=f"resume {decision.uri} for #{conn.id}",
+                    ))
                 else:
                     self._subscribe(conn, str(decision.uri), frame)
             case frames.Unsubscribe():
@@ -827,6 +835,35 @@ class Gateway:
     ) -> None:
         await self._check_addresses(session.principal, decision, frame.id)
         self._subscribe(session.conn, str(decision.uri), frame)
+
+    def _resumes_from_cluster(self, uri: str, frame: frames.Subscribe) -> bool:
+        """A subscribe that resumes (`since`) what this node's history cannot answer but its
+        cluster's stream may: the resource was numbered elsewhere (docs/cluster.md)."""
+        return (
+            self.cluster is not None and frame.since is not None and frame.cond is None
+            and self.hub.wants_history(uri, frame.since)
+        )
+
+    def _hold_behind(self, session: Session, task: asyncio.Task[None]) -> None:
+        """Later frames of the session wait for `task`, so that replies stay in frame order
+        (and nothing of a subscription goes before its `subscribed`)."""
+        session.track(task, session.lookups)
+        session.held = deque()
+        task.add_done_callback(lambda _: self._release(session))
+
+    async def _subscribe_resumed(
+        self, conn: Connection, uri: str, frame: frames.Subscribe
+    ) -> None:
+        """Read the frames the cluster keeps of `uri` into the hub's history, then subscribe
+        as usual: the hub replays from them. Without them (NATS unreachable, too slow) the
+        subscribe is answered as any other, with the latest value."""
+        assert self.cluster is not None
+        kept = await self.cluster.retained(uri)
+        if kept:
+            self.hub.preload(uri, [(p.text, p.cbor_value) for p in kept])
+        self._subscribe(conn, uri, frame)
+        if kept:
+            self.cluster.resumed(uri)
 
     def _subscribe(self, conn: Connection, uri: str, frame: frames.Subscribe) -> None:
         commands = self.hub.subscribe(conn, uri, frame.id, frame.since, frame.cond)

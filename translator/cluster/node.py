@@ -21,6 +21,9 @@ notify frames, their `seq` and (with the cluster's epoch and URI-derived `sub`) 
 identical on every node. A notify is published with the sensor's representation (`wire`):
 CBOR clients take the value's CBOR item from it, the RFC 8323 endpoint (`represent`) the
 payload; compact diffs and conditional subscriptions are the local hub's, as for any update.
+A client that resumes (`since`) on a node whose own history cannot answer it is given the
+frames the stream keeps (`retained`, into the local hub's history by `Hub.preload`), and the
+join that follows relays every kept frame after them (`resumed`): no gap, no duplicate.
 
 Ownership is a lease with a TTL, renewed by the owner three times per TTL; interest is a key
 per node and resource with a TTL, renewed the same way. One loop (`_run`) converges what NATS
@@ -37,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 import ssl
 import time
@@ -74,6 +78,12 @@ RETRY_INTERVAL: Final = 1.0
 PUBLISH_QUEUE: Final = 10_000
 """Frames waiting to be published at most; past it the oldest go (NATS is too slow or gone,
 and the next notify makes them moot)."""
+RESUME_TIMEOUT: Final = 3.0
+"""Seconds a read of a resource's kept frames (for a client that resumes) may take; past it
+the client is answered as if nothing were kept."""
+CATCH_UP_FRAMES: Final = 10_000
+"""Frames of a resource's subject held while its kept frames are read at most (the oldest
+go first: the read brings what they say)."""
 _NOTIFY_PREFIX: Final = '{"type":"notify"'
 _PUBLISHED_PREFIXES: Final = (_NOTIFY_PREFIX, '{"type":"status"')
 
@@ -104,6 +114,13 @@ class Watch:
     """On its subject, once joined (nats-py renews it after a reconnect)."""
     owner_seen: bool = False
     """A lease on it was seen: its disappearance means the owner is gone (say `stale`)."""
+    catch_up: bool = False
+    """A client resumed from the stream's frames before this node joined the subject: the
+    join relays every kept frame after the local hub's latest, not only the last one, so
+    that nothing published meanwhile is skipped."""
+    held: list[bytes] | None = None
+    """While the join reads the kept frames: what the subject delivers meanwhile, relayed
+    after them (in order, so that the read cannot make a newer frame overtake)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -281,6 +298,51 @@ class ClusterNode:
         if self._watches.pop(uri, None) is not None:
             self._wake.set()
 
+    async def retained(self, uri: str) -> list[Published] | None:
+        """The frames the stream keeps of `uri` (the latest `history_size`), oldest first,
+        for a client that resumes on this node; None when NATS cannot say within
+        `RESUME_TIMEOUT` (the client then gets what a subscribe without them gets)."""
+        js = self._js
+        if js is None or not self.joined.is_set():
+            return None
+        try:
+            async with asyncio.timeout(RESUME_TIMEOUT):
+                return await self._read_kept(js, resource_key(uri))
+        except NATS_ERRORS as exc:
+            self._errors.write("cluster.resume", logging.WARNING,
+                               "cluster: cannot read the kept frames of %s: %s: %s", uri,
+                               type(exc).__name__, exc)
+            return None
+
+    async def _read_kept(self, js: JetStreamContext, key: str) -> list[Published]:
+        """The subject's messages, one direct get each (`next_by_subj`, in stream order),
+        at most `history_size` of them (what the stream keeps per subject) plus the ones
+        published meanwhile; undecodable ones are dropped (and logged)."""
+        subject = self.names.subject(key)
+        kept: list[Published] = []
+        after = 1
+        for _ in range(2 * self.history_size):
+            try:
+                msg = await js.get_msg(self.names.stream, seq=after, subject=subject,
+                                       direct=True, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            if msg.seq is None:
+                break  # not a stream message's answer: nothing to go on from
+            after = msg.seq + 1
+            try:
+                kept.append(decode(msg.data or b""))
+            except ValueError as exc:
+                self._malformed(self._uri_of_key.get(key, key), exc)
+        return kept
+
+    def resumed(self, uri: str) -> None:
+        """A client was given `uri`'s kept frames (`retained`) and subscribed: if this node
+        has not joined its subject yet, the join catches up from the local hub's latest."""
+        watch = self._watches.get(uri)
+        if watch is not None and uri not in self._joined:
+            watch.catch_up = True
+
     def execute_owned(
         self, commands: list[Command[Seat]], payload: bytes | None = None,
         dropped: bool = False,
@@ -359,7 +421,14 @@ class ClusterNode:
 
     async def _on_frame(self, msg: Msg) -> None:
         uri = self._uri_of_key.get(msg.subject.rpartition(".")[2])
-        if uri is not None and uri in self._watches and uri not in self._owned:
+        if uri is None:
+            return
+        watch = self._watches.get(uri)
+        if watch is not None and watch.held is not None:
+            if len(watch.held) >= CATCH_UP_FRAMES:
+                del watch.held[0]
+            watch.held.append(msg.data)
+        elif watch is not None and uri not in self._owned:
             self._relay_message(uri, msg.data)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -538,6 +607,9 @@ class ClusterNode:
     async def _join(self, watch: Watch) -> None:
         assert self._nc is not None and self._js is not None and self._interest is not None
         subject = self.names.subject(watch.key)
+        if watch.catch_up:
+            await self._join_catching_up(watch)
+            return
         watch.subscription = await self._nc.subscribe(subject, cb=self._on_frame)
         self._joined[watch.uri] = watch
         await self._interest.put(Names.interest_key(watch.key, self.node), watch.uri.encode())
@@ -548,6 +620,35 @@ class ClusterNode:
         if last.data and watch.uri not in self._owned:
             # The latest value at once (the hub drops it when it has it already).
             self._relay_message(watch.uri, last.data)
+
+    async def _join_catching_up(self, watch: Watch) -> None:
+        """Join as `_join` does, then relay in order every kept frame after the local hub's
+        latest notify of the resource (the resumed client got the frames up to it, replayed),
+        then what the subject delivered meanwhile (held: the read must not let a newer frame
+        overtake). The hub drops what it has already."""
+        assert self._nc is not None and self._js is not None and self._interest is not None
+        watch.held = []
+        kept: list[Published] = []
+        try:
+            watch.subscription = await self._nc.subscribe(
+                self.names.subject(watch.key), cb=self._on_frame
+            )
+            self._joined[watch.uri] = watch
+            await self._interest.put(
+                Names.interest_key(watch.key, self.node), watch.uri.encode()
+            )
+            kept = await self._read_kept(self._js, watch.key)
+        finally:  # on a NATS error too (the loop goes on): what was held is relayed
+            held, watch.held, watch.catch_up = watch.held or [], None, False
+            resource = self.local.resource(watch.uri)
+            if watch.uri not in self._owned and resource is not None:
+                # Nothing numbered here yet: the latest value only, as any join relays.
+                start = _after_notify(kept, resource.seq) if resource.last_notify is not None \
+                    else max(len(kept) - 1, 0)
+                for published in kept[start:]:
+                    self._relay(watch.uri, published)
+                for data in held:
+                    self._relay_message(watch.uri, data)
 
     async def _leave(self, watch: Watch) -> None:
         assert self._interest is not None
@@ -675,3 +776,15 @@ class ClusterNode:
 
     def _stale(self, uri: str, reason: str) -> None:
         self._deliver(self.local.upstream_status(uri, "stale", reason))
+
+
+def _after_notify(kept: list[Published], seq: int) -> int:
+    """Where the frames after the notify numbered `seq` start in `kept` (0 when no notify
+    of `kept` is numbered `seq` or lower: all of them are newer)."""
+    start = 0
+    for index, published in enumerate(kept):
+        if published.text.startswith(_NOTIFY_PREFIX):
+            number = json.loads(published.text).get("seq")
+            if isinstance(number, int) and number <= seq:
+                start = index + 1
+    return start

@@ -96,6 +96,10 @@ class History:
             return None
         return [text for number, text, _ in frames if number > seq]
 
+    def kept(self, key: str) -> list[tuple[int, str]]:
+        """The frames of `key` kept, as (seq, text), oldest first."""
+        return [(number, text) for number, text, _ in self._frames.get(key, ())]
+
     def newest(self, key: str) -> int | None:
         """The number of the newest frame kept for `key`."""
         frames = self._frames.get(key)

@@ -1036,6 +1036,72 @@ class Hub(Generic[C]):
         if frame.get("type") == "notify":
             self._take_notify(self._resource(uri), frame, text, cbor_value)
 
+    def wants_history(self, uri: str, since: Since) -> bool:
+        """Whether a subscribe to `uri` with `since` names this hub's numbering of the
+        resource (its epoch) but this hub's history cannot answer it: a cluster's node then
+        reads the frames its cluster kept (`preload`) before it subscribes the client."""
+        resource = self._resources.get(uri)
+        if resource is not None:
+            sub = resource.sub
+        elif self._sub_for is not None:
+            sub = self._sub_for(uri)
+        else:
+            return False  # a resource this hub never numbered: no epoch of it to resume
+        if since.epoch != f"{self.epoch}-{sub}":
+            return False
+        return resource is None or self._replay(resource, since) is None
+
+    def preload(self, uri: str, frames: Iterable[tuple[str, bytes | None]]) -> None:
+        """Take the notify frames another hub made for `uri` (`frames`: the text and the
+        value's CBOR item, as a cluster's stream keeps them) into its history, so that a
+        client that resumes here with `since` is answered from them as from frames relayed
+        here. Nothing is delivered, and the resource is made known as `subscribe` would.
+
+        While this hub relays the resource (observes it), only frames older than its latest
+        are taken: newer ones reach it, and its subscribers, as relayed frames. Otherwise the
+        newest frame becomes the latest value. The numbering never goes back, frames this hub
+        holds win over copies, and the history stays contiguous (frames that a gap separates
+        from the newest are left out)."""
+        taken: dict[int, tuple[str, bytes | None]] = {}
+        for text, cbor_value in frames:
+            try:
+                frame = json.loads(text)
+            except ValueError:
+                continue  # not a hub's frame (a foreign publisher's): nothing to resume with
+            if not isinstance(frame, dict) or frame.get("type") != "notify":
+                continue
+            seq, ts = frame.get("seq"), frame.get("ts")
+            if isinstance(seq, int) and seq > 0 and (ts is None or isinstance(ts, int | float)):
+                taken[seq] = (text, cbor_value)
+        resource = self._resources.get(uri)
+        if not taken or (resource is not None and resource.observing
+                         and resource.last_notify is None):
+            # Observed here and its first frame still on its way: taking that frame now
+            # would make its relay a copy, and its subscribers would never get it.
+            return
+        resource = self._resource(uri)
+        if resource.last_notify is not None:
+            taken.update((seq, (text, None)) for seq, text in self.history.kept(uri))
+            taken[resource.seq] = (resource.last_notify, resource.last_cbor)
+            if resource.observing:
+                taken = {seq: frame for seq, frame in taken.items() if seq <= resource.seq}
+        newest = max(taken)
+        if newest > resource.seq or resource.last_notify is None:
+            text, cbor_value = taken[newest]
+            self.history.forget(uri)  # rebuilt below: `_take_notify` records the old latest
+            self._take_notify(resource, json.loads(text), text, cbor_value)
+        oldest = newest
+        while oldest - 1 in taken and newest - oldest + 1 < self.history.size:
+            oldest -= 1
+        self.history.forget(uri)
+        for seq in range(oldest, newest):
+            self.history.record(uri, seq, taken[seq][0])
+        if not (resource.observing or resource.subscribers or resource.pinned
+                or resource.name is not None):
+            # Known but unwatched until the client subscribes: within the idle bounds.
+            self.idle_bytes -= self._idle.pop(uri, 0)
+            self._remember_idle(resource)
+
     def rebase(self, uri: str) -> None:
         """Forget `uri`'s numbering, so that the next relayed notify is taken whatever its
         `seq`: this node numbered the resource by itself while cut off from its cluster, and
