@@ -165,6 +165,38 @@ async def test_foreign_junk_on_a_resource_subject_is_dropped_and_nothing_breaks(
     assert sensors.registrations(TEMPERATURE) == 1
 
 
+async def test_a_request_goes_from_the_clients_node_straight_to_the_sensor(
+    nats_server: NatsServer, sensors: SimulatedSensors, make_node: Any, make_client: Any
+) -> None:
+    """A PUT from a client on the node that does not observe the resource reaches the sensor
+    once, from that node; every node's watchers see its effect with the same `seq`; and the
+    node's own policy answers what it does not allow, cluster or not."""
+    nodes = [await make_node(nats_server, f"n{i}") for i in range(2)]
+    watchers: list[Client] = [await make_client(node.url) for node in nodes]
+    subs = [(await w.subscribe(name="led"))["sub"] for w in watchers]
+    for watcher, sub in zip(watchers, subs, strict=True):
+        assert (await watcher.next_notify(sub))["value"] == {"on": False}
+    owner = next(i for i, node in enumerate(nodes) if node.cluster and node.cluster.owned)
+    commander = await make_client(nodes[1 - owner].url)
+    before = sensors.requests_seen["/led"]
+
+    reply = await commander.call(
+        {"type": "request", "method": "PUT", "name": "led", "value": {"on": True}}
+    )
+    assert reply["type"] == "response" and reply["code"] == "2.04", reply
+    assert sensors.led_on is True
+    assert sensors.requests_seen["/led"] == before + 1  # once, not once per node
+    updates = [await w.next_notify(sub) for w, sub in zip(watchers, subs, strict=True)]
+    assert all(u["value"] == {"on": True} for u in updates), updates
+    assert updates[0] == {**updates[1], "sub": updates[0]["sub"]}
+    assert sensors.registrations("/led") == 1
+
+    refused = await commander.call(
+        {"type": "request", "method": "GET", "uri": "coap://192.0.2.1/elsewhere"}
+    )
+    assert refused["type"] == "error" and refused["error"] == "forbidden", refused
+
+
 async def test_late_subscriber_on_another_node_gets_the_latest_value_at_once(
     nats_server: NatsServer, sensors: SimulatedSensors, make_node: Any, make_client: Any
 ) -> None:
