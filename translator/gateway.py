@@ -678,28 +678,23 @@ class Gateway:
         match frame:
             case frames.Subscribe():
                 decision = self._target(session, frame.uri, frame.name, READ, frame.id)
-                if decision.needs_resolution:
+                uri = str(decision.uri)
+                resumes = self._resumes_from_cluster(uri, frame)
+                if decision.needs_resolution or resumes:
                     self._require_room(session, frame.id)
                     task = asyncio.create_task(
                         self._answering(
-                            conn, frame.id, self._subscribe_resolved(session, decision, frame)
+                            conn, frame.id, self._subscribe_later(session, decision, frame)
                         ),
-                        name=f"resolve {decision.uri.host} for #{conn.id}",
+                        name=f"subscribe {uri} for #{conn.id}",
                     )
                     session.track(task, session.lookups)
-                    # Later frames wait for it, so that their replies stay in frame order.
+                    # Later frames wait for it, so that their replies stay in frame order
+                    # (and nothing of the subscription goes before its `subscribed`).
                     session.held = deque()
                     task.add_done_callback(lambda _: self._release(session))
-                elif self._resumes_from_cluster(str(decision.uri), frame):
-                    self._require_room(session, frame.id)
-                    self._hold_behind(session, asyncio.create_task(
-                        self._answering(conn, frame.id, self._subscribe_resumed(
-                            conn, str(decision.uri), frame
-                        )),
-                        name=f"resume {decision.uri} for #{conn.id}",
-                    ))
                 else:
-                    self._subscribe(conn, str(decision.uri), frame)
+                    self._subscribe(conn, uri, frame)
             case frames.Unsubscribe():
                 self._execute(self.hub.unsubscribe(conn, frame.sub, frame.id))
                 conn.forget_compact(frame.sub)
@@ -830,11 +825,25 @@ class Gateway:
                 frame_id,
             )
 
-    async def _subscribe_resolved(
+    async def _subscribe_later(
         self, session: Session, decision: Decision, frame: frames.Subscribe
     ) -> None:
-        await self._check_addresses(session.principal, decision, frame.id)
-        self._subscribe(session.conn, str(decision.uri), frame)
+        """A subscribe that waits: for its host name to resolve within the address rules,
+        and, when it resumes (`since`) what this node's history cannot answer, for the
+        frames its cluster's stream keeps, read into the hub's history so that the hub
+        replays from them. Without them (NATS unreachable, too slow) it is answered as any
+        other subscribe, with the latest value."""
+        if decision.needs_resolution:
+            await self._check_addresses(session.principal, decision, frame.id)
+        uri = str(decision.uri)
+        kept = None
+        if self.cluster is not None and self._resumes_from_cluster(uri, frame):
+            kept = await self.cluster.retained(uri)
+            if kept:
+                self.hub.preload(uri, [(p.text, p.cbor_value) for p in kept])
+        self._subscribe(session.conn, uri, frame)
+        if kept and self.cluster is not None:
+            self.cluster.resumed(uri)
 
     def _resumes_from_cluster(self, uri: str, frame: frames.Subscribe) -> bool:
         """A subscribe that resumes (`since`) what this node's history cannot answer but its
@@ -843,27 +852,6 @@ class Gateway:
             self.cluster is not None and frame.since is not None and frame.cond is None
             and self.hub.wants_history(uri, frame.since)
         )
-
-    def _hold_behind(self, session: Session, task: asyncio.Task[None]) -> None:
-        """Later frames of the session wait for `task`, so that replies stay in frame order
-        (and nothing of a subscription goes before its `subscribed`)."""
-        session.track(task, session.lookups)
-        session.held = deque()
-        task.add_done_callback(lambda _: self._release(session))
-
-    async def _subscribe_resumed(
-        self, conn: Connection, uri: str, frame: frames.Subscribe
-    ) -> None:
-        """Read the frames the cluster keeps of `uri` into the hub's history, then subscribe
-        as usual: the hub replays from them. Without them (NATS unreachable, too slow) the
-        subscribe is answered as any other, with the latest value."""
-        assert self.cluster is not None
-        kept = await self.cluster.retained(uri)
-        if kept:
-            self.hub.preload(uri, [(p.text, p.cbor_value) for p in kept])
-        self._subscribe(conn, uri, frame)
-        if kept:
-            self.cluster.resumed(uri)
 
     def _subscribe(self, conn: Connection, uri: str, frame: frames.Subscribe) -> None:
         commands = self.hub.subscribe(conn, uri, frame.id, frame.since, frame.cond)

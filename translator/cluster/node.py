@@ -606,20 +606,28 @@ class ClusterNode:
 
     async def _join(self, watch: Watch) -> None:
         assert self._nc is not None and self._js is not None and self._interest is not None
-        subject = self.names.subject(watch.key)
         if watch.catch_up:
             await self._join_catching_up(watch)
             return
-        watch.subscription = await self._nc.subscribe(subject, cb=self._on_frame)
-        self._joined[watch.uri] = watch
-        await self._interest.put(Names.interest_key(watch.key, self.node), watch.uri.encode())
+        await self._subscribe_subject(watch)
         try:
-            last = await self._js.get_last_msg(self.names.stream, subject, direct=True)
+            last = await self._js.get_last_msg(
+                self.names.stream, self.names.subject(watch.key), direct=True
+            )
         except nats.js.errors.NotFoundError:
             return
         if last.data and watch.uri not in self._owned:
             # The latest value at once (the hub drops it when it has it already).
             self._relay_message(watch.uri, last.data)
+
+    async def _subscribe_subject(self, watch: Watch) -> None:
+        """Take the resource's frames from its subject, and say this node wants them."""
+        assert self._nc is not None and self._interest is not None
+        watch.subscription = await self._nc.subscribe(
+            self.names.subject(watch.key), cb=self._on_frame
+        )
+        self._joined[watch.uri] = watch
+        await self._interest.put(Names.interest_key(watch.key, self.node), watch.uri.encode())
 
     async def _join_catching_up(self, watch: Watch) -> None:
         """Join as `_join` does, then relay in order every kept frame after the local hub's
@@ -630,13 +638,7 @@ class ClusterNode:
         watch.held = []
         kept: list[Published] = []
         try:
-            watch.subscription = await self._nc.subscribe(
-                self.names.subject(watch.key), cb=self._on_frame
-            )
-            self._joined[watch.uri] = watch
-            await self._interest.put(
-                Names.interest_key(watch.key, self.node), watch.uri.encode()
-            )
+            await self._subscribe_subject(watch)
             kept = await self._read_kept(self._js, watch.key)
         finally:  # on a NATS error too (the loop goes on): what was held is relayed
             held, watch.held, watch.catch_up = watch.held or [], None, False
